@@ -1,0 +1,136 @@
+"""The public entry points: repair(), locate(), evaluate(), load/save.
+
+    import netmend
+    model, info = netmend.load_model("runs/fmnist-badnets")
+    defect = netmend.defect_for(info, pairs=1)
+    result = netmend.repair(model, defect, method="rectify")
+    print(result.before["asr"], result.after["asr"])
+    result.edit.revert(result.model)       # back to the original, bit for bit
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .defects.base import Defect
+from .edit import Edit
+from .errors import NetmendError
+from .methods import MethodPreset
+from .modelio import load_model_folder
+from .registry import DEFECTS, LOCALISERS, METHODS, REPAIRERS, make_config
+from .sites import Sites
+
+load_model = load_model_folder
+
+
+@dataclass
+class RepairResult:
+    method: str
+    model: nn.Module                 # a repaired copy; the input model is untouched
+    edit: Edit
+    sites: Sites | None
+    before: dict[str, Any]
+    after: dict[str, Any]
+    seconds: float
+    locate_seconds: float
+    repair_seconds: float
+    samples_used: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object `netmend repair --json` prints."""
+        return {"method": self.method, "before": _scalars(self.before), "after": _scalars(self.after),
+                "seconds": round(self.seconds, 3), "locate_seconds": round(self.locate_seconds, 3),
+                "repair_seconds": round(self.repair_seconds, 3), "samples_used": self.samples_used,
+                "edited_parameters": self.edit.parameters, "changed_weights": self.edit.num_changed()}
+
+
+def _scalars(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def defect_for(info: dict[str, Any], data_dir=None, **options) -> Defect:
+    """Rebuild the defect a model folder records (its kind's options as keyword arguments)."""
+    kind = info.get("defect", {}).get("kind")
+    if kind in (None, "clean"):
+        raise NetmendError("this model records no defect to repair (it was trained clean)")
+    entry = DEFECTS.entry(kind)
+    return entry.obj(info, make_config(entry.config, options), data_dir=data_dir)
+
+
+def _config(entry, overrides: dict[str, Any], common: dict[str, Any]):
+    if entry.config is None:
+        return make_config(None, overrides)
+    names = {f.name for f in dataclasses.fields(entry.config)}
+    merged = {k: v for k, v in common.items() if k in names and v is not None}
+    merged.update(overrides)
+    return make_config(entry.config, merged)
+
+
+def locate(model: nn.Module, defect: Defect, localiser: str, options: dict[str, Any] | None = None,
+           seed: int = 0, device: str = "cpu") -> Sites:
+    entry = LOCALISERS.entry(localiser)
+    cfg = _config(entry, options or {}, {"seed": seed, "device": device})
+    t0 = time.perf_counter()
+    sites = entry.obj(model, defect, cfg)
+    sites.seconds = sites.seconds or time.perf_counter() - t0
+    return sites
+
+
+def evaluate(model: nn.Module, defect: Defect) -> dict[str, Any]:
+    return defect.metrics(model)
+
+
+def repair(model: nn.Module, defect: Defect, method: str | None = None, localiser: str | None = None,
+           repairer: str | None = None, locate_options: dict[str, Any] | None = None,
+           repair_options: dict[str, Any] | None = None, seed: int = 0, device: str = "cpu",
+           before: dict[str, Any] | None = None) -> RepairResult:
+    """Localise, repair and measure. Works on a copy: the input model is never changed."""
+    if method is None and repairer is None:
+        raise NetmendError("name a method, or a repairer (and optionally a localiser)")
+    preset: MethodPreset = METHODS.get(method) if method else MethodPreset(localiser, repairer)
+    loc_name = localiser if localiser is not None else preset.localiser
+    rep_name = repairer or preset.repairer
+    loc_opts = {**preset.locate_options, **(locate_options or {})}
+    rep_opts = {**preset.repair_options, **(repair_options or {})}
+    torch.manual_seed(seed)
+    original = model.eval()
+    before = before if before is not None else defect.metrics(original)
+    work = copy.deepcopy(original).to(device).eval()
+    t0 = time.perf_counter()
+    sites = locate(work, defect, loc_name, loc_opts, seed, device) if loc_name else None
+    t1 = time.perf_counter()
+    rep_entry = REPAIRERS.entry(rep_name)
+    rep_cfg = _config(rep_entry, rep_opts, {"seed": seed, "device": device})
+    edit = rep_entry.obj(work, defect, sites, rep_cfg)
+    t2 = time.perf_counter()
+    repaired = copy.deepcopy(original).cpu()
+    edit.apply(repaired)
+    repaired.eval()
+    after = defect.metrics(repaired)
+    name = method or f"{loc_name or '-'}+{rep_name}"
+    edit.meta.update({"method": name, "localiser": loc_name, "repairer": rep_name})
+    config = {"method": name, "localiser": loc_name, "repairer": rep_name,
+              "locate_options": dataclasses.asdict(_config(LOCALISERS.entry(loc_name), loc_opts, {"seed": seed, "device": device}))
+              if loc_name and LOCALISERS.entry(loc_name).config else loc_opts,
+              "repair_options": dataclasses.asdict(rep_cfg) if rep_cfg is not None else {},
+              "seed": seed, "device": device, "defect": defect.describe(), "versions": versions()}
+    samples = int(edit.meta.get("samples_used", defect.samples_used(preset.uses_pairs)))
+    return RepairResult(name, repaired, edit, sites, before, after, t2 - t0, t1 - t0, t2 - t1, samples, config)
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    import numpy
+
+    return {"netmend": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "machine": f"{platform.machine()} {platform.system()}",
+            "cpu_threads": str(torch.get_num_threads())}

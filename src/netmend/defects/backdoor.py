@@ -1,0 +1,114 @@
+"""Backdoor (neural Trojan) defect: triggered inputs are pulled to a target class.
+
+Evidence: n pairs (x̃ = stamp(x), x) drawn from the clean repair pool's non-target samples.
+Metrics on the untouched test set: clean accuracy, ASR (non-target samples only), R-Acc,
+per-class accuracy and the class-fairness gap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.datasets import ImageData, load_dataset, split_indices
+from ..data.triggers import Trigger, TriggerSpec, build_trigger, stamp_batched
+from ..errors import NetmendError, require
+from ..metrics import (attack_success_rate, class_fairness_gap, per_class_accuracy, predict, robust_accuracy)
+from ..registry import DEFECTS
+from .base import Defect, Pairs, RepairData
+
+
+@dataclass
+class BackdoorOptions:
+    """How much of the clean repair pool a method sees, and how many evidence pairs."""
+
+    pairs: int = 1
+    repair_fraction: float = 0.05     # fraction of the training-set size, drawn from the held-out pool
+    val_fraction: float = 0.2         # of the repair data, kept for stopping / rollback decisions
+    seed: int = 0
+    eval_limit: int | None = None     # cap on test samples evaluated (None = all)
+
+
+def make_repair_data(x: torch.Tensor, y: torch.Tensor, pool: list[int], n_train_total: int, fraction: float,
+                     val_fraction: float, seed: int) -> tuple[RepairData, list[int]]:
+    """Draw the repair subset from the held-out pool; return it and the pool indices left over."""
+    require(0 < fraction <= 1, f"repair fraction must be in (0, 1], got {fraction}")
+    n = max(2, int(round(fraction * n_train_total)))
+    require(n <= len(pool), f"repair fraction {fraction} asks for {n} samples but the held-out pool has {len(pool)}")
+    g = torch.Generator().manual_seed(int(seed) + 101)
+    order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+    chosen, rest = order[:n], order[n:]
+    n_val = max(1, int(round(val_fraction * n)))
+    fit, val = sorted(chosen[n_val:]), sorted(chosen[:n_val])
+    return RepairData(x[fit], y[fit], x[val], y[val], {"fit": fit, "val": val}), rest
+
+
+class BackdoorDefect(Defect):
+    kind = "backdoor"
+
+    def __init__(self, data: ImageData, splits: dict[str, list[int]], trigger: Trigger, target: int,
+                 options: BackdoorOptions | None = None):
+        o = options or BackdoorOptions()
+        require(0 <= target < data.num_classes, f"target class {target} outside 0..{data.num_classes - 1}")
+        require(o.pairs >= 0, f"--pairs must be ≥ 0, got {o.pairs}")
+        self.data, self.trigger, self.target, self.options = data, trigger, int(target), o
+        self.num_classes, self.in_shape = data.num_classes, data.in_shape
+        n_total = len(data.y_train)
+        self.repair, rest = make_repair_data(data.x_train, data.y_train, splits["repair_pool"], n_total,
+                                             o.repair_fraction, o.val_fraction, o.seed)
+        candidates = [i for i in rest if int(data.y_train[i]) != self.target]
+        if len(candidates) < o.pairs:   # a small pool: allow overlap with the repair data
+            used = set(rest)
+            candidates += [i for i in self.repair.indices["fit"] + self.repair.indices["val"]
+                           if int(data.y_train[i]) != self.target and i not in used]
+        if o.pairs > len(candidates):
+            raise NetmendError(f"--pairs {o.pairs} is more than the {len(candidates)} non-target samples available for pairs")
+        idx = candidates[: o.pairs]
+        clean = data.x_train[idx]
+        masks = trigger.mask.expand(len(idx), *trigger.mask.shape).clone()
+        self.pairs = Pairs(trigger.apply(clean), clean, data.y_train[idx], masks, idx)
+        x_te, y_te = data.x_test, data.y_test
+        if o.eval_limit:
+            x_te, y_te = x_te[: o.eval_limit], y_te[: o.eval_limit]
+        self.x_test, self.y_test = x_te, y_te
+        self._x_test_triggered = stamp_batched(trigger, x_te)
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        """The trigger itself (methods that use it beyond the pairs must count the samples they stamp)."""
+        return self.trigger.apply(x)
+
+    def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Probability mass on the target class for triggered inputs (differentiable)."""
+        return F.softmax(model(x), dim=1)[:, self.target]
+
+    def metrics(self, model: nn.Module) -> dict[str, Any]:
+        pred = predict(model, self.x_test)
+        pred_t = predict(model, self._x_test_triggered)
+        pca = per_class_accuracy(pred, self.y_test, self.num_classes)
+        return {
+            "clean_accuracy": float((pred == self.y_test).float().mean()),
+            "asr": attack_success_rate(pred_t, self.y_test, self.target),
+            "robust_accuracy": robust_accuracy(pred_t, self.y_test, self.target),
+            "class_fairness_gap": class_fairness_gap(pca),
+            "per_class_accuracy": pca,
+            "n_test": int(len(self.y_test)),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"dataset": self.data.name, "target": self.target, "trigger": self.trigger.spec.to_json(),
+                  "n_test": int(len(self.y_test))})
+        return d
+
+
+@DEFECTS.register("backdoor", "triggered inputs are classified as a target class", config=BackdoorOptions)
+def backdoor_from_info(info: dict, options: BackdoorOptions, data_dir=None, data: ImageData | None = None) -> BackdoorDefect:
+    """Rebuild a model folder's backdoor defect from its model.json (dataset, split, trigger, target)."""
+    d = info["defect"]
+    data = data or load_dataset(info["dataset"], data_dir or info.get("data_dir"))
+    splits = split_indices(len(data.y_train), info["split_seed"], info.get("pool_fraction", 0.1))
+    trigger = build_trigger(TriggerSpec.from_json(d["trigger"]), data.in_shape)
+    return BackdoorDefect(data, splits, trigger, d["target"], options)

@@ -1,0 +1,98 @@
+"""The Defect protocol: the one place that knows the task.
+
+A defect carries the evidence (corrupted samples and their cleansed twins, ...), the clean repair
+data a method may see (split into fit and validation), the held-out evaluation data it may not, and
+answers `violation(model, x, y)` (differentiable, per sample) and `metrics(model)` (named figures).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import NetmendError
+
+
+@dataclass
+class Pairs:
+    """Evidence pairs x̃ → x: corrupted inputs, their cleansed twins, true labels, optional masks (H×W)."""
+
+    corrupted: torch.Tensor
+    clean: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None = None
+    indices: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.corrupted.shape != self.clean.shape:
+            raise NetmendError(f"pairs: corrupted {tuple(self.corrupted.shape)} and cleansed {tuple(self.clean.shape)} shapes differ")
+        if len(self.labels) != len(self.clean):
+            raise NetmendError(f"pairs: {len(self.clean)} samples but {len(self.labels)} labels")
+        for name, t in (("corrupted", self.corrupted), ("cleansed", self.clean)):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NetmendError(f"pairs: {name} samples contain NaN or infinite values")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int) -> "Pairs":
+        masks = self.masks[:n] if self.masks is not None else None
+        return Pairs(self.corrupted[:n], self.clean[:n], self.labels[:n], masks, self.indices[:n])
+
+
+@dataclass
+class RepairData:
+    """Clean data a method may use: `fit` to change the model, `val` to decide stopping and rollback."""
+
+    x_fit: torch.Tensor
+    y_fit: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    indices: dict[str, list[int]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y_fit) + len(self.y_val)
+
+
+class Defect:
+    """Base class. Subclasses set `kind`, fill `repair` (and `pairs` where they exist) and implement
+    `violation` and `metrics`."""
+
+    kind: str = "defect"
+    repair: RepairData
+    pairs: Pairs | None = None
+    num_classes: int = 0
+    in_shape: list[int] = []
+
+    def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample differentiable measure of the misbehaviour on evidence inputs x (true labels y)."""
+        raise NotImplementedError
+
+    def evidence(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Misbehaving inputs with the labels the repaired model should give them."""
+        if self.pairs is None:
+            raise NetmendError(f"{self.kind} defect has no evidence samples")
+        return self.pairs.corrupted, self.pairs.labels
+
+    def metrics(self, model: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def validation_score(self, model: nn.Module) -> float:
+        """Clean accuracy on the validation split of the repair data (what rollback rules look at)."""
+        from ..metrics import accuracy, predict
+
+        return accuracy(predict(model, self.repair.x_val), self.repair.y_val)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for the run record (kind, sizes, indices)."""
+        d = {"kind": self.kind, "repair_fit": len(self.repair.y_fit), "repair_val": len(self.repair.y_val),
+             "repair_indices": self.repair.indices}
+        if self.pairs is not None:
+            d["pairs"] = len(self.pairs)
+            d["pair_indices"] = self.pairs.indices
+        return d
+
+    def samples_used(self, uses_pairs: bool = True) -> int:
+        return len(self.repair) + (len(self.pairs) if (uses_pairs and self.pairs is not None) else 0)

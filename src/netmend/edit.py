@@ -1,0 +1,139 @@
+"""Edit: a repair as data — parameter deltas that can be applied, reverted, saved and inspected.
+
+A repaired model is the original plus an Edit. `apply` keeps an exact copy of every touched
+parameter so `revert` restores it bit for bit (adding then subtracting a float delta would not).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import NetmendError
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    return tensors
+
+
+@dataclass
+class Edit:
+    """Additive parameter deltas {parameter name: ΔW}, plus free-form metadata (JSON-able)."""
+
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    _backup: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def between(before: nn.Module | dict[str, torch.Tensor], after: nn.Module, meta: dict | None = None,
+                names: list[str] | None = None) -> "Edit":
+        """The Edit that turns `before` into `after` (only parameters that changed are kept)."""
+        b = before if isinstance(before, dict) else _named_tensors(before)
+        a = _named_tensors(after)
+        deltas = {}
+        for name in names or list(a):
+            if name in b and a[name].is_floating_point():
+                d = (a[name].detach() - b[name].detach().to(a[name].device)).cpu()
+                if torch.any(d != 0):
+                    deltas[name] = d.clone()
+        return Edit(deltas, dict(meta or {}))
+
+    def merge(self, other: "Edit") -> "Edit":
+        """Sum of two edits (used by methods that edit in rounds)."""
+        deltas = {k: v.clone() for k, v in self.deltas.items()}
+        for k, v in other.deltas.items():
+            deltas[k] = deltas[k] + v if k in deltas else v.clone()
+        meta = dict(self.meta)
+        meta.setdefault("parts", []).append(other.meta)
+        return Edit(deltas, meta)
+
+    @property
+    def parameters(self) -> list[str]:
+        return sorted(self.deltas)
+
+    def num_changed(self) -> int:
+        return int(sum(int((d != 0).sum()) for d in self.deltas.values()))
+
+    def norms(self, model: nn.Module | None = None) -> dict[str, dict[str, float]]:
+        """‖ΔW‖_F per parameter and, given the model, relative to ‖W‖_F."""
+        params = _named_tensors(model) if model is not None else {}
+        out = {}
+        for k, d in self.deltas.items():
+            entry = {"fro": float(d.float().norm()), "changed": int((d != 0).sum())}
+            if k in params:
+                w = params[k].detach().float().norm()
+                entry["relative"] = float(d.float().norm() / w) if w > 0 else float("inf")
+            out[k] = entry
+        return out
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Add the deltas to `model` in place (exact backup kept for revert)."""
+        params = _named_tensors(model)
+        missing = [k for k in self.deltas if k not in params]
+        if missing:
+            raise NetmendError(f"edit refers to parameters the model does not have: {missing[:3]}")
+        for k, d in self.deltas.items():
+            p = params[k]
+            if p.shape != d.shape:
+                raise NetmendError(f"edit for {k} has shape {tuple(d.shape)}, model has {tuple(p.shape)}")
+        with torch.no_grad():
+            for k, d in self.deltas.items():
+                p = params[k]
+                self._backup[k] = p.detach().clone()
+                p.add_(d.to(p.device, p.dtype))
+        return model
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Undo `apply`: restore the exact saved values, or subtract the deltas if none were saved."""
+        params = _named_tensors(model)
+        with torch.no_grad():
+            for k, d in self.deltas.items():
+                if k in self._backup:
+                    params[k].copy_(self._backup.pop(k))
+                else:
+                    params[k].sub_(d.to(params[k].device, params[k].dtype))
+        return model
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write deltas as safetensors with the metadata as JSON in the header (atomic)."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"netmend_edit": json.dumps(self.meta, default=str)}))
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "Edit":
+        path = Path(path)
+        if not path.is_file():
+            raise NetmendError(f"edit file not found: {path}")
+        try:
+            deltas = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("netmend_edit", "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise NetmendError(f"cannot read edit file {path}: {exc}") from None
+        return Edit(deltas, meta)
+
+
+def atomic_write(path: str | os.PathLike, writer) -> None:
+    """Call writer(tmp_path) then rename onto `path`, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,98 @@
+"""Named registries with typed configs: methods, defects, architectures, datasets, triggers.
+
+One factory per kind, no if/elif chains: `ARCHITECTURES.create("small-cnn", **kwargs)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+
+from .errors import NetmendError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    description: str = ""
+    config: type | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry(Generic[T]):
+    """A mapping name -> entry with a decorator for registration and a clear error for unknown names."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, description: str = "", config: type | None = None, **extra: Any) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            self.add(name, obj, description, config, **extra)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T, description: str = "", config: type | None = None, **extra: Any) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} registered twice")
+        self._entries[name] = Entry(name, obj, description, config, dict(extra))
+
+    def entry(self, name: str) -> Entry[T]:
+        _load_builtins()
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise NetmendError(f"unknown {self.kind} {name!r}; known: {known}")
+        return self._entries[name]
+
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def names(self) -> list[str]:
+        _load_builtins()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        _load_builtins()
+        return [self._entries[n] for n in sorted(self._entries)]
+
+    def __contains__(self, name: str) -> bool:
+        _load_builtins()
+        return name in self._entries
+
+
+def make_config(config_cls: type | None, overrides: dict[str, Any] | None):
+    """Build a dataclass config from overrides, rejecting unknown fields with a clear message."""
+    overrides = dict(overrides or {})
+    if config_cls is None:
+        if overrides:
+            raise NetmendError(f"this component takes no options, got {sorted(overrides)}")
+        return None
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise NetmendError(f"unknown option(s) {unknown} for {config_cls.__name__}; valid: {sorted(names)}")
+    return config_cls(**overrides)
+
+
+ARCHITECTURES: Registry[Callable] = Registry("architecture")
+DATASETS: Registry[Callable] = Registry("dataset")
+TRIGGERS: Registry[Callable] = Registry("trigger")
+DEFECTS: Registry[Callable] = Registry("defect")
+LOCALISERS: Registry[Callable] = Registry("localiser")
+REPAIRERS: Registry[Callable] = Registry("repairer")
+METHODS: Registry[Any] = Registry("method")
+
+_LOADED = False
+
+
+def _load_builtins() -> None:
+    """Import the modules that register netmend's own components (once, lazily)."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from . import _builtin  # noqa: F401

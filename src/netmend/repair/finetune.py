@@ -1,0 +1,95 @@
+"""Fine-tuning baseline: cross-entropy on the defect's clean repair data (and cleansed pairs).
+
+Given sites, only those layers are tuned; weight sites with a mask tune only the masked weights
+(so any localiser — INNER's fault weights, CARE's neurons — can drive fine-tuning).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..defects.base import Defect
+from ..edit import Edit
+from ..hooks import get_layer
+from ..registry import REPAIRERS
+from ..sites import Sites
+from ..train import TrainConfig, fit
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    use_pairs: bool = True        # add the cleansed twins of the evidence pairs, with their true labels
+    seed: int = 0
+    device: str = "cpu"
+
+
+def training_set(defect: Defect, use_pairs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = defect.repair.x_fit, defect.repair.y_fit
+    if use_pairs and defect.pairs is not None and len(defect.pairs):
+        x = torch.cat([x, defect.pairs.clean])
+        y = torch.cat([y, defect.pairs.labels])
+    return x, y
+
+
+def site_parameters(model: nn.Module, sites: Sites | None) -> tuple[list[nn.Parameter] | None, dict | None]:
+    """Parameters of the sites' layers (None = all) and gradient masks for weight sites."""
+    if sites is None or not len(sites):
+        return None, None
+    params, masks = [], {}
+    for layer in sites.layers():
+        mod = get_layer(model, layer)
+        params.extend(p for _, p in mod.named_parameters(recurse=False))
+        weight_sites = [s for s in sites if s.layer == layer and s.kind == "weight" and s.mask is not None]
+        neuron_sites = [s for s in sites if s.layer == layer and s.kind == "neuron" and s.index is not None]
+        w = getattr(mod, "weight", None)
+        if w is not None and weight_sites:
+            m = torch.zeros_like(w)
+            for s in weight_sites:
+                m = torch.maximum(m, s.mask.to(w.device, w.dtype))
+            masks[w] = m
+        elif w is not None and neuron_sites:
+            m = torch.zeros_like(w)
+            for s in neuron_sites:
+                m[s.index] = 1
+            masks[w] = m
+            b = getattr(mod, "bias", None)
+            if b is not None:
+                mb = torch.zeros_like(b)
+                for s in neuron_sites:
+                    mb[s.index] = 1
+                masks[b] = mb
+    return params, masks or None
+
+
+@REPAIRERS.register("finetune", "cross-entropy fine-tuning on the clean repair data (optionally only at the sites)",
+                    config=FinetuneConfig)
+def finetune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: FinetuneConfig) -> Edit:
+    work = copy.deepcopy(model)
+    before = {k: v.detach().clone() for k, v in work.state_dict().items()}
+    x, y = training_set(defect, cfg.use_pairs)
+    params, masks = site_parameters(work, sites)
+    _freeze_batchnorm(work)
+    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
+                     weight_decay=cfg.weight_decay, seed=cfg.seed)
+    fit(work, x, y, tc, cfg.device, desc="fine-tune", params=params, grad_mask=masks)
+    work.cpu()
+    names = [n for n, _ in work.named_parameters()]
+    return Edit.between(before, work, {"repairer": "finetune", "samples": len(y)}, names=names)
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    """Repairs never update BN running statistics: keep BN layers in eval mode during tuning."""
+    def train_hook(mod, _inp):
+        for m in mod.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    model.register_forward_pre_hook(train_hook)

@@ -1,0 +1,104 @@
+"""Reproducible training of (backdoored) models: `netmend train`."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.datasets import ImageData, load_dataset, split_indices
+from .data.triggers import TriggerSpec, build_trigger, poison_indices, stamp_batched
+from .errors import require
+from .metrics import attack_success_rate, predict
+from .progress import progress
+from .zoo.models import create_model
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    seed: int = 0
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: str = "cpu",
+        desc: str = "training", params=None, grad_mask: dict | None = None) -> nn.Module:
+    """Mini-batch cross-entropy training (also used by fine-tuning). Deterministic for a seed."""
+    require(len(x) > 0, "no training data")
+    model.to(device).train()
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam"
+           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
+    with progress(desc, total=steps) as bar:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), cfg.batch_size):
+                b = perm[i: i + cfg.batch_size]
+                xb, yb = x[b].to(device), y[b].to(device)
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_mask:
+                    for p, m in grad_mask.items():
+                        if p.grad is not None:
+                            p.grad.mul_(m)
+                opt.step()
+                bar.advance()
+    return model.eval()
+
+
+def default_epochs(arch: str, dataset: str) -> int:
+    return {"digits": 30}.get(dataset, 8 if arch in ("mlp", "small-cnn") else 30)
+
+
+def train_backdoored(dataset: str, arch: str, trigger: TriggerSpec | None, target: int = 0, poison_rate: float = 0.1,
+                     cfg: TrainConfig | None = None, device: str = "cpu", data_dir=None, split_seed: int | None = None,
+                     pool_fraction: float = 0.1, data: ImageData | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train `arch` on `dataset` with a poisoned fraction of the training split; return (model, model.json)."""
+    cfg = cfg or TrainConfig(epochs=default_epochs(arch, dataset))
+    data = data or load_dataset(dataset, data_dir)
+    split_seed = cfg.seed if split_seed is None else split_seed
+    splits = split_indices(len(data.y_train), split_seed, pool_fraction)
+    tr = torch.tensor(splits["train"])
+    x, y = data.x_train[tr].clone(), data.y_train[tr].clone()
+    defect_info: dict[str, Any] = {"kind": "clean"}
+    trig = None
+    if trigger is not None:
+        require(0 <= target < data.num_classes, f"--target {target} outside 0..{data.num_classes - 1}")
+        trig = build_trigger(trigger, data.in_shape)
+        pidx = torch.tensor(poison_indices(len(y), poison_rate, cfg.seed), dtype=torch.long)
+        if len(pidx):
+            x[pidx] = stamp_batched(trig, x[pidx])
+            y[pidx] = target
+        defect_info = {"kind": "backdoor", "trigger": trigger.to_json(), "target": int(target),
+                       "poison_rate": float(poison_rate), "poisoned": int(len(pidx))}
+    torch.manual_seed(cfg.seed)
+    mean, std = data.channel_stats()
+    model = create_model(arch, data.in_shape, data.num_classes, mean=mean, std=std)
+    t0 = time.perf_counter()
+    fit(model, x, y, cfg, device, desc=f"train {arch} on {dataset}")
+    seconds = time.perf_counter() - t0
+    model = model.cpu().eval()
+    pred = predict(model, data.x_test)
+    metrics = {"clean_accuracy": float((pred == data.y_test).float().mean())}
+    if trig is not None:
+        metrics["asr"] = attack_success_rate(predict(model, stamp_batched(trig, data.x_test)), data.y_test, target)
+    from . import __version__
+
+    info = {
+        "netmend": __version__, "arch": arch,
+        "arch_args": {"in_shape": data.in_shape, "num_classes": data.num_classes, "mean": mean, "std": std},
+        "dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "classes": data.classes,
+        "split_seed": split_seed, "pool_fraction": pool_fraction, "n_train": len(tr),
+        "defect": defect_info, "training": {**asdict(cfg), "seconds": seconds, "device": device},
+        "metrics": metrics,
+    }
+    return model, info
