@@ -18,7 +18,7 @@ from ..data.triggers import Trigger, TriggerSpec, build_trigger, stamp_batched
 from ..errors import NetmendError, require
 from ..metrics import (attack_success_rate, class_fairness_gap, per_class_accuracy, predict, robust_accuracy)
 from ..registry import DEFECTS
-from .base import Defect, Pairs, RepairData
+from .base import Defect, Objective, Pairs, RepairData
 
 
 @dataclass
@@ -83,6 +83,17 @@ class BackdoorDefect(Defect):
     def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Probability mass on the target class for triggered inputs (differentiable)."""
         return F.softmax(model(x), dim=1)[:, self.target]
+
+    def objective(self, model: nn.Module) -> Objective:
+        """CARE's backdoor objective: triggered fit samples (non-target) must not leave their true label;
+        clean fit samples must keep theirs. The trigger is stamped on the repair data only."""
+        keep = self.repair.y_fit != self.target
+        x_bad, y_bad = self.stamp(self.repair.x_fit[keep]), self.repair.y_fit[keep]
+
+        def violated(logits: torch.Tensor) -> torch.Tensor:
+            return logits.argmax(-1) != y_bad.to(logits.device)
+
+        return Objective(x_bad, violated, self.repair.x_fit, self.repair.y_fit)
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         pred = predict(model, self.x_test)

@@ -7,7 +7,7 @@ answers `violation(model, x, y)` (differentiable, per sample) and `metrics(model
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -56,6 +56,27 @@ class RepairData:
         return len(self.y_fit) + len(self.y_val)
 
 
+@dataclass
+class Objective:
+    """What search-based repairers (CARE's PSO, ...) optimise, in a form that batches over candidates.
+
+    `violated(logits_bad)` maps logits of `x_bad` with any leading batch dims (..., N_bad, K) to a
+    bool tensor (..., M) marking the misbehaving evidence items (M may differ from N_bad, e.g. fairness
+    compares an input with its flipped copies). The behaviour on `x_good` must be kept: its
+    argmax should equal `y_good` (true labels, or the original model's predictions)."""
+
+    x_bad: torch.Tensor
+    violated: Callable[[torch.Tensor], torch.Tensor]
+    x_good: torch.Tensor
+    y_good: torch.Tensor
+
+    def cost(self, logits_bad: torch.Tensor, logits_good: torch.Tensor, alpha: float) -> torch.Tensor:
+        """CARE's fitness (1 − α)·violation rate + α·(1 − accuracy), batched over leading dims."""
+        viol = self.violated(logits_bad).float().mean(-1)
+        acc = (logits_good.argmax(-1) == self.y_good.to(logits_good.device)).float().mean(-1)
+        return (1 - alpha) * viol + alpha * (1 - acc)
+
+
 class Defect:
     """Base class. Subclasses set `kind`, fill `repair` (and `pairs` where they exist) and implement
     `violation` and `metrics`."""
@@ -78,6 +99,10 @@ class Defect:
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         raise NotImplementedError
+
+    def objective(self, model: nn.Module) -> Objective:
+        """The repair objective on the repair data (never the evaluation data)."""
+        raise NotImplementedError(f"{self.kind} defect does not define a search objective")
 
     def validation_score(self, model: nn.Module) -> float:
         """Clean accuracy on the validation split of the repair data (what rollback rules look at)."""
