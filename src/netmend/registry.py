@@ -85,6 +85,7 @@ DEFECTS: Registry[Callable] = Registry("defect")
 LOCALISERS: Registry[Callable] = Registry("localiser")
 REPAIRERS: Registry[Callable] = Registry("repairer")
 METHODS: Registry[Any] = Registry("method")
+MODEL_FILES: Registry[Callable] = Registry("model file type")   # suffix (".nnet") -> fn(path) -> (model, info)
 
 _LOADED = False
 
