@@ -75,11 +75,14 @@ def train_backdoored(dataset: str, arch: str, trigger: TriggerSpec | None, targe
         require(0 <= target < data.num_classes, f"--target {target} outside 0..{data.num_classes - 1}")
         trig = build_trigger(trigger, data.in_shape)
         pidx = torch.tensor(poison_indices(len(y), poison_rate, cfg.seed), dtype=torch.long)
-        if len(pidx):
+        extra: dict[str, Any] = {}
+        if hasattr(trig, "poison_training"):     # triggers with their own recipe (e.g. WaNet's noise mode)
+            x, y, extra = trig.poison_training(x, y, pidx, target, cfg.seed)
+        elif len(pidx):
             x[pidx] = stamp_batched(trig, x[pidx])
             y[pidx] = target
         defect_info = {"kind": "backdoor", "trigger": trigger.to_json(), "target": int(target),
-                       "poison_rate": float(poison_rate), "poisoned": int(len(pidx))}
+                       "poison_rate": float(poison_rate), "poisoned": int(len(pidx)), **extra}
     torch.manual_seed(cfg.seed)
     mean, std = data.channel_stats()
     model = create_model(arch, data.in_shape, data.num_classes, mean=mean, std=std)
