@@ -69,11 +69,12 @@ class Objective:
     violated: Callable[[torch.Tensor], torch.Tensor]
     x_good: torch.Tensor
     y_good: torch.Tensor
+    decide: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits.argmax(-1)   # ACAS Xu: argmin
 
     def cost(self, logits_bad: torch.Tensor, logits_good: torch.Tensor, alpha: float) -> torch.Tensor:
         """CARE's fitness (1 − α)·violation rate + α·(1 − accuracy), batched over leading dims."""
         viol = self.violated(logits_bad).float().mean(-1)
-        acc = (logits_good.argmax(-1) == self.y_good.to(logits_good.device)).float().mean(-1)
+        acc = (self.decide(logits_good) == self.y_good.to(logits_good.device)).float().mean(-1)
         return (1 - alpha) * viol + alpha * (1 - acc)
 
 
