@@ -1,6 +1,8 @@
 """Imports every module that registers a component. Add one line per new module."""
 from .zoo import models  # noqa: F401
+from .zoo import acasxu  # noqa: F401
 from .data import datasets, triggers  # noqa: F401
+from .data import wanet  # noqa: F401
 from .defects import backdoor  # noqa: F401
 from .locate import simple  # noqa: F401
 from .repair import finetune, prune  # noqa: F401
