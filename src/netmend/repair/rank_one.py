@@ -1,0 +1,404 @@
+"""Rank-one model editing (METHODS.md §2): make a Linear/Conv2d map corrupted keys to cleansed values
+while disturbing the stored key→value associations as little as possible.
+
+    ΔW = Λ dᵀ,  d = C⁻¹ k*,  Λ = (v* − W k*) / (dᵀ k*)
+
+C = E[k kᵀ] is the uncentred second moment of the layer's keys (streamed in float64, cached per
+layer and invalidated when an upstream weight changes). For a conv every spatial position is a key
+and the edit lives in input-channel space: ΔW[:, :, y, x] = Λ[:, y, x] dᵀ (§2.3). Several pairs share
+one direction by default (§2.5); a value point after a nonlinearity is fitted by Adam on Λ (§2.4).
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..defects.base import Defect, Pairs
+from ..edit import Edit
+from ..errors import NetmendError, require
+from ..hooks import capture, get_layer, weight_layers
+from ..registry import REPAIRERS
+from ..sites import Sites
+
+
+# ----------------------------------------------------------------------------- keys and second moments
+
+def check_editable(model: nn.Module, layer: str) -> nn.Module:
+    """The named weight module, refusing what the rank-one rule does not cover (§2.6.7)."""
+    mod = get_layer(model, layer)
+    if isinstance(mod, nn.Conv2d):
+        require(mod.groups == 1, f"layer {layer!r} is a grouped/depthwise conv (groups={mod.groups}); "
+                                 "rank-one editing supports groups=1 only")
+        require(mod.padding_mode == "zeros", f"layer {layer!r} uses padding_mode={mod.padding_mode!r}; only 'zeros' is supported")
+        require(isinstance(mod.padding, tuple), f"layer {layer!r} uses padding={mod.padding!r}; give explicit padding")
+    elif not isinstance(mod, nn.Linear):
+        raise NetmendError(f"layer {layer!r} is a {type(mod).__name__}; rank-one editing needs a Linear or Conv2d "
+                           f"(editable layers: {', '.join(weight_layers(model)[:12])})")
+    return mod
+
+
+def flat_keys(mod: nn.Module, k: torch.Tensor) -> torch.Tensor:
+    """Layer input → one key per row: (N, n) for Linear (leading dims flattened), (N·H·W, C_in) for conv."""
+    if isinstance(mod, nn.Conv2d):
+        return k.permute(0, 2, 3, 1).reshape(-1, k.shape[1])
+    return k.reshape(-1, k.shape[-1])
+
+
+def _batches(x: torch.Tensor, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i: i + batch_size]
+
+
+def second_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int = 256,
+                  device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """C = mean k kᵀ over every key the inputs produce at `layer` (float64, streamed: S += KᵀK)."""
+    mod = check_editable(model, layer)
+    S, count = None, 0
+    model.eval()
+    with torch.no_grad(), capture(model, layer) as cap:
+        for xb in _batches(inputs, batch_size):
+            model(xb.to(device))
+            K = flat_keys(mod, cap.inputs[layer]).double()
+            S = K.T @ K if S is None else S.addmm_(K.T, K)
+            count += len(K)
+    require(count > 0, "no statistics inputs to estimate the key second moment")
+    return S / count, count
+
+
+_MOMENTS: dict[tuple, tuple] = {}
+
+
+def _fingerprint(model: nn.Module, upstream: list[str]) -> tuple:
+    """Identity + in-place version of every parameter upstream of a layer: changes when an edit lands there."""
+    fp = []
+    for name in upstream:
+        for p in get_layer(model, name).parameters(recurse=False):
+            fp.append((id(p), p._version))
+    return tuple(fp)
+
+
+def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Dotted names of the weight modules in the order a forward pass runs them."""
+    order: list[str] = []
+    handles = [get_layer(model, n).register_forward_hook(lambda *_a, _n=n: order.append(_n) if _n not in order else None)
+               for n in weight_layers(model)]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def cached_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int = 256,
+                  device: str = "cpu") -> torch.Tensor:
+    """`second_moment`, cached per (model, layer, inputs); recomputed lazily when an upstream weight changed."""
+    key = (id(model), layer, id(inputs), tuple(inputs.shape))
+    order = execution_order(model, inputs)
+    upstream = order[: order.index(layer)] if layer in order else order
+    fp = _fingerprint(model, upstream)
+    hit = _MOMENTS.get(key)
+    if hit is not None and hit[0]() is model and hit[1] == fp:
+        return hit[2]
+    C, _ = second_moment(model, layer, inputs, batch_size, device)
+    if len(_MOMENTS) > 32:
+        _MOMENTS.clear()
+    _MOMENTS[key] = (weakref.ref(model), fp, C)
+    return C
+
+
+def statistics_inputs(defect: Defect, include_val: bool = False, include_corrupted: bool = True) -> torch.Tensor:
+    """The statistics set for C (§2.2): the repair fit data plus the corrupted samples (Prop. 4.1)."""
+    parts = [defect.repair.x_fit]
+    if include_val:
+        parts.append(defect.repair.x_val)
+    if include_corrupted and defect.pairs is not None and len(defect.pairs):
+        parts.append(defect.pairs.corrupted)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- directions
+
+def ridge(C: torch.Tensor, rho: float) -> float:
+    """ε = ρ·tr(C)/n (§2.6.2); a zero C means the layer never sees a nonzero key: nothing to edit."""
+    tr = float(torch.trace(C))
+    require(tr > 0 and torch.isfinite(C).all(), "key second moment is zero or not finite at this layer "
+                                                "(its inputs are all zero on the repair data); choose another layer")
+    return rho * tr / C.shape[0]
+
+
+def solve(C: torch.Tensor, rhs: torch.Tensor, rho: float = 1e-4) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(C + εI)⁻¹ rhs in float64 by Cholesky; fall back to an eigendecomposition (never an explicit inverse)."""
+    C = C.double()
+    rhs = rhs.double().to(C.device)
+    vec = rhs.dim() == 1
+    b = rhs[:, None] if vec else rhs
+    eps = ridge(C, rho)
+    A = C + eps * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    info: dict[str, Any] = {"rho": rho, "ridge": eps, "solver": "cholesky"}
+    L, err = torch.linalg.cholesky_ex(A)
+    if int(err) == 0:
+        x = torch.cholesky_solve(b, L)
+    else:   # indefinite through rounding: clip the spectrum at the ridge
+        w, V = torch.linalg.eigh(A)
+        w = w.clamp_min(eps)
+        x = V @ ((V.T @ b) / w[:, None])
+        info["solver"] = "eigh"
+    return (x[:, 0] if vec else x), info
+
+
+def condition(C: torch.Tensor, eps: float) -> float:
+    w = torch.linalg.eigvalsh(C.double())
+    return float((w[-1] + eps) / (w[0].clamp_min(0) + eps))
+
+
+def shared_direction(C: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None = None,
+                     rho: float = 1e-4) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One edit direction for many keys (§2.5): d = C^{-1/2}u, u the top left singular vector of the whitened
+    keys. Computed without C^{-1/2} when keys are few: d = C⁻¹K a with a the top eigenvector of KᵀC⁻¹K.
+    A single key gives d = C⁻¹k* exactly (not normalised then, so Λ = r/(dᵀk*) is the textbook form)."""
+    K = keys.double().to(C.device).T                       # (n_dim, m)
+    if weights is not None:
+        K = K * weights.double().to(C.device).sqrt()[None, :]
+    if K.shape[1] == 1:
+        return solve(C, K[:, 0], rho)
+    if K.shape[1] <= K.shape[0]:
+        CK, info = solve(C, K, rho)                        # C⁻¹K
+        G = K.T @ CK
+        w, V = torch.linalg.eigh((G + G.T) / 2)
+        d = CK @ V[:, -1]
+    else:                                                  # many keys of few dims: whiten explicitly
+        eps = ridge(C, rho)
+        w, V = torch.linalg.eigh(C.double() + eps * torch.eye(C.shape[0], dtype=torch.float64, device=C.device))
+        w = w.clamp_min(eps)
+        Wm = V @ torch.diag(w.rsqrt()) @ V.T               # C^{-1/2}
+        U, _, _ = torch.linalg.svd(Wm @ K, full_matrices=False)
+        d = Wm @ U[:, 0]
+        info = {"rho": rho, "ridge": eps, "solver": "eigh-whiten"}
+    if float((d @ K).sum()) < 0:
+        d = -d
+    return d / d.norm(), info
+
+
+# ----------------------------------------------------------------------------- the edit
+
+@dataclass
+class RankOneConfig:
+    layer: str | None = None          # weight module (dotted name); default: top site, else the last feature layer
+    value: str | None = None          # value point (a module whose output is matched); default: the weight module
+    pairs: int | None = None          # use the first n of the defect's pairs (None = all)
+    mode: str = "shared"              # shared (one direction, Λ on all pairs) | rank-r (Linear only)
+    mask_keys: bool = True            # conv: direction from keys at trigger-mask positions only (all if no mask)
+    mask_values: bool = False         # conv: fit Λ only at output positions whose receptive field meets the mask
+    rho: float = 1e-4                 # ridge ε = ρ·tr(C)/n
+    mu: float = 1e-6                  # relative ridge on the Λ least-squares system
+    clamp: float = 1.0                # κ: ‖ΔW‖_F ≤ κ‖W‖_F
+    steps: int = 300                  # T: Adam steps when the value point is after a nonlinearity
+    lr: float = 1e-2
+    tol: float = 1e-4                 # stop when the relative loss change over `patience` steps is below this
+    patience: int = 30
+    stats_include_val: bool = False   # statistics set for C: fit split + corrupted samples (+ val if set)
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _pairs(defect: Defect, n: int | None) -> Pairs:
+    if defect.pairs is None or not len(defect.pairs):
+        raise NetmendError("rank-one editing needs at least one pair x̃ → x (use --pairs N with N ≥ 1)")
+    p = defect.pairs if n is None else defect.pairs.subset(int(n))
+    shape = tuple(defect.repair.x_fit.shape[1:])
+    if tuple(p.corrupted.shape[1:]) != shape:
+        raise NetmendError(f"pairs have sample shape {tuple(p.corrupted.shape[1:])} but the model's inputs "
+                           f"have shape {shape}")
+    return p
+
+
+def _key_mask(masks: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor | None:
+    """Trigger masks (n, H, W) brought to a feature map's resolution (any touched cell counts)."""
+    if masks is None:
+        return None
+    m = masks.float()[:, None]
+    m = F.adaptive_max_pool2d(m, size) if m.shape[-2] >= size[0] else F.interpolate(m, size=size, mode="nearest")
+    return m[:, 0]
+
+
+def _layer_io(model: nn.Module, layer: str, value: str, x: torch.Tensor, device: str):
+    with torch.no_grad(), capture(model, sorted({layer, value})) as cap:
+        model(x.to(device))
+    return cap.inputs[layer], cap.outputs[layer], cap.outputs[value]
+
+
+def _pre(mod: nn.Module, k: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The layer's linear map without bias."""
+    if isinstance(mod, nn.Conv2d):
+        return F.conv2d(k, W, None, mod.stride, mod.padding, mod.dilation)
+    return k @ W.T
+
+
+def _lambda_closed(mod: nn.Module, d: torch.Tensor, k_bad: torch.Tensor, target: torch.Tensor,
+                   W: torch.Tensor, pos_mask: torch.Tensor | None, mu: float) -> torch.Tensor:
+    """Least-squares Λ for ΔW = Λ⊗d so that (W + ΔW) k* ≈ target (pre-activation, no bias; §2.1, §2.3)."""
+    R = (target - _pre(mod, k_bad, W)).double()
+    if isinstance(mod, nn.Conv2d):
+        s = torch.einsum("c,nchw->nhw", d, k_bad.double())[:, None]
+        kh, kw = mod.kernel_size
+        Z = F.unfold(s, (kh, kw), dilation=mod.dilation, padding=mod.padding, stride=mod.stride)   # (n, kh·kw, L)
+        Rm = R.flatten(2)                                                                            # (n, o, L)
+        if pos_mask is not None:
+            w = pos_mask.flatten(1).double()[:, None]                                                # (n, 1, L)
+            Z, Rm = Z * w, Rm * w
+        ZZ = torch.einsum("npl,nql->pq", Z, Z)
+        RZ = torch.einsum("nol,npl->op", Rm, Z)
+        lam = torch.linalg.solve(ZZ + mu * (torch.trace(ZZ) / len(ZZ) + 1e-30) * torch.eye(len(ZZ), dtype=ZZ.dtype), RZ.T).T
+        return lam.reshape(W.shape[0], kh, kw)
+    s = flat_keys(mod, k_bad).double() @ d                                                           # (N,)
+    Rf = R.reshape(-1, R.shape[-1])
+    return (Rf.T @ s) / (s @ s + mu * (s @ s) + 1e-30)
+
+
+def _delta(mod: nn.Module, lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Conv2d):
+        return torch.einsum("oyx,c->ocyx", lam, d)
+    return torch.outer(lam, d)
+
+
+def _fit_lambda(model: nn.Module, layer: str, value: str, mod: nn.Module, d: torch.Tensor, lam0: torch.Tensor,
+                x_bad: torch.Tensor, v_target: torch.Tensor, vmask: torch.Tensor | None, cfg: RankOneConfig):
+    """Projected fit (§2.4): Adam on Λ with W' = W₀ + Λ⊗d, the whole model run by functional_call and the
+    value point read by a hook. ΔW stays in span(d) by construction."""
+    wname = f"{layer}.weight"
+    W0 = mod.weight.detach()
+    d32 = d.to(W0.dtype)
+    lam = lam0.to(W0.dtype).clone().requires_grad_(True)
+    opt = torch.optim.Adam([lam], lr=cfg.lr)
+    out: dict[str, torch.Tensor] = {}
+    h = get_layer(model, value).register_forward_hook(lambda _m, _i, o: out.__setitem__("v", o))
+    wts = None
+    if vmask is not None and v_target.dim() == 4:
+        wts = _key_mask(vmask, tuple(v_target.shape[-2:])).to(v_target)[:, None].sqrt()
+    losses = []
+    try:
+        for step in range(cfg.steps):
+            W = W0 + _delta(mod, lam, d32)
+            functional_call(model, {wname: W}, (x_bad,))
+            diff = out["v"] - v_target
+            if wts is not None:
+                diff = diff * wts
+            loss = diff.abs().sum() / len(x_bad)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step >= cfg.patience and abs(losses[-cfg.patience] - losses[-1]) <= cfg.tol * abs(losses[-cfg.patience]):
+                break
+    finally:
+        h.remove()
+    return lam.detach().double(), {"fit_steps": len(losses), "fit_loss_first": losses[0] if losses else None,
+                                   "fit_loss_last": losses[-1] if losses else None}
+
+
+def rank_one_edit(model: nn.Module, defect: Defect, layer: str, cfg: RankOneConfig | None = None,
+                  value: str | None = None) -> Edit:
+    """One rank-one edit of `layer` mapping the pairs' corrupted keys to their cleansed values."""
+    cfg = cfg or RankOneConfig()
+    t0 = time.perf_counter()
+    device = cfg.device
+    mod = check_editable(model, layer)
+    value = value or cfg.value or layer
+    get_layer(model, value)
+    pairs = _pairs(defect, cfg.pairs)
+    model.eval()
+    xb, xc = pairs.corrupted.to(device), pairs.clean.to(device)
+    k_bad, _, v_bad = _layer_io(model, layer, value, xb, device)
+    k_cln, _, v_cln = _layer_io(model, layer, value, xc, device)
+    W = mod.weight.detach()
+    C = cached_moment(model, layer, statistics_inputs(defect, cfg.stats_include_val), cfg.batch_size, device)
+    is_conv = isinstance(mod, nn.Conv2d)
+    # keys for the direction: every position, or only those the trigger touches
+    keys, kw = flat_keys(mod, k_bad), None
+    kmask = _key_mask(pairs.masks, tuple(k_bad.shape[-2:])) if (is_conv and pairs.masks is not None) else None
+    if is_conv and cfg.mask_keys and kmask is not None and kmask.sum() > 0:
+        sel = kmask.to(device).reshape(-1) > 0
+        keys, kw = keys[sel], kmask.to(device).reshape(-1)[sel]
+    if cfg.mode == "rank-r":
+        return _rank_r_edit(mod, layer, value, C, k_bad, k_cln, W, cfg, t0, len(pairs))
+    require(cfg.mode == "shared", f"unknown rank-one mode {cfg.mode!r}; use 'shared' or 'rank-r'")
+    if len(keys) == 1 or (not is_conv and len(pairs) == 1):
+        d, sinfo = solve(C, keys[0] if len(keys) == 1 else keys.mean(0), cfg.rho)
+    else:
+        d, sinfo = shared_direction(C, keys, kw, cfg.rho)
+    # value targets at the weight module's own output: the cleansed pre-activation, or (when the value point is
+    # downstream and additive in the weight output) pre(x̃) + v(x) − v(x̃) — exact for a residual block output
+    target_pre = _pre(mod, k_cln, W)
+    if value != layer:
+        pre_bad = _pre(mod, k_bad, W)
+        target_pre = pre_bad + (v_cln - v_bad) if v_cln.shape == pre_bad.shape else pre_bad
+    pos_mask = None
+    if is_conv and cfg.mask_values and pairs.masks is not None:
+        m_in = F.interpolate(pairs.masks.float()[:, None], size=tuple(k_bad.shape[-2:]), mode="nearest")
+        kh, kw_ = mod.kernel_size
+        pos_mask = (F.unfold(m_in, (kh, kw_), dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+                    .amax(1).reshape(target_pre.shape[0], *target_pre.shape[-2:]) > 0).to(device)
+    lam = _lambda_closed(mod, d, k_bad, target_pre, W, pos_mask, cfg.mu)
+    fit_info: dict[str, Any] = {}
+    if value != layer:
+        lam, fit_info = _fit_lambda(model, layer, value, mod, d, lam, xb, v_cln, pairs.masks, cfg)
+    dW = _delta(mod, lam, d)
+    rel = float(dW.norm() / W.double().norm())
+    clamped = rel > cfg.clamp
+    if clamped:
+        dW = dW * (cfg.clamp / rel)
+        lam = lam * (cfg.clamp / rel)
+    meta = {"repairer": "rank-one", "layer": layer, "value": value, "mode": cfg.mode, "pairs": len(pairs),
+            "lambda": lam.float().flatten().tolist(), "d": d.float().tolist(), "relative_norm": min(rel, cfg.clamp),
+            "unclamped_relative_norm": rel, "clamped": clamped, "condition": condition(C, sinfo["ridge"]),
+            "direction_keys": int(len(keys)), **sinfo, **fit_info, "seconds": time.perf_counter() - t0}
+    return Edit({f"{layer}.weight": dW.to(W.dtype).cpu()}, meta)
+
+
+def _rank_r_edit(mod, layer, value, C, k_bad, k_cln, W, cfg, t0, n_pairs) -> Edit:
+    """Hard rank-r edit (§2.5): ΔW = (V* − W K*)(DᵀK* + μI)⁻¹ Dᵀ, D = C⁻¹K*. Linear value points only."""
+    require(isinstance(mod, nn.Linear) and value == layer, "mode 'rank-r' supports a Linear layer edited at its own output")
+    K = flat_keys(mod, k_bad).double().T
+    R = (flat_keys(mod, k_cln).double() - K.T) @ W.double().T                    # (r, m): W(k_c − k̃)
+    D, sinfo = solve(C, K, cfg.rho)
+    G = D.T @ K
+    G = G + cfg.mu * torch.trace(G) / len(G) * torch.eye(len(G), dtype=G.dtype)
+    dW = torch.linalg.solve(G, R).T @ D.T                                          # R.T G⁻¹ Dᵀ (G symmetric)
+    rel = float(dW.norm() / W.double().norm())
+    clamped = rel > cfg.clamp
+    if clamped:
+        dW = dW * (cfg.clamp / rel)
+    meta = {"repairer": "rank-one", "layer": layer, "value": value, "mode": "rank-r", "pairs": n_pairs,
+            "rank": int(K.shape[1]), "relative_norm": min(rel, cfg.clamp), "unclamped_relative_norm": rel,
+            "clamped": clamped, **sinfo, "seconds": time.perf_counter() - t0}
+    return Edit({f"{layer}.weight": dW.to(W.dtype).cpu()}, meta)
+
+
+def last_feature_layer(model: nn.Module) -> str:
+    """Santurkar's default site: the weight module feeding the classifier head (the last but one)."""
+    layers = weight_layers(model)
+    require(len(layers) >= 1, "the model has no Linear or Conv2d layer to edit")
+    return layers[-2] if len(layers) >= 2 else layers[-1]
+
+
+@REPAIRERS.register("rank-one", "one rank-one edit (closed form / projected fit) at the top site or a named layer",
+                    config=RankOneConfig)
+def repair_rank_one(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RankOneConfig) -> Edit:
+    layer, value = cfg.layer, cfg.value
+    if layer is None and sites is not None and len(sites):
+        layer = sites[0].layer
+        value = value or sites[0].info.get("value_point")
+    layer = layer or last_feature_layer(model)
+    edit = rank_one_edit(model, defect, layer, cfg, value)
+    edit.meta["layers"] = [layer]
+    return edit

@@ -1,0 +1,195 @@
+"""Rank-one editing: closed form exactness, span of ΔW, reversibility, numerical guards, clear errors."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from netmend.defects.base import Defect, Pairs, RepairData
+from netmend.errors import NetmendError
+from netmend.hooks import capture
+from netmend.repair.rank_one import (RankOneConfig, rank_one_edit, second_moment, shared_direction, solve)
+
+
+class ToyDefect(Defect):
+    kind = "toy"
+
+    def __init__(self, x_fit, corrupted, clean, masks=None):
+        n = len(x_fit)
+        self.repair = RepairData(x_fit, torch.zeros(n, dtype=torch.long), x_fit[:4], torch.zeros(4, dtype=torch.long))
+        self.pairs = Pairs(corrupted, clean, torch.zeros(len(clean), dtype=torch.long), masks)
+
+    def metrics(self, model):
+        return {}
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict([("fc1", nn.Linear(6, 8)), ("relu1", nn.ReLU()), ("fc2", nn.Linear(8, 3))])).double().eval()
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict([("conv1", nn.Conv2d(2, 4, 3, padding=1)), ("relu1", nn.ReLU()),
+                                      ("conv2", nn.Conv2d(4, 5, 3, padding=1)), ("relu2", nn.ReLU()),
+                                      ("flatten", nn.Flatten()), ("fc", nn.Linear(5 * 6 * 6, 3))])).double().eval()
+
+
+def keys_values(model, layer, x):
+    with torch.no_grad(), capture(model, layer) as cap:
+        model(x)
+    return cap.inputs[layer], cap.outputs[layer]
+
+
+def test_closed_form_exact_and_rank_one_along_d():
+    model = mlp()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    bad, good = torch.randn(1, 6, generator=g, dtype=torch.float64), torch.randn(1, 6, generator=g, dtype=torch.float64)
+    defect = ToyDefect(x, bad, good)
+    edit = rank_one_edit(model, defect, "fc2", RankOneConfig(clamp=1e9))
+    k_star, _ = keys_values(model, "fc2", bad)
+    _, v_clean = keys_values(model, "fc2", good)
+    edit.apply(model)
+    _, v_new = keys_values(model, "fc2", bad)
+    assert torch.allclose(v_new, v_clean, atol=1e-5, rtol=0)            # W'k* = v*
+    dW = edit.deltas["fc2.weight"]
+    assert torch.linalg.matrix_rank(dW) == 1
+    d = torch.tensor(edit.meta["d"], dtype=torch.float64)
+    d = d / d.norm()
+    assert torch.allclose(dW, dW @ torch.outer(d, d), atol=1e-10)       # rows of ΔW lie along d
+    # d = C⁻¹k* (up to the ridge)
+    C, _ = second_moment(mlp(), "fc2", torch.cat([x, bad]))
+    d_ref, _ = solve(C, k_star[0])
+    assert torch.allclose(d, d_ref / d_ref.norm(), atol=1e-6)
+
+
+def test_revert_restores_bit_for_bit():
+    model = cnn()
+    x = torch.rand(20, 2, 6, 6, dtype=torch.float64)
+    clean = x[:2].clone()
+    bad = clean.clone()
+    bad[:, :, 4:, 4:] = 1.0
+    masks = torch.zeros(2, 6, 6)
+    masks[:, 4:, 4:] = 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = rank_one_edit(model, ToyDefect(x, bad, clean, masks), "conv2", RankOneConfig())
+    edit.apply(model)
+    assert not torch.equal(model.conv2.weight, before["conv2.weight"])
+    edit.revert(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_conv_edit_moves_only_along_input_channel_direction_and_reduces_residual():
+    model = cnn()
+    x = torch.rand(30, 2, 6, 6, dtype=torch.float64)
+    clean = x[:3].clone()
+    bad = clean.clone()
+    bad[:, :, 4:, 4:] = 1.0
+    masks = torch.zeros(3, 6, 6)
+    masks[:, 4:, 4:] = 1
+    defect = ToyDefect(x, bad, clean, masks)
+    _, v_bad = keys_values(model, "conv2", bad)
+    _, v_cln = keys_values(model, "conv2", clean)
+    edit = rank_one_edit(model, defect, "conv2", RankOneConfig(clamp=1e9))
+    dW = edit.deltas["conv2.weight"]                     # (o, i, kh, kw)
+    d = torch.tensor(edit.meta["d"], dtype=torch.float64)
+    d = d / d.norm()
+    proj = torch.einsum("oiyx,i,j->ojyx", dW, d, d)
+    assert torch.allclose(dW, proj, atol=1e-10)
+    edit.apply(model)
+    _, v_new = keys_values(model, "conv2", bad)
+    assert (v_new - v_cln).norm() < (v_bad - v_cln).norm()          # least squares: never worse
+
+
+def test_projected_fit_keeps_delta_in_span_of_d():
+    model = cnn()
+    x = torch.rand(30, 2, 6, 6, dtype=torch.float64)
+    clean = x[:2].clone()
+    bad = clean.clone()
+    bad[:, :, 4:, 4:] = 1.0
+    defect = ToyDefect(x, bad, clean)
+    _, v_bad = keys_values(model, "relu2", bad)
+    _, v_cln = keys_values(model, "relu2", clean)
+    edit = rank_one_edit(model, defect, "conv2", RankOneConfig(clamp=1e9, steps=100, mask_keys=False), value="relu2")
+    assert edit.meta["fit_steps"] > 0
+    dW = edit.deltas["conv2.weight"]
+    d = torch.tensor(edit.meta["d"], dtype=torch.float64)
+    d = d / d.norm()
+    assert torch.allclose(dW, torch.einsum("oiyx,i,j->ojyx", dW, d, d), atol=1e-8)
+    edit.apply(model)
+    _, v_new = keys_values(model, "relu2", bad)
+    assert (v_new - v_cln).abs().sum() < (v_bad - v_cln).abs().sum()
+
+
+def test_several_pairs_shared_direction_and_rank_r():
+    model = mlp()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    bad, good = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    defect = ToyDefect(x, bad, good)
+    shared = rank_one_edit(model, defect, "fc2", RankOneConfig(clamp=1e9))
+    assert torch.linalg.matrix_rank(shared.deltas["fc2.weight"]) == 1
+    hard = rank_one_edit(model, defect, "fc2", RankOneConfig(clamp=1e9, mode="rank-r", mu=1e-12))
+    _, v_cln = keys_values(model, "fc2", good)
+    hard.apply(model)
+    _, v_new = keys_values(model, "fc2", bad)
+    assert torch.allclose(v_new, v_cln, atol=1e-5)                      # all three pairs exactly
+    assert torch.linalg.matrix_rank(hard.deltas["fc2.weight"]) == 3
+
+
+def test_single_key_shared_direction_is_c_inverse_k():
+    C = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    k = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    d, _ = shared_direction(C, torch.stack([k, k]), rho=0.0 + 1e-12)
+    ref = torch.linalg.solve(C, k)
+    assert torch.allclose(d, ref / ref.norm(), atol=1e-8)
+
+
+def test_norm_clamp_logged():
+    model = mlp()
+    x = torch.randn(100, 6, dtype=torch.float64)
+    edit = rank_one_edit(model, ToyDefect(x, 50 * torch.ones(1, 6, dtype=torch.float64), -50 * torch.ones(1, 6, dtype=torch.float64)),
+                         "fc2", RankOneConfig(clamp=1e-3))
+    assert edit.meta["clamped"] and edit.meta["relative_norm"] == pytest.approx(1e-3)
+    w = model.fc2.weight.norm()
+    assert float(edit.deltas["fc2.weight"].norm() / w) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_singular_moment_uses_ridge_fallback():
+    # keys confined to a 2-d subspace of R^6: C is singular; the ridge makes the solve well-posed
+    model = nn.Sequential(OrderedDict([("fc", nn.Linear(6, 2))])).double()
+    x = torch.zeros(50, 6, dtype=torch.float64)
+    x[:, :2] = torch.randn(50, 2, dtype=torch.float64)
+    bad, good = torch.zeros(1, 6, dtype=torch.float64), torch.zeros(1, 6, dtype=torch.float64)
+    bad[0, 0], good[0, 1] = 1.0, 1.0
+    edit = rank_one_edit(model, ToyDefect(x, bad, good), "fc", RankOneConfig(clamp=1e9))
+    assert edit.meta["ridge"] > 0 and edit.meta["condition"] > 1e3
+    assert torch.isfinite(edit.deltas["fc.weight"]).all()
+
+
+def test_all_zero_keys_is_a_clear_error():
+    model = nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("fc", nn.Linear(4, 2))])).double()
+    x = -torch.rand(20, 4, dtype=torch.float64)                        # ReLU kills everything: C = 0
+    with pytest.raises(NetmendError, match="second moment is zero"):
+        rank_one_edit(model, ToyDefect(x, x[:1], x[1:2]), "fc", RankOneConfig())
+
+
+def test_bad_inputs_are_clear_errors():
+    model = mlp()
+    x = torch.randn(20, 6, dtype=torch.float64)
+    defect = ToyDefect(x, x[:1], x[1:2])
+    with pytest.raises(NetmendError, match="does not exist"):
+        rank_one_edit(model, defect, "fc9", RankOneConfig())
+    with pytest.raises(NetmendError, match="Linear or Conv2d"):
+        rank_one_edit(model, defect, "relu1", RankOneConfig())
+    wrong = ToyDefect(x, torch.randn(1, 5, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64))
+    with pytest.raises(NetmendError, match="shape"):
+        rank_one_edit(model, wrong, "fc2", RankOneConfig())
+    depthwise = nn.Sequential(OrderedDict([("conv", nn.Conv2d(2, 2, 3, groups=2))])).double()
+    img = torch.rand(4, 2, 5, 5, dtype=torch.float64)
+    with pytest.raises(NetmendError, match="groups"):
+        rank_one_edit(depthwise, ToyDefect(img, img[:1], img[1:2]), "conv", RankOneConfig())
