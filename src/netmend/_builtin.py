@@ -6,4 +6,5 @@ from .data import wanet  # noqa: F401
 from .defects import backdoor  # noqa: F401
 from .locate import simple  # noqa: F401
 from .repair import finetune, prune  # noqa: F401
+from .repair import rank_one  # noqa: F401
 from . import methods  # noqa: F401
