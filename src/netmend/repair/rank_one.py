@@ -384,13 +384,6 @@ def _rank_r_edit(mod, layer, value, C, k_bad, k_cln, W, cfg, t0, n_pairs) -> Edi
     return Edit({f"{layer}.weight": dW.to(W.dtype).cpu()}, meta)
 
 
-def last_feature_layer(model: nn.Module) -> str:
-    """Santurkar's default site: the weight module feeding the classifier head (the last but one)."""
-    layers = weight_layers(model)
-    require(len(layers) >= 1, "the model has no Linear or Conv2d layer to edit")
-    return layers[-2] if len(layers) >= 2 else layers[-1]
-
-
 @REPAIRERS.register("rank-one", "one rank-one edit (closed form / projected fit) at the top site or a named layer",
                     config=RankOneConfig)
 def repair_rank_one(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RankOneConfig) -> Edit:
@@ -398,7 +391,11 @@ def repair_rank_one(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     if layer is None and sites is not None and len(sites):
         layer = sites[0].layer
         value = value or sites[0].info.get("value_point")
-    layer = layer or last_feature_layer(model)
+    if layer is None:                       # the static site: the last feature layer (Santurkar's default)
+        from ..locate.attribution import static_site
+
+        site = static_site(model)
+        layer, value = site.weight, value or site.value
     edit = rank_one_edit(model, defect, layer, cfg, value)
     edit.meta["layers"] = [layer]
     return edit
