@@ -222,6 +222,7 @@ class SafetyDefect(Defect):
         self._eval_x: torch.Tensor | None = None
         self._fid_x: torch.Tensor | None = None
         self._fid_y: torch.Tensor | None = None
+        self.fidelity_region = ""
 
     # ------------------------------------------------------------ data
     def _safe_labels(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,18 +291,23 @@ class SafetyDefect(Defect):
         return self._eval_x
 
     def _fidelity_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs outside the box(es); where the box covers (almost) the whole domain (φ7), fresh satisfying
+        in-box samples instead (`fidelity_region` says which)."""
         if self._fid_x is None:
             g = torch.Generator().manual_seed(self.options.seed + 4)
             lo, hi = _domain(self.normalisation, self.prop)
-            need, keep = self.options.fidelity_samples, []
-            for _ in range(100):
-                x = lo + torch.rand(need, len(lo), generator=g) * (hi - lo)
-                x = x[~self.prop.in_box(x)]
-                keep.append(x)
-                need -= len(x)
-                if need <= 0:
-                    break
-            self._fid_x = torch.cat(keep)[: self.options.fidelity_samples]
+            n = self.options.fidelity_samples
+            x = lo + torch.rand(n, len(lo), generator=g) * (hi - lo)
+            x = x[~self.prop.in_box(x)]
+            if len(x) >= max(1, n // 100):
+                while len(x) < n:
+                    more = lo + torch.rand(2 * (n - len(x)) * n // len(x) + 16, len(lo), generator=g) * (hi - lo)
+                    x = torch.cat([x, more[~self.prop.in_box(more)]])
+                self._fid_x, self.fidelity_region = x[:n], "outside-box"
+            else:
+                rd = self._drawndown(n, 0.5, self.options.seed + 4)
+                self._fid_x = torch.cat([rd.x_fit, rd.x_val])
+                self.fidelity_region = "inside-box-satisfying"
             self._fid_y = advisory(_outputs(self.original, self._fid_x))
         return self._fid_x, self._fid_y
 
@@ -322,7 +328,7 @@ class SafetyDefect(Defect):
             "violation_rate": k / len(x), "violation_rate_ci": [lo, hi], "violation_samples": len(x),
             "counterexamples_found": fal.starts_hit, "falsifier_starts": fal.starts,
             "heldout_violation_rate": held, "heldout_counterexamples": len(self.x_heldout),
-            "fidelity": fidelity, "fidelity_samples": len(fx),
+            "fidelity": fidelity, "fidelity_samples": len(fx), "fidelity_region": self.fidelity_region,
         }
 
     def describe(self) -> dict[str, Any]:

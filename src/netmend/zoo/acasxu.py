@@ -204,6 +204,8 @@ def _onnx_affine_chain(graph, path: Path) -> list[tuple[torch.Tensor, torch.Tens
             a, c = torch.eye(a.shape[0], dtype=torch.float64), torch.zeros(a.shape[0], dtype=torch.float64)
             pending = False
         else:
+            if op == "Gemm":
+                others = others[:1]   # (W, optional C); C is read below
             if len(others) != 1 or others[0] not in consts:
                 raise NetmendError(f"{path}: ONNX op {op} must combine the activation with one constant")
             k = consts[others[0]]
