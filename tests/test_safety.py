@@ -1,0 +1,176 @@
+"""VNN-LIB properties and the safety (ACAS Xu) defect: parsing, batched violation checks, falsifier, metrics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from netmend.data.vnnlib import load_vnnlib, parse_vnnlib
+from netmend.defects.safety import SafetyDefect, SafetyOptions, advisory, falsify, resolve_property, safety_from_info
+from netmend.errors import NetmendError
+from netmend.zoo.acasxu import acasxu, load_nnet
+
+ACAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "acasxu"
+needs_acas = pytest.mark.skipif(not (ACAS / "vnnlib").is_dir(), reason="ACAS Xu files not found under ../shared/data/acasxu")
+
+TOY = """; toy: unsafe iff output 0 is the argmin
+(declare-const X_0 Real)
+(declare-const X_1 Real)
+(declare-const Y_0 Real)
+(declare-const Y_1 Real)
+(assert (<= X_0 1.0))
+(assert (>= X_0 -1.0))
+(assert (and (<= X_1 1) (>= X_1 -1)))
+(assert (<= Y_0 Y_1))
+"""
+
+
+def toy_net(threshold: float = -0.8):
+    """y0 = x0, y1 = threshold: violates TOY exactly where x0 ≤ threshold (10% of the box for −0.8)."""
+    net = acasxu([2], 2, hidden=[])
+    with torch.no_grad():
+        net.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        net.fc1.bias.copy_(torch.tensor([0.0, threshold]))
+    return net.eval()
+
+
+SMALL = dict(counterexamples=64, satisfying=200, heldout_counterexamples=64, falsify_starts=256, falsify_steps=20,
+             eval_samples=20000, eval_falsify_starts=128, fidelity_samples=5000)
+
+
+def test_parse_and_batched_violation():
+    p = parse_vnnlib(TOY, "toy")
+    assert p.n_inputs == 2 and p.n_outputs == 2 and len(p.boxes) == 1
+    y = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    assert p.violated(y).tolist() == [True, False, True]           # ties count as unsafe
+    assert ((p.margin(y) >= 0) == p.violated(y)).all()
+    yb = torch.randn(3, 7, 2)
+    assert p.violated(yb).shape == (3, 7) and ((p.margin(yb) >= 0) == p.violated(yb)).all()
+    assert p.in_box(torch.tensor([[0.0, 0.0], [2.0, 0.0]])).tolist() == [True, False]
+
+
+def test_linear_terms_and_disjunction():
+    text = TOY.replace("(assert (<= Y_0 Y_1))", "(assert (or (and (>= (+ Y_0 (* 2 Y_1)) 3)) (and (<= (- Y_0) -5))))")
+    p = parse_vnnlib(text, "lin")
+    y = torch.tensor([[1.0, 1.0], [5.0, -10.0], [0.0, 0.0]])
+    assert p.violated(y).tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("text, match", [
+    (TOY + "(assert (<= Y_0 Y_1)", "unbalanced '\\('"),
+    (TOY + ")", "unbalanced '\\)'"),
+    (TOY.replace("(<= Y_0 Y_1)", "(xor Y_0 Y_1)"), "unsupported connective 'xor'"),
+    (TOY.replace("(<= X_0 1.0)", "(<= X_0 -2.0)"), "empty input box: X_0"),
+    (TOY.replace("(assert (<= X_0 1.0))", ""), "X_0 has no lower or upper bound"),
+    (TOY.replace("(<= Y_0 Y_1)", "(<= X_0 Y_1)"), "mixes inputs and outputs"),
+    (TOY.replace("(<= Y_0 Y_1)", "(<= Y_0 Y_7)"), "Y_7 is used but not declared"),
+    (TOY.replace("(<= Y_0 Y_1)", "(<= (* Y_0 Y_1) 1)"), "not linear"),
+])
+def test_malformed_vnnlib_one_line_error(text, match):
+    with pytest.raises(NetmendError, match=match) as exc:
+        parse_vnnlib(text, "bad")
+    assert "\n" not in str(exc.value)
+
+
+def test_property_names_and_variants(tmp_path):
+    p = resolve_property("phi2-strengthened")
+    y = torch.tensor([[0.0, 1, 1, 1, 1], [1.0, 1, 0, 1, 1]])
+    assert p.violated(y).tolist() == [False, True]
+    assert resolve_property("phi2-strengthened", "care").boxes[0][0].tolist() == p.boxes[0][0].tolist()
+    with pytest.raises(NetmendError, match="unknown property"):
+        resolve_property("no such thing!")
+    with pytest.raises(NetmendError, match="needs a property"):
+        resolve_property("")
+    f = tmp_path / "toy.vnnlib"
+    f.write_text(TOY)
+    with pytest.raises(NetmendError, match="no CARE box"):
+        resolve_property(str(f), "care")
+    with pytest.raises(NetmendError, match="not found"):
+        load_vnnlib(tmp_path / "missing.vnnlib")
+
+
+def test_falsifier_finds_only_counterexamples():
+    p, net = parse_vnnlib(TOY, "toy"), toy_net(-0.95)     # 2.5% of the box violates
+    r = falsify(net, p, seed=0, starts=64, steps=20, want=100)
+    assert r.starts_hit > 10 and len(r.counterexamples) == 100
+    assert p.violated(net(r.counterexamples)).all() and p.in_box(r.counterexamples).all()
+    r2 = falsify(net, p, seed=0, starts=64, steps=20, want=100)
+    assert torch.equal(r.counterexamples, r2.counterexamples)          # seeded
+
+
+def test_defect_objective_and_metrics():
+    p, net = parse_vnnlib(TOY, "toy"), toy_net(-0.8)
+    d = SafetyDefect(net, p, SafetyOptions(**SMALL))
+    x_bad, y_bad = d.evidence()
+    assert len(x_bad) == 64 and p.violated(net(x_bad)).all() and (y_bad == 1).all()   # the allowed advisory
+    assert not torch.equal(x_bad[:10], d.x_heldout[:10])
+    assert not p.violated(net(d.repair.x_fit)).any() and len(d.repair) == 200
+    assert torch.equal(d.repair.y_fit, advisory(net(d.repair.x_fit)))
+    obj = d.objective(net)
+    logits = torch.stack([net(obj.x_bad), net(obj.x_bad) * 0 + torch.tensor([1.0, 0.0])])   # (P=2, N, K)
+    assert obj.violated(logits).shape == (2, 64) and obj.violated(logits)[0].all() and not obj.violated(logits)[1].any()
+    assert torch.equal(obj.decide(net(obj.x_good)), obj.y_good)
+    assert float(obj.cost(net(obj.x_bad), net(obj.x_good), 0.3)) == pytest.approx(0.7)
+    x = x_bad[:5].clone().requires_grad_(True)
+    v = d.violation(net, x, y_bad[:5])
+    v.sum().backward()
+    assert (v >= 0).all() and x.grad is not None
+    m = d.metrics(net)
+    assert m["violation_samples"] == 20000 and m["violation_rate_ci"][0] <= 0.1 <= m["violation_rate_ci"][1]
+    assert m["heldout_violation_rate"] == 1.0 and m["fidelity"] == 1.0 and m["counterexamples_found"] > 0
+    assert m["fidelity_region"] == "outside-box" and d.validation_score(net) == 1.0
+    fixed = toy_net(-2.0)                                # never violates inside the box
+    m2 = d.metrics(fixed)
+    assert m2["violation_rate"] == 0 and m2["heldout_violation_rate"] == 0 and m2["counterexamples_found"] == 0
+    assert m2["fidelity"] < 1.0                          # the change shows outside the box
+
+
+def test_no_counterexample_is_a_clear_error():
+    p = parse_vnnlib(TOY, "toy")
+    d = SafetyDefect(toy_net(-2.0), p, SafetyOptions(**SMALL))
+    with pytest.raises(NetmendError, match="no counterexample"):
+        d.objective(toy_net(-2.0))
+
+
+@needs_acas
+def test_all_ten_acas_properties_parse():
+    shapes = {}
+    for i in range(1, 11):
+        p = load_vnnlib(ACAS / "vnnlib" / f"prop_{i}.vnnlib")
+        assert p.n_inputs == 5 and p.n_outputs == 5
+        shapes[i] = (len(p.boxes), len(p.unsafe))
+    assert shapes[1] == (1, 1) and shapes[2] == (1, 1) and shapes[6] == (2, 4) and shapes[7] == (1, 2) and shapes[8] == (1, 3)
+    p8 = resolve_property(str(ACAS / "vnnlib" / "prop_8.vnnlib"))
+    p8c = resolve_property(str(ACAS / "vnnlib" / "prop_8.vnnlib"), "care")
+    w = lambda p: float(p.boxes[0][1][2] - p.boxes[0][0][2])  # noqa: E731
+    assert w(p8c) == pytest.approx(2 * w(p8), rel=1e-3)
+
+
+@needs_acas
+def test_acas_n33_strengthened_phi2_rate_and_falsifier():
+    model, info = load_nnet(ACAS / "nnet" / "ACASXU_run2a_3_3_batch_2000.nnet")
+    opts = SafetyOptions(property="phi2-strengthened", **{**SMALL, "eval_samples": 200000})
+    d = safety_from_info(info, opts, model=model)
+    m = d.metrics(model)
+    assert 0.055 < m["violation_rate"] < 0.065          # METHODS.md §8.4: 6.0%
+    assert m["counterexamples_found"] > 10 and m["heldout_violation_rate"] == 1.0 and m["fidelity"] == 1.0
+    assert (d.y_bad == 0).all()                         # the allowed advisory is COC
+
+
+@needs_acas
+def test_acas_n29_phi8_falsifier_finds_counterexamples():
+    model, _ = load_nnet(ACAS / "nnet" / "ACASXU_run2a_2_9_batch_2000.nnet")
+    p = resolve_property(str(ACAS / "vnnlib" / "prop_8.vnnlib"))
+    r = falsify(model, p, seed=0, starts=2048, steps=50, step=0.03, want=200)
+    assert r.starts_hit >= 3 and len(r.counterexamples) == 200
+    assert p.violated(model(r.counterexamples)).all()
+
+
+@needs_acas
+@pytest.mark.slow
+def test_acas_n29_phi8_rate_1e6():
+    model, info = load_nnet(ACAS / "nnet" / "ACASXU_run2a_2_9_batch_2000.nnet")
+    d = safety_from_info(info, SafetyOptions(property=str(ACAS / "vnnlib" / "prop_8.vnnlib")), model=model)
+    m = d.metrics(model)
+    assert 2.5e-4 < m["violation_rate"] < 4.5e-4 and m["violation_samples"] == 1_000_000   # §8.4: 3.4e-4
