@@ -1,0 +1,320 @@
+"""CARE's causal fault localisation (Sun et al., ICSE 2022; METHODS.md §4.1).
+
+Every neuron h_i of the chosen layers (a Linear unit or a conv channel) is intervened on,
+do(h_i = v), for S evenly spaced values v in its observed range; the mean of a per-task output y
+under each intervention gives a curve per neuron, scored by its range (backdoor, safety) or mean
+(fairness). Why batched: CARE's code loops over neurons and values; here the prefix activations
+are cached once and (neuron, value) pairs × inputs run through the suffix in a few big passes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..defects.base import Defect
+from ..errors import NetmendError, require
+from ..hooks import get_layer, replace_output, split_sequential, weight_layers
+from ..registry import LOCALISERS, Registry
+from ..sites import Site, Sites
+
+PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
+
+
+# ----------------------------------------------------------------------------- cutting a model
+
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """§4.1 default: CNN → the input of the classifier head (the module just before it);
+    MLP → every hidden activation module feeding a Linear (ranked jointly)."""
+    heads = weight_layers(model)
+    require(len(heads) > 0, "the model has no Linear or Conv2d layer to localise in")
+    leaves = leaf_modules(model)
+    names = [n for n, _ in leaves]
+    head = heads[-1]
+    if any(isinstance(m, nn.Conv2d) for _, m in leaves):
+        i = names.index(head)
+        require(i > 0, f"nothing feeds the classifier head {head!r}")
+        return [names[i - 1]]
+    acts = [n for n, m in leaves[: names.index(head)]
+            if not isinstance(m, (nn.Linear, nn.Conv2d) + PASS_THROUGH) and "norm" not in n.split(".")[-1]
+            and names.index(n) > names.index(heads[0])]
+    return acts or heads[:-1] or [head]
+
+
+class Cut:
+    """A model cut after `layer`: `prefix(x)` gives the layer's output, `suffix(h, x)` the logits.
+
+    Top-level Sequential models are split (the suffix never recomputes the prefix); any other model
+    runs whole with the layer's output replaced, which needs the matching inputs `x`."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        get_layer(model, layer)
+        self.model, self.layer = model, layer
+        self.split = split_sequential(model, layer)
+
+    @torch.no_grad()
+    def prefix(self, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+        from ..hooks import run_to
+
+        run = self.split[0] if self.split is not None else (lambda xb: run_to(self.model, self.layer, xb))
+        return torch.cat([run(x[i: i + batch]) for i in range(0, len(x), batch)])
+
+    def suffix(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        if self.split is not None:
+            return self.split[1](h)
+        require(x is not None and len(x) == len(h), "cutting a non-Sequential model needs the matching inputs")
+        with replace_output(self.model, self.layer, lambda _out: h):
+            return self.model(x)
+
+    def first_linear(self) -> tuple[nn.Linear, nn.Module] | None:
+        """(Linear, rest of the suffix) when the suffix starts with a Linear (after pass-through modules)."""
+        if self.split is None:
+            return None
+        mods = list(self.split[1].children())
+        i = 0
+        while i < len(mods) and isinstance(mods[i], PASS_THROUGH):
+            i += 1
+        if i < len(mods) and isinstance(mods[i], nn.Linear):
+            return mods[i], nn.Sequential(*mods[i + 1:])
+        return None
+
+
+# ----------------------------------------------------------------------------- per-kind outputs
+
+@dataclass
+class Probe:
+    """What to intervene on and how to read the result.
+
+    x: rows run under every intervention; x_range: extra rows that only widen [lo, hi];
+    reduce: logits (B, len(x), K) → (B, C) curve values, one column per output curve."""
+
+    x: torch.Tensor
+    x_range: torch.Tensor
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    curves: list[str] = field(default_factory=lambda: ["y"])
+
+
+@dataclass
+class CausalOutput:
+    probe: Callable[[nn.Module, Defect, "CausalConfig"], Probe]
+    steps: int = 4
+    keep: int = 5
+    score: str = "range"          # range | mean of the curve over v
+
+
+CAUSAL_OUTPUTS: Registry[CausalOutput] = Registry("causal output")
+
+
+def _sample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    if n <= 0 or len(x) <= n:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(len(x), generator=g)[:n].sort().values]
+
+
+def _backdoor_probe(model, defect, cfg) -> Probe:
+    """Mean target-class softmax on clean repair images; their triggered copies only widen the range."""
+    x = _sample(defect.repair.x_fit, cfg.samples, cfg.seed + 123)
+    t = int(defect.target)
+    return Probe(x, defect.stamp(x), lambda z: torch.softmax(z, -1)[..., t].mean(-1, keepdim=True), [f"p_{t}"])
+
+
+def _safety_probe(model, defect, cfg) -> Probe:
+    """Mean COC / WL scores on property-satisfying box samples; counterexamples only widen the range."""
+    obj = defect.objective(model)
+    outs = list(cfg.outputs) if cfg.outputs is not None else [0, 1]
+    x = _sample(obj.x_good, cfg.samples, cfg.seed + 123)
+    idx = torch.tensor(outs)
+    return Probe(x, obj.x_bad, lambda z: z[..., idx.to(z.device)].mean(-2), [f"score_{o}" for o in outs])
+
+
+def _generic_probe(model, defect, cfg) -> Probe:
+    """Any defect with an objective: the violation rate on its evidence under each intervention."""
+    obj = defect.objective(model)
+    return Probe(obj.x_bad, obj.x_good, lambda z: obj.violated(z).float().mean(-1, keepdim=True), ["violation"])
+
+
+def fairness_flips(defect: Defect, x: torch.Tensor) -> torch.Tensor:
+    """(N, F, D) copies of x with the protected attribute(s) set to each other value (x itself where
+    an alternative equals its own value). Uses the defect's own flip method."""
+    for name in ("counterfactuals", "flips", "flip"):
+        fn = getattr(defect, name, None)
+        if callable(fn):
+            return fn(x)
+    raise NetmendError("fairness defect exposes no counterfactual flips (counterfactuals(x) -> (N, F, D))")
+
+
+def _fairness_probe(model, defect, cfg) -> Probe:
+    """§4.1 dy(v) = mean_x max_{a'} |p0(x[A←a']) − p0(x)| under do(h=v) on both copies, over
+    discriminatory instances of the repair data (the objective's evidence)."""
+    defect.objective(model)                            # binds model-dependent evidence (the DI set)
+    x = _sample(defect.evidence()[0], cfg.samples, cfg.seed + 123)
+    flips = fairness_flips(defect, x)                  # (N, F, D)
+    n, f = flips.shape[:2]
+    rows = torch.cat([x, flips.reshape(n * f, *x.shape[1:])])
+
+    def reduce(z: torch.Tensor) -> torch.Tensor:
+        p0 = torch.softmax(z, -1)[..., 0]
+        base, alt = p0[..., :n], p0[..., n:].reshape(*p0.shape[:-1], n, f)
+        return (alt - base.unsqueeze(-1)).abs().amax(-1).mean(-1, keepdim=True)
+
+    return Probe(rows, x, reduce, ["dy"])
+
+
+CAUSAL_OUTPUTS.add("backdoor", CausalOutput(_backdoor_probe, steps=4, keep=5, score="range"),
+                   "mean target-class softmax on clean repair images")
+CAUSAL_OUTPUTS.add("safety", CausalOutput(_safety_probe, steps=4, keep=27, score="range"),
+                   "mean COC and WL scores on satisfying box samples")
+CAUSAL_OUTPUTS.add("fairness", CausalOutput(_fairness_probe, steps=16, keep=3, score="mean"),
+                   "mean max |Δp0| between an instance and its protected-attribute flips")
+CAUSAL_OUTPUTS.add("generic", CausalOutput(_generic_probe, steps=4, keep=5, score="range"),
+                   "violation rate of the defect objective's evidence")
+
+
+def output_for(kind: str) -> CausalOutput:
+    return CAUSAL_OUTPUTS.get(kind if kind in CAUSAL_OUTPUTS else "generic")
+
+
+# ----------------------------------------------------------------------------- interventions
+
+def neuron_ranges(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-neuron [lo, hi] over samples (and spatial positions for conv channels)."""
+    flat = h.transpose(0, 1).reshape(h.shape[1], -1)
+    return flat.min(1).values, flat.max(1).values
+
+
+def _set_neuron(h: torch.Tensor, units: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """B intervened copies of h (N, U, ...): copy b has neuron units[b] set to values[b]."""
+    b = len(units)
+    hc = h.unsqueeze(0).repeat(b, *([1] * h.dim()))
+    ar = torch.arange(b, device=h.device)
+    hc[ar, :, units] = values.view(b, *([1] * (h.dim() - 1))).to(h.dtype)
+    return hc
+
+
+@torch.no_grad()
+def intervention_curves(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce, x: torch.Tensor | None = None,
+                        max_elems: int = 1 << 24) -> torch.Tensor:
+    """Curves (U, S, C): reduce(logits under do(h_u = values[u, s])), all pairs batched.
+
+    When the suffix starts with a Linear on flat units the intervention is a rank-one change of its
+    pre-activation, z = z0 + W[:, u]·(v − h_u), so the U-wide copies are never built."""
+    n, u = h.shape[0], h.shape[1]
+    s = values.shape[1]
+    units = torch.arange(u, device=h.device).repeat_interleave(s)
+    vals = values.reshape(-1)
+    fast = cut.first_linear() if h.dim() == 2 else None
+    if fast is not None:
+        lin, rest = fast
+        z0 = lin(h)
+        width = z0.shape[1]
+    else:
+        width = max(h[0].numel(), 1)
+    chunk = max(1, max_elems // (n * width))
+    out = []
+    for i in range(0, len(units), chunk):
+        uu, vv = units[i: i + chunk], vals[i: i + chunk]
+        b = len(uu)
+        if fast is not None:
+            delta = vv[:, None] - h[:, uu].T                        # (b, N)
+            z = z0.unsqueeze(0) + delta.unsqueeze(-1) * lin.weight[:, uu].T.unsqueeze(1)
+            logits = rest(z.reshape(b * n, width))
+        else:
+            hc = _set_neuron(h, uu, vv)
+            xr = x.repeat(b, *([1] * (x.dim() - 1))) if (x is not None and cut.split is None) else None
+            logits = cut.suffix(hc.reshape(b * n, *h.shape[1:]), xr)
+        out.append(reduce(logits.reshape(b, n, -1)))
+    return torch.cat(out).reshape(u, s, -1)
+
+
+@torch.no_grad()
+def intervention_curves_loop(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce,
+                             x: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference implementation (CARE's way): one suffix pass per (neuron, value). Speed benchmark only."""
+    u, s = values.shape
+    out = torch.empty(u, s, 0)
+    rows = []
+    for j in range(u):
+        for k in range(s):
+            hc = h.clone()
+            hc[:, j] = values[j, k]
+            rows.append(reduce(cut.suffix(hc, x).unsqueeze(0))[0])
+    out = torch.stack(rows).reshape(u, s, -1)
+    return out
+
+
+# ----------------------------------------------------------------------------- the localiser
+
+@dataclass
+class CausalConfig:
+    layers: list[str] | None = None   # default: §4.1 (CNN: input of the head; MLP: every hidden activation)
+    steps: int | None = None          # S intervention values per neuron; default per defect kind (4 / 16)
+    keep: int | None = None           # neurons returned as sites; default per kind (backdoor 5, safety 27, fairness 3)
+    samples: int = 1000               # inputs the expectation is taken over (seeded draw)
+    output: str | None = None         # causal output name; default: the defect's kind, else 'generic'
+    outputs: list[int] | None = None  # safety: which scores give curves (default COC and WL: [0, 1])
+    loop: bool = False                # per-(neuron, value) reference loop instead of the batched passes
+    max_elems: int = 1 << 24          # floats per batched suffix pass
+    seed: int = 0
+    device: str = "cpu"
+
+
+def rank(scores: torch.Tensor) -> list[int]:
+    """Neuron order from per-curve scores (M, C): by curve 0, topped up by curves 1.. (CARE's merge)."""
+    order: list[int] = []
+    seen = set()
+    for c in range(scores.shape[1]):
+        for i in torch.argsort(scores[:, c], descending=True, stable=True).tolist():
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+    return order
+
+
+@LOCALISERS.register("causal", "CARE: neurons ranked by the causal effect of interventions do(h = v) on the defect",
+                     config=CausalConfig)
+def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
+    t0 = time.perf_counter()
+    name = cfg.output or defect.kind
+    spec = CAUSAL_OUTPUTS.get(name) if cfg.output else output_for(name)
+    steps = cfg.steps or spec.steps
+    keep = cfg.keep or spec.keep
+    require(steps >= 2, f"causal: steps must be ≥ 2, got {steps}")
+    require(spec.score in ("range", "mean"), f"causal: unknown score {spec.score!r}")
+    dev = torch.device(cfg.device)
+    model = model.to(dev).eval()
+    layers = list(cfg.layers or default_layers(model))
+    torch.manual_seed(cfg.seed)
+    probe = spec.probe(model, defect, cfg)
+    x, xr = probe.x.to(dev), probe.x_range.to(dev)
+    all_scores, owners, curves_by_layer, values_by_layer = [], [], {}, {}
+    for layer in layers:
+        cut = Cut(model, layer)
+        h = cut.prefix(x)
+        hr = cut.prefix(xr) if len(xr) else h[:0]
+        lo, hi = neuron_ranges(torch.cat([h, hr]))
+        grid = torch.linspace(0, 1, steps, device=dev)
+        values = lo[:, None] + grid[None, :] * (hi - lo)[:, None]
+        fn = intervention_curves_loop if cfg.loop else intervention_curves
+        kwargs = {} if cfg.loop else {"max_elems": cfg.max_elems}
+        curves = fn(cut, h, values, probe.reduce, x, **kwargs).float().cpu()   # (U, S, C)
+        score = (curves.amax(1) - curves.amin(1)) if spec.score == "range" else curves.mean(1)
+        all_scores.append(score)
+        owners += [(layer, i) for i in range(len(score))]
+        curves_by_layer[layer], values_by_layer[layer] = curves, values.cpu()
+    scores = torch.cat(all_scores)
+    order = rank(scores)
+    sites = [Site(owners[i][0], "neuron", float(scores[i, 0]), owners[i][1],
+                  info={"scores": scores[i].tolist()}) for i in order[:keep]]
+    details = {"layers": layers, "output": name, "curves_named": probe.curves, "steps": steps, "keep": keep,
+               "score": spec.score, "samples": len(x), "ranking": [list(owners[i]) for i in order],
+               "scores": {l: s for l, s in zip(layers, all_scores)}, "curves": curves_by_layer,
+               "values": values_by_layer, "loop": cfg.loop}
+    return Sites(sites, "causal", details, time.perf_counter() - t0)

@@ -1,0 +1,310 @@
+"""CARE's repair (Sun et al., ICSE 2022; METHODS.md §4.2–4.3): per-neuron activation scales found by
+particle-swarm optimisation, then baked into the weights so the result is an ordinary Edit.
+
+Why native torch PSO: every particle's fitness is one slice of a single batched suffix pass over
+cached prefix activations ((P·N) rows), instead of P separate forward passes.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..defects.base import Defect
+from ..edit import Edit
+from ..errors import NetmendError, require
+from ..hooks import get_layer
+from ..locate.causal import Cut, leaf_modules
+from ..methods import MethodPreset
+from ..registry import METHODS, REPAIRERS
+from ..sites import Sites
+
+
+# ----------------------------------------------------------------------------- PSO
+
+@dataclass
+class PSOResult:
+    best_pos: torch.Tensor
+    best_cost: float
+    trace: list[float] = field(default_factory=list)
+    iterations: int = 0
+    evaluations: int = 0
+
+
+def periodic(pos: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """pyswarms' `periodic` bounds: wrap around — below lo → hi − (lo − x) mod d, above hi → lo + (x − hi) mod d."""
+    d = hi - lo
+    pos = torch.where(pos < lo, hi - torch.remainder(lo - pos, d), pos)
+    return torch.where(pos > hi, lo + torch.remainder(pos - hi, d), pos)
+
+
+def pso_minimise(fitness: Callable[[torch.Tensor], torch.Tensor], init: torch.Tensor, lower: torch.Tensor,
+                 upper: torch.Tensor, iterations: int = 100, inertia: float = 0.8, c1: float = 0.41, c2: float = 0.41,
+                 ftol: float = 1e-3, ftol_iter: int = 10, seed: int = 0) -> PSOResult:
+    """Global-best PSO as pyswarms' GlobalBestPSO: fitness maps positions (P, D) → costs (P,).
+
+    Velocities start U(0, 1) (pyswarms default), no velocity clamp; r1, r2 ~ U(0, 1) per dimension;
+    stops when |Δ best| < ftol·(1 + |best|) for `ftol_iter` consecutive iterations. Random numbers are
+    drawn on the CPU from one seeded generator, so every device follows the same trajectory."""
+    g = torch.Generator().manual_seed(int(seed))
+    dev, dt = init.device, init.dtype
+    lo, hi = lower.to(dev, dt), upper.to(dev, dt)
+    pos = init.clone()
+    p, d = pos.shape
+    vel = torch.rand(p, d, generator=g, dtype=dt).to(dev)
+    pbest, pbest_cost = pos.clone(), torch.full((p,), float("inf"), device=dev, dtype=dt)
+    best_cost, best_pos = float("inf"), pos[0].clone()
+    trace: list[float] = []
+    hist: list[bool] = []
+    it = 0
+    for it in range(1, iterations + 1):
+        cost = fitness(pos).to(dt)
+        better = cost < pbest_cost
+        pbest = torch.where(better[:, None], pos, pbest)
+        pbest_cost = torch.where(better, cost, pbest_cost)
+        j = int(torch.argmin(pbest_cost))
+        prev = best_cost
+        best_cost, best_pos = float(pbest_cost[j]), pbest[j].clone()
+        trace.append(best_cost)
+        hist.append(abs(best_cost - prev) < ftol * (1 + abs(prev)))
+        if it > ftol_iter and all(hist[-ftol_iter:]):
+            break
+        r1 = torch.rand(p, d, generator=g, dtype=dt).to(dev)
+        r2 = torch.rand(p, d, generator=g, dtype=dt).to(dev)
+        vel = inertia * vel + c1 * r1 * (pbest - pos) + c2 * r2 * (best_pos[None] - pos)
+        pos = periodic(pos + vel, lo, hi)
+    return PSOResult(best_pos, best_cost, trace, it, it * p)
+
+
+# ----------------------------------------------------------------------------- parametrisation
+
+@dataclass(frozen=True)
+class ScaleMode:
+    """How a particle coordinate w becomes a neuron's effective scale a (h_i ← a·h_i)."""
+
+    lower: float
+    upper: float
+    identity: float
+    offset: float      # a = offset + w
+
+
+MODES = {"scale": ScaleMode(-10.0, 10.0, 1.0, 0.0),      # backdoor, safety: h ← w·h
+         "offset": ScaleMode(-1.0, 1.0, 0.0, 1.0)}       # fairness: h ← (1 + w)·h
+KIND_DEFAULTS = {"backdoor": ("scale", 0.2), "safety": ("scale", 0.2), "fairness": ("offset", 0.3)}
+
+
+@dataclass
+class PSOConfig:
+    particles: int = 20
+    iterations: int = 100
+    inertia: float = 0.8
+    c1: float = 0.41
+    c2: float = 0.41
+    ftol: float = 1e-3
+    ftol_iter: int = 10
+    init: str = "identity"              # identity (CARE) | identity+uniform (particle 0 at identity)
+    mode: str | None = None             # scale | offset; default per defect kind
+    bound: float | None = None          # |w| ≤ bound; default per mode (10 scale, 1 offset)
+    alpha: float | None = None          # accuracy weight of the cost; default per kind (0.2, fairness 0.3)
+    neurons: int | None = None          # use only the first n neuron sites
+    batched: bool = True                # False: one suffix pass per particle (speed reference)
+    max_elems: int = 1 << 25            # floats per batched pass
+    seed: int = 0
+    device: str = "cpu"
+
+
+class ScaledModel:
+    """Runs the model with per-particle neuron scales: prefix cached once at the earliest site layer,
+    suffix run on (P·N) rows with the scales multiplied in at every site layer."""
+
+    def __init__(self, model: nn.Module, units: list[tuple[str, int]], x: torch.Tensor):
+        order = {n: i for i, (n, _) in enumerate(leaf_modules(model))}
+        missing = [l for l, _ in units if l not in order]
+        require(not missing, f"pso: sites must be leaf modules, got {missing[:3]}")
+        self.model, self.units, self.x = model, units, x
+        self.layers = sorted({l for l, _ in units}, key=order.get)
+        self.cut = Cut(model, self.layers[0])
+        self.h0 = self.cut.prefix(x) if self.cut.split is not None else None
+        self.n = len(x)
+        self.width = max((self.h0[0].numel() if self.h0 is not None else 0), 1)
+        self._mults: dict[str, torch.Tensor] = {}
+
+    def multipliers(self, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{layer: (P, U)} multipliers, ones except at the site units."""
+        out: dict[str, torch.Tensor] = {}
+        for k, (layer, idx) in enumerate(self.units):
+            if layer not in out:
+                out[layer] = torch.ones(scales.shape[0], self._units(layer), device=scales.device, dtype=scales.dtype)
+            out[layer][:, idx] = scales[:, k]
+        return out
+
+    def _units(self, layer: str) -> int:
+        if not hasattr(self, "_sizes"):
+            from ..hooks import capture
+
+            with torch.no_grad(), capture(self.model, self.layers) as cap:
+                self.model(self.x[:1])
+            self._sizes = {l: cap.outputs[l].shape[1] for l in self.layers}
+        return self._sizes[layer]
+
+    @staticmethod
+    def _scale(out: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        p = m.shape[0]
+        o = out.reshape(p, -1, *out.shape[1:])
+        return (o * m.view(p, 1, m.shape[1], *([1] * (out.dim() - 2)))).reshape(out.shape)
+
+    @contextmanager
+    def _hooks(self, layers):
+        handles = [get_layer(self.model, l).register_forward_hook(
+            lambda _m, _i, out, _l=l: self._scale(out, self._mults[_l])) for l in layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def logits(self, scales: torch.Tensor) -> torch.Tensor:
+        """(P, N, K) logits with scales (P, D) (effective scales, one per site unit)."""
+        p = scales.shape[0]
+        self._mults = self.multipliers(scales)
+        if self.h0 is not None:
+            h = self._scale(self.h0.repeat(p, *([1] * (self.h0.dim() - 1))), self._mults[self.layers[0]])
+            with self._hooks(self.layers[1:]):
+                z = self.cut.suffix(h)
+        else:
+            with self._hooks(self.layers):
+                z = self.model(self.x.repeat(p, *([1] * (self.x.dim() - 1))))
+        return z.reshape(p, self.n, -1)
+
+
+# ----------------------------------------------------------------------------- baking into weights
+
+_HOMOGENEOUS = (nn.ReLU, nn.MaxPool2d, nn.MaxPool1d, nn.AdaptiveMaxPool2d)    # f(a·h) = a·f(h) only for a ≥ 0
+_LINEAR_PASS = (nn.Flatten, nn.Dropout, nn.Identity, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool1d)
+
+
+def bake(model: nn.Module, scales: dict[tuple[str, int], float], example: torch.Tensor) -> nn.Module:
+    """A copy of `model` whose weights realise h_i ← a_i·h_i for every (layer, unit) → a_i (§4.2).
+
+    Weight layer (pre-activation unit): its row and bias are scaled. Any other layer (post-activation
+    unit): the next Linear's column block or the next conv's input-channel slice is scaled, through
+    flatten / dropout / average pooling, and through ReLU / max-pooling only when a ≥ 0."""
+    from ..hooks import capture
+
+    work = copy.deepcopy(model).eval()
+    leaves = leaf_modules(work)
+    names = [n for n, _ in leaves]
+    layers = sorted({l for l, _ in scales})
+    with torch.no_grad(), capture(work, layers) as cap:
+        work(example[:1])
+    with torch.no_grad():
+        for (layer, i), a in scales.items():
+            mod = get_layer(work, layer)
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                mod.weight[i] *= a
+                if mod.bias is not None:
+                    mod.bias[i] *= a
+                continue
+            require(layer in names, f"pso: cannot bake a scale into {layer!r} (not a leaf module)")
+            nxt = None
+            for n, m in leaves[names.index(layer) + 1:]:
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    nxt = m
+                    break
+                if isinstance(m, _HOMOGENEOUS) and a >= 0:
+                    continue
+                if not isinstance(m, _LINEAR_PASS):
+                    raise NetmendError(f"pso: cannot bake a scale of {a:.3g} on {layer!r} through {n!r} "
+                                       f"({type(m).__name__})")
+            require(nxt is not None, f"pso: no Linear/Conv2d after {layer!r} to bake its scale into")
+            units = cap.outputs[layer].shape[1]
+            if isinstance(nxt, nn.Conv2d):
+                nxt.weight[:, i] *= a
+            else:
+                blk = nxt.in_features // units
+                require(blk * units == nxt.in_features, f"pso: {layer!r} has {units} units but the next Linear "
+                                                        f"takes {nxt.in_features} inputs")
+                nxt.weight[:, i * blk:(i + 1) * blk] *= a
+    return work
+
+
+# ----------------------------------------------------------------------------- the repairer
+
+def _fitness(scaled: ScaledModel, obj, alpha: float, n_bad: int, cfg: PSOConfig, mode: ScaleMode):
+    per_pass = max(1, cfg.max_elems // max(1, scaled.n * scaled.width)) if cfg.batched else 1
+
+    def fitness(pos: torch.Tensor) -> torch.Tensor:
+        a = pos + mode.offset
+        out = []
+        for i in range(0, len(a), per_pass):
+            z = scaled.logits(a[i: i + per_pass])
+            out.append(obj.cost(z[:, :n_bad], z[:, n_bad:], alpha))
+        return torch.cat(out)
+
+    return fitness
+
+
+def neuron_units(sites: Sites | None, limit: int | None) -> list[tuple[str, int]]:
+    if sites is None or not sites.neurons():
+        raise NetmendError("pso needs neuron sites: use the 'care' method or a neuron localiser (e.g. causal)")
+    units = [(s.layer, int(s.index)) for s in sites.neurons()]
+    units = list(dict.fromkeys(units))
+    return units[:limit] if limit else units
+
+
+@REPAIRERS.register("pso", "CARE: particle-swarm search of per-neuron activation scales, baked into weights",
+                    config=PSOConfig)
+def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOConfig) -> Edit:
+    t0 = time.perf_counter()
+    units = neuron_units(sites, cfg.neurons)
+    mode_name, alpha_default = KIND_DEFAULTS.get(defect.kind, ("scale", 0.2))
+    mode_name = cfg.mode or mode_name
+    require(mode_name in MODES, f"pso: unknown mode {mode_name!r}; known: {sorted(MODES)}")
+    require(cfg.init in ("identity", "identity+uniform"), f"pso: unknown init {cfg.init!r}")
+    require(cfg.particles >= 1 and cfg.iterations >= 1, "pso: particles and iterations must be ≥ 1")
+    mode = MODES[mode_name]
+    alpha = alpha_default if cfg.alpha is None else float(cfg.alpha)
+    require(0 <= alpha <= 1, f"pso: alpha must be in [0, 1], got {alpha}")
+    dev = torch.device(cfg.device)
+    work = copy.deepcopy(model).to(dev).eval()
+    obj = defect.objective(work)
+    x = torch.cat([obj.x_bad, obj.x_good]).to(dev)
+    obj.y_good = obj.y_good.to(dev)
+    scaled = ScaledModel(work, units, x)
+    fitness = _fitness(scaled, obj, alpha, len(obj.x_bad), cfg, mode)
+    d = len(units)
+    lower = torch.full((d,), -cfg.bound if cfg.bound is not None else mode.lower)
+    upper = torch.full((d,), cfg.bound if cfg.bound is not None else mode.upper)
+    init = torch.full((cfg.particles, d), mode.identity)
+    if cfg.init == "identity+uniform" and cfg.particles > 1:
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        init[1:] = lower + (upper - lower) * torch.rand(cfg.particles - 1, d, generator=g)
+    identity_cost = float(fitness(torch.full((1, d), mode.identity, device=dev))[0])
+    res = pso_minimise(fitness, init.to(dev), lower, upper, cfg.iterations, cfg.inertia, cfg.c1, cfg.c2,
+                       cfg.ftol, cfg.ftol_iter, cfg.seed)
+    eff = (res.best_pos + mode.offset).cpu()
+    if res.best_cost >= identity_cost:          # nothing better than leaving the model alone
+        eff = torch.full((d,), 1.0)
+    assign = {u: float(a) for u, a in zip(units, eff.tolist())}
+    baked = bake(work, assign, x)
+    with torch.no_grad():   # the baked weights must reproduce the hooked scales
+        probe = x[: min(len(x), 256)]
+        ref = ScaledModel(work, units, probe).logits(eff.to(dev)[None])[0]
+        err = float((baked(probe) - ref).abs().max()) if len(probe) else 0.0
+    require(err <= 1e-3 * (1 + float(ref.abs().max())), f"pso: baked weights differ from the scaled model by {err:.3g}")
+    meta = {"repairer": "pso", "mode": mode_name, "alpha": alpha, "units": [list(u) for u in units],
+            "scales": [{"layer": l, "index": i, "scale": assign[(l, i)]} for l, i in units],
+            "best_cost": res.best_cost, "identity_cost": identity_cost, "trace": res.trace,
+            "iterations": res.iterations, "evaluations": res.evaluations, "particles": cfg.particles,
+            "batched": cfg.batched, "bake_error": err, "seconds": time.perf_counter() - t0}
+    return Edit.between(work.cpu(), baked.cpu(), meta, names=[n for n, _ in baked.named_parameters()])
+
+
+METHODS.add("care", MethodPreset("causal", "pso", uses_pairs=False, paper="Sun et al., ICSE 2022"),
+            "CARE: causal neuron localisation, then PSO of the neurons' activation scales")
