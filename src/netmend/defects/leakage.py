@@ -1,0 +1,199 @@
+"""Feature-leakage defect on BlockMNIST: the model's explanation spills onto the null block.
+
+The null block carries the same pattern for every class, so a well-behaved model should not rest
+its decision (nor its attribution) on it. Metric, defined here because the paper's is unknown:
+
+    leakage = mean over evaluated test images i of  Σ_{p ∈ null block} |IG_p(x_i)| / Σ_p |IG_p(x_i)|
+
+with IG = Captum `IntegratedGradients` of the true-class logit, all-zero (black) baseline,
+`ig_steps` Gauss-Legendre steps, on the first `ig_samples` test images. It is a share in [0, 1]
+(0 = no attribution on the null block). It is NOT on the scale of Yang et al.'s Table 5 (values
+2.4–3.6 there); compare relative changes only.
+
+Evidence pairs: x̃ = a repair-pool image as is (its null block carries the pattern the model
+leaks on), x = its cleansed twin, the null block replaced by a constant `fill` (black) block;
+the mask marks the null block. Which pool images: those whose null block costs the true class the
+most probability, P(y | x) − P(y | x̃) (ranked on the repair pool at training time and recorded in
+model.json as `pair_candidates`), so each pair shows the model leaning on the null block; without
+that record, a seeded draw. (Ranking by the IG share itself was tried: on those images blanking the
+null block mostly *lowers* P(y), the blank block being unseen in training, so the pairs' gap is < 0.)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.blockmnist import BLOCK, BlockLayout, blank_null, make_blockmnist, null_block
+from ..data.datasets import ImageData, load_dataset, split_indices
+from ..errors import NetmendError, require
+from ..metrics import per_class_accuracy, predict
+from ..registry import DEFECTS
+from ..train import TrainConfig, default_epochs, train_backdoored
+from .backdoor import make_repair_data
+from .base import Defect, Pairs
+
+
+@dataclass
+class LeakageOptions:
+    pairs: int = 1
+    repair_fraction: float = 0.05     # of the training-set size, from the held-out pool
+    val_fraction: float = 0.2
+    seed: int = 0
+    eval_limit: int | None = None     # cap on test images for accuracy (None = all)
+    ig_samples: int = 300             # test images the leakage metric explains (IG is the slow part)
+    ig_steps: int = 16
+    ig_batch: int = 2048              # Captum internal_batch_size
+    fill: float = 0.0                 # value of the blanked null block in cleansed twins
+
+
+def null_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, digit_top: torch.Tensor, steps: int = 32,
+               batch: int = 2048, chunk: int = 128) -> torch.Tensor:
+    """Per-image share of |IG| mass (true-class logit, black baseline) on the null block."""
+    from captum.attr import IntegratedGradients
+
+    model.eval()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ig = IntegratedGradients(model)
+    _, null_mask = BlockLayout(digit_top).masks(x.shape[-1])
+    out = []
+    for i in range(0, len(x), chunk):
+        xb = x[i: i + chunk].to(dev)
+        a = ig.attribute(xb, baselines=torch.zeros_like(xb), target=y[i: i + chunk].to(dev), n_steps=steps,
+                         internal_batch_size=batch).detach().abs().sum(1).cpu()          # N×H×W
+        tot = a.flatten(1).sum(1).clamp_min(1e-12)
+        out.append((a * null_mask[i: i + chunk]).flatten(1).sum(1) / tot)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def infer_digit_top(x: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """Which half is the digit, read off the images: the half farther from the null pattern."""
+    top, bottom = x[..., :BLOCK, :], x[..., BLOCK:, :]
+    p = null.to(x)
+    d_top = (top - p).abs().flatten(1).sum(1)
+    d_bot = (bottom - p).abs().flatten(1).sum(1)
+    return d_top >= d_bot
+
+
+class LeakageDefect(Defect):
+    kind = "leakage"
+
+    def __init__(self, data: ImageData, splits: dict[str, list[int]], options: LeakageOptions | None = None,
+                 candidates: list[int] | None = None):
+        o = options or LeakageOptions()
+        require("digit_top_test" in data.info, f"dataset {data.name} has no BlockMNIST layout (digit_top metadata)")
+        require(o.pairs >= 0, f"--pairs must be ≥ 0, got {o.pairs}")
+        require(o.ig_steps >= 2 and o.ig_samples >= 1, "ig_steps must be ≥ 2 and ig_samples ≥ 1")
+        self.data, self.options = data, o
+        self.null = null_block(data.info.get("null", "square"))
+        self.num_classes, self.in_shape = data.num_classes, data.in_shape
+        self.repair, rest = make_repair_data(data.x_train, data.y_train, splits["repair_pool"], len(data.y_train),
+                                             o.repair_fraction, o.val_fraction, o.seed)
+        self.pair_rule = "recorded null-block cost ranking" if candidates else "seeded draw"
+        idx = _choose(rest, candidates, o.pairs, o.seed)
+        require(len(idx) >= o.pairs, f"--pairs {o.pairs} is more than the {len(idx)} pool images left for pairs")
+        top = data.info["digit_top_train"][idx]
+        bad = data.x_train[idx]
+        masks = BlockLayout(top).masks(data.x_train.shape[-1])[1]
+        self.pairs = Pairs(bad, blank_null(bad, top, o.fill), data.y_train[idx], masks, idx)
+        n = o.eval_limit or len(data.y_test)
+        self.x_test, self.y_test = data.x_test[:n], data.y_test[:n]
+        self.top_test = data.info["digit_top_test"][:n]
+
+    def cleanse(self, x: torch.Tensor) -> torch.Tensor:
+        """Blank the null block of BlockMNIST images (layout read off the images)."""
+        return blank_null(x, infer_digit_top(x, self.null), self.options.fill)
+
+    def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """How far the null block moves the true-class probability: |P(y|x) − P(y|cleansed x)|."""
+        both = model(torch.cat([x, self.cleanse(x)]))
+        p = F.softmax(both, 1).gather(1, torch.cat([y, y]).view(-1, 1)).squeeze(1)
+        return (p[: len(x)] - p[len(x):]).abs()
+
+    def leakage(self, model: nn.Module) -> float:
+        k = min(self.options.ig_samples, len(self.y_test))
+        s = null_share(model, self.x_test[:k], self.y_test[:k], self.top_test[:k], self.options.ig_steps,
+                       self.options.ig_batch)
+        return float(s.mean())
+
+    def metrics(self, model: nn.Module) -> dict[str, Any]:
+        pred = predict(model, self.x_test)
+        t0 = time.perf_counter()
+        leak = self.leakage(model)
+        return {
+            "clean_accuracy": float((pred == self.y_test).float().mean()),
+            "leakage": leak,
+            "blank_null_accuracy": float((predict(model, blank_null(self.x_test, self.top_test, self.options.fill))
+                                          == self.y_test).float().mean()),
+            "per_class_accuracy": per_class_accuracy(pred, self.y_test, self.num_classes),
+            "n_test": int(len(self.y_test)),
+            "n_leakage": int(min(self.options.ig_samples, len(self.y_test))),
+            "leakage_seconds": time.perf_counter() - t0,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"dataset": self.data.name, "null": self.data.info.get("null"), "pair_rule": self.pair_rule,
+                  "leakage_metric": "mean share of |IG| (true logit, black baseline) on the null block",
+                  "options": asdict(self.options)})
+        return d
+
+
+def _choose(rest: list[int], candidates: list[int] | None, n: int, seed: int) -> list[int]:
+    """Recorded candidates first (in their order, restricted to the unused pool), then a seeded draw."""
+    free = set(rest)
+    idx = [i for i in (candidates or []) if i in free][:n]
+    if len(idx) < n:
+        g = torch.Generator().manual_seed(int(seed) + 202)
+        taken = set(idx)
+        others = [rest[i] for i in torch.randperm(len(rest), generator=g).tolist() if rest[i] not in taken]
+        idx += others[: n - len(idx)]
+    return idx
+
+
+def blockmnist_data(info: dict, data_dir=None) -> ImageData:
+    d = info.get("defect", {})
+    base = load_dataset(d.get("base", "mnist-5k"), data_dir or info.get("data_dir"))
+    return make_blockmnist(base, d.get("layout_seed", 0), d.get("null", "square"))
+
+
+@DEFECTS.register("leakage", "feature leakage: attribution on BlockMNIST's non-discriminative null block",
+                  config=LeakageOptions)
+def leakage_from_info(info: dict, options: LeakageOptions, data_dir=None, data: ImageData | None = None) -> LeakageDefect:
+    if info.get("dataset") != "blockmnist":
+        raise NetmendError(f"the leakage defect needs a BlockMNIST model, this one was trained on {info.get('dataset')!r}")
+    data = data or blockmnist_data(info, data_dir)
+    splits = split_indices(len(data.y_train), info["split_seed"], info.get("pool_fraction", 0.1))
+    return LeakageDefect(data, splits, options, info["defect"].get("pair_candidates"))
+
+
+def train_leakage(arch: str = "small-cnn", cfg: TrainConfig | None = None, device: str = "cpu", data_dir=None,
+                  layout_seed: int = 0, null: str = "square", base: str = "mnist-5k", split_seed: int | None = None,
+                  pool_fraction: float = 0.1, rank_pairs: int = 100) -> tuple[nn.Module, dict[str, Any]]:
+    """Train on BlockMNIST (nothing poisoned: the leakage comes from training itself) and record the
+    repair-pool images whose null block costs the true class most, as pair candidates."""
+    data = make_blockmnist(load_dataset(base, data_dir), layout_seed, null)
+    cfg = cfg or TrainConfig(epochs=default_epochs(arch, base), seed=0)
+    model, info = train_backdoored("blockmnist", arch, None, cfg=cfg, device=device, data_dir=data_dir,
+                                   split_seed=split_seed, pool_fraction=pool_fraction, data=data)
+    splits = split_indices(len(data.y_train), info["split_seed"], pool_fraction)
+    pool = torch.tensor(splits["repair_pool"])
+    order = null_cost_ranking(model, data.x_train[pool], data.y_train[pool], data.info["digit_top_train"][pool])
+    info["defect"] = {"kind": "leakage", "base": base, "layout_seed": int(layout_seed), "null": null,
+                      "pair_candidates": pool[order[:rank_pairs]].tolist(),
+                      "pair_rule": "repair-pool images by P(y | null blanked) − P(y | image), highest first"}
+    return model, info
+
+
+def null_cost_ranking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, digit_top: torch.Tensor,
+                      fill: float = 0.0) -> torch.Tensor:
+    """Positions of x ordered by how much probability of y the null block costs (largest first)."""
+    from ..metrics import logits
+
+    p_bad = F.softmax(logits(model, x), 1).gather(1, y.view(-1, 1)).squeeze(1)
+    p_cln = F.softmax(logits(model, blank_null(x, digit_top, fill)), 1).gather(1, y.view(-1, 1)).squeeze(1)
+    return torch.argsort(p_cln - p_bad, descending=True)

@@ -1,0 +1,116 @@
+"""BlockMNIST construction, the leakage metric on hand-made models, the leakage defect's pairs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from netmend.data.blockmnist import (BLOCK, BlockLayout, blank_null, draw_positions, make_blockmnist, null_block,
+                                     stack_blocks)
+from netmend.data.datasets import ImageData, split_indices
+from netmend.defects.leakage import LeakageDefect, LeakageOptions, infer_digit_top, null_share
+from netmend.errors import NetmendError
+
+SQUARE = null_block("square")
+CENTRE = slice(11, 17)          # inside the square's hollow: synthetic digits live only here
+
+
+def synthetic_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, BLOCK, BLOCK)
+    x[:, :, CENTRE, CENTRE] = torch.rand(n, 1, 6, 6, generator=g) * 0.9 + 0.1
+    return x, torch.arange(n) % 4
+
+
+def synthetic_block_data(n_train: int = 200, n_test: int = 40) -> ImageData:
+    xtr, ytr = synthetic_digits(n_train, 0)
+    xte, yte = synthetic_digits(n_test, 1)
+    base = ImageData("synthetic", xtr, ytr, xte, yte, [str(i) for i in range(4)])
+    return make_blockmnist(base, seed=3)
+
+
+def test_blocks_sit_where_the_metadata_says():
+    x, _ = synthetic_digits(50)
+    top = draw_positions(50, seed=7)
+    assert 10 < int(top.sum()) < 40, "positions should be mixed"
+    assert torch.equal(top, draw_positions(50, seed=7)), "positions must be seeded"
+    img = stack_blocks(x, top, SQUARE)
+    assert img.shape == (50, 1, 2 * BLOCK, BLOCK)
+    for i in range(50):
+        digit, null = (img[i, :, :BLOCK], img[i, :, BLOCK:]) if top[i] else (img[i, :, BLOCK:], img[i, :, :BLOCK])
+        assert torch.equal(digit, x[i]) and torch.equal(null, SQUARE)
+    dmask, nmask = BlockLayout(top).masks()
+    assert torch.equal(dmask + nmask, torch.ones_like(dmask))
+    assert torch.equal(img[:, 0] * nmask, SQUARE[0].repeat(2, 1).expand(50, -1, -1) * nmask)
+    assert torch.equal(infer_digit_top(img, SQUARE), top)
+
+
+def test_make_blockmnist_keeps_labels_and_records_layout():
+    data = synthetic_block_data()
+    assert data.in_shape == [1, 2 * BLOCK, BLOCK]
+    assert data.info["digit_top_train"].dtype == torch.bool and len(data.info["digit_top_test"]) == 40
+    assert torch.equal(data.y_train, torch.arange(200) % 4)
+    with pytest.raises(NetmendError):
+        make_blockmnist(ImageData("bad", torch.zeros(4, 1, 8, 8), torch.zeros(4).long(), torch.zeros(2, 1, 8, 8),
+                                  torch.zeros(2).long(), ["0"]))
+    with pytest.raises(NetmendError):
+        null_block("stripes")
+
+
+def _linear_model(weight_map: torch.Tensor) -> nn.Module:
+    """4-class linear model whose logits read only the pixels marked in weight_map (56×28)."""
+    lin = nn.Linear(2 * BLOCK * BLOCK, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, 2 * BLOCK * BLOCK, generator=torch.Generator().manual_seed(0)).abs()
+                         * weight_map.flatten())
+    return nn.Sequential(nn.Flatten(), lin).eval()
+
+
+def test_leakage_metric_on_hand_made_models():
+    data = synthetic_block_data()
+    splits = split_indices(len(data.y_train), 0, 0.5)
+    defect = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.1, ig_samples=40, ig_steps=8))
+    square_pixels = SQUARE[0].repeat(2, 1)                 # the outline in both halves
+    centre_pixels = torch.zeros(2 * BLOCK, BLOCK)
+    centre_pixels[CENTRE, CENTRE] = 1
+    centre_pixels[BLOCK + 11: BLOCK + 17, CENTRE] = 1
+    leaky, honest = _linear_model(square_pixels), _linear_model(centre_pixels)
+    assert defect.leakage(leaky) == pytest.approx(1.0, abs=1e-5)
+    assert defect.leakage(honest) == pytest.approx(0.0, abs=1e-5)
+    mixed = _linear_model(square_pixels + centre_pixels)
+    share = null_share(mixed, defect.x_test, defect.y_test, defect.top_test, steps=8)
+    assert ((share > 0) & (share < 1)).all()
+    m = defect.metrics(honest)
+    assert 0 <= m["clean_accuracy"] <= 1 and m["leakage"] == pytest.approx(0.0, abs=1e-5) and m["n_leakage"] == 40
+
+
+def test_pairs_are_images_and_their_blanked_twins():
+    data = synthetic_block_data()
+    splits = split_indices(len(data.y_train), 0, 0.5)
+    pool = splits["repair_pool"]
+    defect = LeakageDefect(data, splits, LeakageOptions(pairs=3, repair_fraction=0.1), candidates=list(reversed(pool)))
+    p = defect.pairs
+    assert len(p) == 3 and p.masks.shape == (3, 2 * BLOCK, BLOCK)
+    top = data.info["digit_top_train"][p.indices]
+    assert torch.equal(p.corrupted, data.x_train[p.indices])
+    assert torch.equal(p.clean, blank_null(p.corrupted, top))
+    diff = (p.corrupted != p.clean)[:, 0]
+    assert not diff[p.masks == 0].any(), "the twins differ outside the null block"
+    assert (p.clean[:, 0] * p.masks).abs().sum() == 0
+    assert torch.equal(p.labels, data.y_train[p.indices])
+    used = set(defect.repair.indices["fit"] + defect.repair.indices["val"])
+    assert not used & set(p.indices), "pairs must not overlap the repair data"
+    assert p.indices == [i for i in reversed(pool) if i not in used][:3], "recorded candidates come first"
+    v = defect.violation(_linear_model(SQUARE[0].repeat(2, 1)), p.corrupted, p.labels)
+    assert v.shape == (3,) and (v >= 0).all()
+
+
+def test_real_blockmnist(shared_data):
+    from netmend.data.datasets import load_dataset
+
+    base = load_dataset("mnist-5k", shared_data)
+    data = load_dataset("blockmnist", shared_data)
+    assert data.x_train.shape == (len(base.y_train), 1, 2 * BLOCK, BLOCK) and len(data.y_test) == 10000
+    top = data.info["digit_top_train"][:20]
+    digit = torch.where(top.view(-1, 1, 1, 1), data.x_train[:20, :, :BLOCK], data.x_train[:20, :, BLOCK:])
+    assert torch.equal(digit, base.x_train[:20])
