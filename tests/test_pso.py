@@ -83,6 +83,8 @@ def test_baked_edit_equals_scaled_activations(units):
     edit.apply(fresh)
     ref = ScaledModel(model, units, x).logits(scales[None])[0]
     assert (fresh(x) - ref).abs().max() < 1e-6
+    hooked = ScaledModel(model, units, x, cache_prefix=False).logits(scales[None])[0]   # no prefix, no low rank
+    assert (hooked - ref).abs().max() < 1e-6
     edit.revert(fresh)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
@@ -120,3 +122,15 @@ def test_pso_without_sites_is_user_error(toy):
     model, d = toy
     with pytest.raises(NetmendError):
         repair_pso(model, d, None, PSOConfig())
+
+
+def test_scaled_model_particles_agree_across_paths():
+    """P particles at once: low-rank cached path == whole-model hooked path, sites on several layers."""
+    torch.manual_seed(0)
+    model = create_model("mlp", [6], 3, hidden=(10, 8, 5)).eval()
+    x = torch.rand(30, 6)
+    units = [("relu1", 2), ("relu1", 7), ("fc2", 3), ("relu3", 1)]
+    scales = torch.rand(4, len(units)) * 4 - 2
+    a = ScaledModel(model, units, x).logits(scales)
+    b = ScaledModel(model, units, x, cache_prefix=False).logits(scales)
+    assert a.shape == (4, 30, 3) and torch.allclose(a, b, atol=1e-5)
