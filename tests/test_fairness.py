@@ -8,7 +8,7 @@ from torch import nn
 from netmend.data.datasets import resolve_data_dir
 from netmend.data.tabular import CENSUS, TabularData, load_discretised, load_tabular, split_tabular
 from netmend.defects.fairness import (FairnessDefect, FairnessOptions, demographic_parity_difference, discriminatory,
-                                      equalized_odds_difference, fairness_from_info, group_ids, protected_grid,
+                                      equalized_odds_difference, group_ids, protected_grid,
                                       train_fairness)
 from netmend.errors import NetmendError
 from netmend.registry import DATASETS, DEFECTS
