@@ -1,0 +1,243 @@
+"""INNER's repair (METHODS.md §5.4): gradient-masked fine-tuning of the fault weights only.
+
+Per round, each selected block is tuned through its probe (0.8·CE on defective inputs with their
+true labels + 0.2·KD towards the probe's view of clean inputs), then the stopping rule is checked on
+the repair *validation* split (clean accuracy within tolerance and violation rate below τ); if it
+fails, `epoch2` passes of CE on the final output over an augmented defective set follow. Gradients
+are multiplied by the mask and everything else is frozen, so the Edit touches only masked weights.
+Neuron sites (CARE, attribution) become masks over those neurons' weight rows.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..defects.base import Defect
+from ..edit import Edit
+from ..errors import NetmendError, require
+from ..hooks import get_layer, weight_layers
+from ..locate.probe import (ProbeConfig, ProbeSet, defective_data, find_blocks, pooled, train_probes,
+                            violation_rate)
+from ..metrics import accuracy, predict
+from ..methods import MethodPreset
+from ..registry import METHODS, REPAIRERS
+from ..sites import Sites
+
+TAU = {"badnets": 0.15, "blended": 0.25, "wanet": 0.22, "adversarial": 0.22}   # §5.4, by scenario
+EPOCH2 = {"blended": 1, "wanet": 4}                                           # §5.4, default 2
+
+
+@dataclass
+class MaskedTuneConfig:
+    epochs: int = 20                     # outer rounds at most
+    lr: float = 7e-4
+    momentum: float = 0.0
+    batch_size: int = 64
+    repair_sample_num: int = 1000        # defective samples (plus as many clean ones)
+    ce_weight: float = 0.8               # probe loss: ce_weight·CE + (1 − ce_weight)·KD
+    kd_temperature: float = 3.0
+    epoch2: int | None = None            # final-output passes per round; None: 2 (blended 1, WaNet 4)
+    acc_tolerance: float = 0.01          # stop only if val accuracy ≥ before − this (1 pp)
+    asr_threshold: float | None = None   # τ on the val violation rate; None: by scenario (§5.4)
+    augment: bool = True                 # rotation ±30°, shift ±2 px, horizontal flip on the defective set
+    max_steps: int = 20000
+    seed: int = 0
+    device: str = "cpu"
+
+
+def site_masks(model: nn.Module, sites: Sites | None) -> dict[str, torch.Tensor]:
+    """{weight layer: 0/1 mask}, in site order. Weight sites give their mask; neuron sites all weights
+    of the neuron's row (output unit / channel); plain layer sites the whole weight."""
+    if sites is None or not len(sites):
+        raise NetmendError("masked_tune needs sites to repair: use a localiser (e.g. --locate probe)")
+    masks: dict[str, torch.Tensor] = {}
+    for s in sites:
+        w = getattr(get_layer(model, s.layer), "weight", None)
+        if w is None:
+            raise NetmendError(f"site layer {s.layer!r} has no weight to tune")
+        m = masks.setdefault(s.layer, torch.zeros_like(w, device="cpu"))
+        if s.kind == "weight" and s.mask is not None:
+            require(tuple(s.mask.shape) == tuple(w.shape),
+                    f"mask for {s.layer} has shape {tuple(s.mask.shape)}, weight {tuple(w.shape)}")
+            m.copy_(torch.maximum(m, s.mask.to(m.dtype)))
+        elif s.kind == "neuron" and s.index is not None:
+            require(0 <= s.index < w.shape[0], f"neuron {s.index} outside {s.layer}'s {w.shape[0]} units")
+            m[s.index] = 1
+        else:
+            m.fill_(1)
+    return masks
+
+
+def augment(x: torch.Tensor, g: torch.Generator, deg: float = 30.0, shift: float = 2.0) -> torch.Tensor:
+    """Random rotation, translation and horizontal flip in one affine resampling (no torchvision)."""
+    n, _, h, w = x.shape
+    a = (torch.rand(n, generator=g) * 2 - 1) * math.radians(deg)
+    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift * 2 / torch.tensor([w, h])
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * flip, -torch.sin(a)
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) * flip, torch.cos(a)
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.device), align_corners=False, padding_mode="zeros")
+
+
+def kd_loss(out: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+    """KD_T(o, t) = −mean Σ softmax(t/T)·log_softmax(o/T) (batches need not be label-aligned)."""
+    return -(F.softmax(teacher / temp, 1) * F.log_softmax(out / temp, 1)).sum(1).mean()
+
+
+def _scenario(defect: Defect) -> str:
+    trig = getattr(defect, "trigger", None)
+    return getattr(getattr(trig, "spec", None), "kind", None) or defect.kind
+
+
+def _readout(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    out = []
+    h = get_layer(model, name).register_forward_hook(lambda _m, _i, o: out.append(o))
+    try:
+        model(x)
+    finally:
+        h.remove()
+    return out[0]
+
+
+class _Tuner:
+    """Holds the working copy, masks, optimiser steps and the validation bookkeeping."""
+
+    def __init__(self, model, defect, masks, probes: ProbeSet | None, cfg: MaskedTuneConfig):
+        self.model, self.defect, self.masks, self.probes, self.cfg = model, defect, masks, probes, cfg
+        self.dev = cfg.device
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        self.steps = 0
+        self.dd = defective_data(defect, cfg.repair_sample_num, cfg.seed)
+        r = defect.repair
+        perm = torch.randperm(len(r.y_fit), generator=self.g)[: max(len(self.dd.y_fit), 1)]
+        self.x_clean = r.x_fit[perm]
+        self.weights = {n: get_layer(model, n).weight for n in masks}
+        self.gmask = {n: m.to(self.dev) for n, m in masks.items()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.acc0 = self.val_accuracy()
+        self.tau = cfg.asr_threshold if cfg.asr_threshold is not None else TAU.get(_scenario(defect), 0.22)
+        self.history: list[dict] = []
+
+    def val_accuracy(self) -> float:
+        return accuracy(predict(self.model, self.defect.repair.x_val, device=self.dev), self.defect.repair.y_val)
+
+    def check(self, stage: str) -> bool:
+        acc = self.val_accuracy()
+        rate = violation_rate(self.defect, self.model, self.dd.x_val, self.dd.y_val, self.dev)
+        ok_acc = acc >= self.acc0 - self.cfg.acc_tolerance
+        self.history.append({"stage": stage, "steps": self.steps, "val_accuracy": acc, "val_violation": rate,
+                             "state": {n: w.detach().clone() for n, w in self.weights.items()}})
+        return ok_acc and (math.isnan(rate) or rate < self.tau)
+
+    def _step(self, params: list[torch.Tensor], loss: torch.Tensor, opt) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, w in self.weights.items():
+            if w.grad is not None:
+                w.grad.mul_(self.gmask[n])
+        opt.step()
+        self.steps += 1
+
+    def _opt(self, names: list[str]):
+        params = [self.weights[n] for n in names]
+        for p in params:
+            p.requires_grad_(True)
+        return params, torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum)
+
+    def _release(self, params):
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+    def probe_pass(self, name: str) -> None:
+        """One pass over (defective, clean) batch pairs with the probe loss of block `name`."""
+        probe, block = self.probes.probes[name], self.probes.blocks[name]
+        params, opt = self._opt([name])
+        x, y, c = self.dd.x_fit, self.dd.y_fit, self.cfg
+        perm, cperm = torch.randperm(len(y), generator=self.g), torch.randperm(len(self.x_clean), generator=self.g)
+        for i in range(0, len(y), c.batch_size):
+            if self.steps >= c.max_steps:
+                break
+            b = perm[i: i + c.batch_size]
+            cb = cperm[torch.arange(i, i + len(b)) % len(cperm)]
+            out = probe(pooled(_readout(self.model, block.readout, x[b].to(self.dev))))
+            with torch.no_grad():
+                teacher = probe(pooled(_readout(self.model, block.readout, self.x_clean[cb].to(self.dev))))
+            loss = c.ce_weight * F.cross_entropy(out, y[b].to(self.dev)) + (1 - c.ce_weight) * kd_loss(out, teacher, c.kd_temperature)
+            self._step(params, loss, opt)
+        self._release(params)
+
+    def output_pass(self) -> None:
+        """One pass of masked CE on the final output over the augmented defective set (all blocks)."""
+        params, opt = self._opt(list(self.weights))
+        x, y, c = self.dd.x_fit, self.dd.y_fit, self.cfg
+        perm = torch.randperm(len(y), generator=self.g)
+        for i in range(0, len(y), c.batch_size):
+            if self.steps >= c.max_steps:
+                break
+            b = perm[i: i + c.batch_size]
+            xb = augment(x[b], self.g) if c.augment else x[b]
+            self._step(params, F.cross_entropy(self.model(xb.to(self.dev)), y[b].to(self.dev)), opt)
+        self._release(params)
+
+    def best(self) -> dict:
+        """The last state meeting the stopping rule, else the lowest violation within the accuracy
+        tolerance, else the highest (accuracy − violation): all on validation data."""
+        ok = [h for h in self.history if h["val_accuracy"] >= self.acc0 - self.cfg.acc_tolerance]
+        if ok:
+            return min(ok, key=lambda h: (h["val_violation"] if not math.isnan(h["val_violation"]) else 0, -h["steps"]))
+        return max(self.history, key=lambda h: h["val_accuracy"] - (h["val_violation"] or 0))
+
+
+@REPAIRERS.register("masked_tune", "INNER: gradient-masked fine-tuning of the localised weights (probe loss + output CE)",
+                    config=MaskedTuneConfig)
+def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: MaskedTuneConfig) -> Edit:
+    work = copy.deepcopy(model).to(cfg.device).eval()      # eval throughout: BN statistics never move
+    masks = site_masks(work, sites)
+    probes = getattr(sites, "probes", None)
+    if probes is None or not set(masks) <= set(probes.probes):
+        blocks = find_blocks(work, defect.repair.x_fit.to(cfg.device), list(masks))
+        probes = train_probes(work, defect, blocks, ProbeConfig(seed=cfg.seed, device=cfg.device))
+    before = {n: get_layer(work, n).weight.detach().clone() for n in masks}
+    tuner = _Tuner(work, defect, masks, probes, cfg)
+    epoch2 = cfg.epoch2 if cfg.epoch2 is not None else EPOCH2.get(_scenario(defect), 2)
+    stopped = tuner.check("start")
+    rounds = 0
+    while not stopped and rounds < cfg.epochs and tuner.steps < cfg.max_steps:
+        rounds += 1
+        for n in masks:
+            tuner.probe_pass(n)
+        stopped = tuner.check(f"round {rounds} probe")
+        if stopped:
+            break
+        for _ in range(epoch2):
+            tuner.output_pass()
+        stopped = tuner.check(f"round {rounds} output")
+    chosen = tuner.history[-1] if stopped else tuner.best()
+    with torch.no_grad():
+        for n, w in tuner.weights.items():
+            w.copy_(chosen["state"][n])
+    deltas = {}
+    for n, w in tuner.weights.items():
+        d = ((w.detach() - before[n]) * masks[n].to(w.device)).cpu()    # exactly zero off the mask
+        if torch.any(d != 0):
+            deltas[f"{n}.weight"] = d
+    hist = [{k: v for k, v in h.items() if k != "state"} for h in tuner.history]
+    return Edit(deltas, {"repairer": "masked_tune", "stopped": stopped, "rounds": rounds, "steps": tuner.steps,
+                         "chosen": chosen["stage"], "tau": tuner.tau, "val_accuracy_before": tuner.acc0,
+                         "masked_weights": {n: int(m.sum()) for n, m in masks.items()},
+                         "defective_source": tuner.dd.source, "defective_samples": int(len(tuner.dd.y_fit)),
+                         "history": hist})
+
+
+METHODS.add("inner", MethodPreset("probe", "masked_tune", paper="Chen et al., ISSTA 2024 (INNER)"),
+            "INNER: probes pick the layers, routing picks the fault weights, masked fine-tuning repairs them")
