@@ -56,13 +56,14 @@ def _scalars(m: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def defect_for(info: dict[str, Any], data_dir=None, **options) -> Defect:
+def defect_for(info: dict[str, Any], data_dir=None, model: nn.Module | None = None, **options) -> Defect:
     """Rebuild the defect a model folder records (its kind's options as keyword arguments)."""
     kind = info.get("defect", {}).get("kind")
     if kind in (None, "clean"):
         raise NetmendError("this model records no defect to repair (it was trained clean)")
     entry = DEFECTS.entry(kind)
-    return entry.obj(info, make_config(entry.config, options), data_dir=data_dir)
+    extra = {"model": model} if (model is not None and entry.extra.get("needs_model")) else {}
+    return entry.obj(info, make_config(entry.config, options), data_dir=data_dir, **extra)
 
 
 def _config(entry, overrides: dict[str, Any], common: dict[str, Any]):
@@ -102,6 +103,7 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
     rep_opts = {**preset.repair_options, **(repair_options or {})}
     torch.manual_seed(seed)
     original = model.eval()
+    defect.prepare(original)
     before = before if before is not None else defect.metrics(original)
     work = copy.deepcopy(original).to(device).eval()
     t0 = time.perf_counter()

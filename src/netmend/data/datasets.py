@@ -195,7 +195,7 @@ def _cached(key_path: Path, tag: str, build):
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = torch.from_numpy(np.array(images, copy=True)).float().div_(255.0)
     return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 

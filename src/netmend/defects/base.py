@@ -101,6 +101,9 @@ class Defect:
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module) -> None:
+        """Bind model-dependent evidence (e.g. discriminatory instances) before any metric is taken."""
+
     def objective(self, model: nn.Module) -> Objective:
         """The repair objective on the repair data (never the evaluation data)."""
         raise NotImplementedError(f"{self.kind} defect does not define a search objective")

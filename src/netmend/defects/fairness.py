@@ -125,6 +125,9 @@ class FairnessDefect(Defect):
         """(N, F) -> (N, M, F) copies with every protected-value combination (M = len(self.grid))."""
         return flip_copies(x, self.idx, self.grid)
 
+    def prepare(self, model: nn.Module) -> None:
+        self.bind(model)
+
     def bind(self, model: nn.Module) -> "FairnessDefect":
         """Find the evidence for this model (once): discriminatory pool rows, then a seeded search."""
         if self.pairs is not None:

@@ -1,0 +1,329 @@
+"""`netmend demo | train | repair | locate | evaluate | methods` — the user's path.
+
+A user's mistake (missing file, unknown name, bad shape, occupied --out) prints one line on stderr
+and exits with code 2; nothing is written or overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import NetmendError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Repair trained PyTorch networks without retraining: localise, edit, verify.")
+out_console = Console(width=max(Console().width, 150))
+
+
+def _kv(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    """Parse repeated `key=value` options; values are read as JSON when they parse, else as strings."""
+    result: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise NetmendError(f"{flag} expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            result[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            result[k.strip().replace("-", "_")] = v
+    return result
+
+
+def load_any_model(path: str) -> tuple[Any, dict[str, Any]]:
+    """A model folder (or run folder), or a network file whose suffix has a registered loader."""
+    from .modelio import load_model_folder
+    from .registry import MODEL_FILES
+
+    p = Path(path)
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix not in MODEL_FILES:
+            known = ", ".join(MODEL_FILES.names()) or "none"
+            raise NetmendError(f"{p}: unknown model file type {suffix!r} (a model folder, or one of: {known})")
+        return MODEL_FILES.get(suffix)(p)
+    return load_model_folder(p)
+
+
+def build_defect(info: dict[str, Any], kind: str | None, data_dir: str | None, given: dict[str, Any], model=None):
+    """The defect for a model: its recorded kind (or --defect), with the options the user gave."""
+    import dataclasses
+
+    from .registry import DEFECTS, make_config
+
+    kind = kind or info.get("defect", {}).get("kind")
+    if kind in (None, "clean"):
+        raise NetmendError("this model records no defect; name one with --defect KIND")
+    entry = DEFECTS.entry(kind)
+    fields = {f.name for f in dataclasses.fields(entry.config)} if entry.config else set()
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
+        raise NetmendError(f"{flags} does not apply to a {kind} defect (its options: {', '.join(sorted(fields)) or 'none'})")
+    info = {**info, "defect": {**info.get("defect", {}), "kind": kind}}
+    extra = {"model": model} if (model is not None and entry.extra.get("needs_model")) else {}
+    return entry.obj(info, make_config(entry.config, given), data_dir=data_dir, **extra)
+
+
+def _print_result_table(results: list[dict[str, Any]], title: str) -> None:
+    keys: list[str] = []
+    for r in results:
+        for k, v in r["after"].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("n_") and k not in keys:
+                keys.append(k)
+    keys = keys[:5]
+    table = Table(title=title)
+    table.add_column("method")
+    for k in keys:
+        table.add_column(f"{k}\nbefore → after", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("samples", justify="right")
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{100 * v:.2f}%" if 0 <= v <= 1 else f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    for r in results:
+        table.add_row(r["method"], *[f"{fmt(r['before'].get(k))} → {fmt(r['after'].get(k))}" for k in keys],
+                      f"{r['seconds']:.2f}", str(r.get("samples_used", "")))
+    out_console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods (and the localisers and repairers they combine)."""
+    from .registry import LOCALISERS, METHODS, REPAIRERS
+
+    table = Table(title="methods")
+    table.add_column("name")
+    table.add_column("localiser → repairer")
+    table.add_column("description")
+    for e in METHODS.entries():
+        table.add_row(e.name, f"{e.obj.localiser or '-'} → {e.obj.repairer}", e.description)
+    out_console.print(table)
+    out_console.print("localisers: " + ", ".join(LOCALISERS.names()))
+    out_console.print("repairers:  " + ", ".join(REPAIRERS.names()))
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option(..., help="dataset name (netmend methods lists none; see README)"),
+    arch: str = typer.Option(..., help="architecture: mlp, small-cnn, preact-resnet18, vgg11"),
+    out: Path = typer.Option(..., help="new model folder to write"),
+    data_dir: Optional[str] = typer.Option(None, help="data folder (else $NETMEND_DATA, else ../shared/data)"),
+    trigger: str = typer.Option("badnets", help="badnets | blended | wanet | none"),
+    trigger_size: int = typer.Option(3), trigger_position: str = typer.Option("br"),
+    trigger_pattern: str = typer.Option("white"), blend_alpha: float = typer.Option(0.2),
+    target: int = typer.Option(0), poison_rate: float = typer.Option(0.1),
+    epochs: Optional[int] = typer.Option(None, help="default: 8 for mlp/small-cnn, 30 otherwise"),
+    seed: int = typer.Option(0), device: str = typer.Option("cpu"),
+    protected: Optional[str] = typer.Option(None, help="tabular datasets: protected attribute(s)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Train a (backdoored) model reproducibly and save a model folder."""
+    from .data.triggers import TriggerSpec
+    from .modelio import check_fresh_out, save_model_folder
+    from .registry import DATASETS
+    from .train import TrainConfig, default_epochs, train_backdoored
+
+    check_fresh_out(out)
+    entry = DATASETS.entry(dataset)
+    if entry.extra.get("trainer"):
+        extra = {"protected": protected} if protected else {}
+        model, info = entry.extra["trainer"](dataset=dataset, arch=arch, seed=seed, epochs=epochs, device=device,
+                                             data_dir=data_dir, **extra)
+    else:
+        if protected:
+            raise NetmendError(f"--protected applies to tabular datasets, not {dataset}")
+        spec = None if trigger == "none" else TriggerSpec(kind=trigger, size=trigger_size, position=trigger_position,
+                                                          pattern=trigger_pattern, alpha=blend_alpha, seed=seed)
+        cfg = TrainConfig(epochs=epochs or default_epochs(arch, dataset), seed=seed)
+        model, info = train_backdoored(dataset, arch, spec, target, poison_rate, cfg, device, data_dir)
+    save_model_folder(out, model, info)
+    if json_out:
+        print(json.dumps({"out": str(out), "metrics": info.get("metrics", {}), "seconds": info.get("training", {}).get("seconds")}))
+    else:
+        out_console.print(f"saved {out}: " + ", ".join(f"{k} {v:.4f}" for k, v in info.get("metrics", {}).items()
+                                                      if isinstance(v, float)))
+
+
+def _defect_options(pairs, repair_fraction, seed, prop, protected, defect_opts) -> dict[str, Any]:
+    given = {"pairs": pairs, "repair_fraction": repair_fraction, "property": prop, "protected": protected}
+    given.update(_kv(defect_opts, "-d"))
+    return given
+
+
+@app.command()
+def repair(
+    model: str = typer.Argument(..., help="model folder, run folder, or network file (.nnet, .onnx)"),
+    out: Path = typer.Option(..., help="new run folder to write"),
+    method: Optional[str] = typer.Option(None, help="method preset (netmend methods); default rectify"),
+    locate: Optional[str] = typer.Option(None, "--locate", help="localiser (overrides the preset's)"),
+    repairer: Optional[str] = typer.Option(None, "--repair", help="repairer (overrides the preset's)"),
+    pairs: Optional[int] = typer.Option(None, help="evidence pairs x̃ → x the method sees"),
+    repair_fraction: Optional[float] = typer.Option(None, help="clean repair data, as a fraction of the training set"),
+    seed: int = typer.Option(0), device: str = typer.Option("cpu"),
+    defect: Optional[str] = typer.Option(None, help="defect kind, when not the one the model records"),
+    prop: Optional[str] = typer.Option(None, "--property", help="safety property (.vnnlib)"),
+    protected: Optional[str] = typer.Option(None, help="fairness: protected attribute(s)"),
+    defect_opt: Optional[list[str]] = typer.Option(None, "-d", help="defect option key=value (repeatable)"),
+    locate_opt: Optional[list[str]] = typer.Option(None, "-L", help="localiser option key=value (repeatable)"),
+    repair_opt: Optional[list[str]] = typer.Option(None, "-R", help="repairer option key=value (repeatable)"),
+    data_dir: Optional[str] = typer.Option(None), json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Localise and repair a model's defect; write a run folder and print before/after metrics."""
+    from . import api
+    from .modelio import check_fresh_out
+    from .registry import LOCALISERS, METHODS, REPAIRERS
+    from .report.record import write_run
+
+    check_fresh_out(out)
+    if method is None and repairer is None:
+        method = "rectify" if "rectify" in METHODS else "finetune"
+    if method is not None:
+        METHODS.entry(method)
+    if locate:
+        LOCALISERS.entry(locate)
+    if repairer:
+        REPAIRERS.entry(repairer)
+    net, info = load_any_model(model)
+    d = build_defect(info, defect, data_dir, {**_defect_options(pairs, repair_fraction, None, prop, protected, defect_opt),
+                                              **({"seed": seed} if _has_field(info, defect, "seed") else {})}, model=net)
+    result = api.repair(net, d, method=method, localiser=locate, repairer=repairer, locate_options=_kv(locate_opt, "-L"),
+                        repair_options=_kv(repair_opt, "-R"), seed=seed, device=device)
+    write_run(out, info, result, source=str(model))
+    summary = result.summary()
+    if json_out:
+        print(json.dumps(summary, default=float))
+    else:
+        _print_result_table([summary], f"netmend repair → {out}")
+
+
+def _has_field(info, kind, name) -> bool:
+    import dataclasses
+
+    from .registry import DEFECTS
+
+    kind = kind or info.get("defect", {}).get("kind")
+    if kind not in DEFECTS:
+        return False
+    cfg = DEFECTS.entry(kind).config
+    return cfg is not None and name in {f.name for f in dataclasses.fields(cfg)}
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="model folder, run folder or network file"),
+    defect: Optional[str] = typer.Option(None), prop: Optional[str] = typer.Option(None, "--property"),
+    protected: Optional[str] = typer.Option(None), defect_opt: Optional[list[str]] = typer.Option(None, "-d"),
+    data_dir: Optional[str] = typer.Option(None), json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure a model's defect metrics on the held-out evaluation data."""
+    net, info = load_any_model(model)
+    d = build_defect(info, defect, data_dir, _defect_options(None, None, None, prop, protected, defect_opt), model=net)
+    d.prepare(net)
+    t0 = time.perf_counter()
+    m = d.metrics(net)
+    scalars = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) or v is None}
+    if json_out:
+        print(json.dumps({"model": model, "metrics": scalars, "seconds": time.perf_counter() - t0}, default=float))
+    else:
+        table = Table(title=f"netmend evaluate {model}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in scalars.items():
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        out_console.print(table)
+
+
+@app.command("locate")
+def locate_cmd(
+    model: str = typer.Argument(...), localiser: str = typer.Option(..., "--locate", help="localiser name"),
+    pairs: Optional[int] = typer.Option(None), repair_fraction: Optional[float] = typer.Option(None),
+    defect: Optional[str] = typer.Option(None), prop: Optional[str] = typer.Option(None, "--property"),
+    protected: Optional[str] = typer.Option(None), defect_opt: Optional[list[str]] = typer.Option(None, "-d"),
+    locate_opt: Optional[list[str]] = typer.Option(None, "-L"), seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"), top: int = typer.Option(10), data_dir: Optional[str] = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Rank the layers / neurons / weights responsible for a model's defect (no edit)."""
+    from . import api
+
+    net, info = load_any_model(model)
+    d = build_defect(info, defect, data_dir, _defect_options(pairs, repair_fraction, None, prop, protected, defect_opt),
+                     model=net)
+    d.prepare(net)
+    sites = api.locate(net, d, localiser, _kv(locate_opt, "-L"), seed, device)
+    if json_out:
+        print(json.dumps(sites.to_json(), default=float))
+        return
+    table = Table(title=f"{localiser}: top {top} of {len(sites)} sites ({sites.seconds:.2f} s)")
+    for c in ("rank", "layer", "kind", "index", "score"):
+        table.add_column(c)
+    for i, s in enumerate(sites.sites[:top], 1):
+        table.add_row(str(i), s.layer, s.kind, "" if s.index is None else str(s.index), f"{s.score:.4g}")
+    out_console.print(table)
+
+
+@app.command()
+def demo(
+    out: Optional[Path] = typer.Option(None, help="run folder for the demo (default: a new folder under ./netmend-demo)"),
+    json_out: bool = typer.Option(False, "--json"),
+    seed: int = typer.Option(0),
+    only: Optional[str] = typer.Option(None, help="comma-separated methods (default: every registered method)"),
+) -> None:
+    """Train a backdoored CNN on the embedded digits data and repair it with every method."""
+    from .demo import run_demo
+
+    out = out or _fresh_demo_dir()
+    results = run_demo(out, seed=seed, methods=only.split(",") if only else None, quiet=json_out,
+                       log=(lambda *_: None) if json_out else out_console.print)
+    if json_out:
+        print(json.dumps(results, default=float))
+    else:
+        _print_result_table(results["results"], f"netmend demo: {results['model']['dataset']} / {results['model']['arch']}, "
+                                                f"BadNets → class {results['model']['target']}")
+        out_console.print(f"report: {Path(out) / 'report.html'}")
+
+
+def _fresh_demo_dir() -> Path:
+    base = Path("netmend-demo")
+    i = 0
+    while (base / f"run{i}").exists():
+        i += 1
+    return base / f"run{i}"
+
+
+def main() -> None:
+    """Console-script entry: user mistakes become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except NetmendError as exc:
+        print(f"netmend: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except typer.Abort:
+        print("netmend: aborted", file=sys.stderr)
+        sys.exit(1)
+    except typer.exceptions.TyperException as exc:     # usage errors: missing / bad options
+        msg = " ".join(str(exc.format_message()).split())
+        print(f"netmend: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("netmend: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Run folders: everything needed to inspect, undo and rerun a repair.
+
+model.safetensors + model.json (the repaired model; a run folder is itself a model folder),
+edit.safetensors (the deltas), sites.json, metrics.json (before/after), config.json (resolved
+config, seed, versions, data indices), report.html.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..modelio import check_fresh_out, save_model_folder, write_json
+from .html import render_report
+
+
+def repaired_info(info: dict[str, Any], result) -> dict[str, Any]:
+    out = dict(info)
+    out["metrics"] = {k: v for k, v in result.after.items() if not isinstance(v, (list, dict))}
+    out["repair"] = {"method": result.method, "edit": "edit.safetensors", "parent_metrics": info.get("metrics", {})}
+    described = result.config.get("defect", {})
+    defect = dict(info.get("defect", {}))
+    if isinstance(described.get("property"), dict) and described["property"].get("source"):
+        # safety repairs: keep the property so `netmend evaluate RUN_DIR` needs no --property
+        defect.update({"property": described["property"]["source"], "box": described.get("box", "official")})
+    if described.get("kind"):
+        defect["kind"] = described["kind"]
+    out["defect"] = defect
+    out["repairs"] = list(info.get("repairs", [])) + [result.method]
+    return out
+
+
+def write_run(out: str | Path, info: dict[str, Any], result, source: str | None = None) -> Path:
+    """Write the run folder for one RepairResult (refuses a folder that already holds a model)."""
+    out = check_fresh_out(out)
+    save_model_folder(out, result.model, repaired_info(info, result))
+    result.edit.save(out / "edit.safetensors")
+    write_json(out / "sites.json", result.sites.to_json() if result.sites is not None else {"localiser": None, "sites": []})
+    write_json(out / "metrics.json", {"method": result.method, "before": result.before, "after": result.after,
+                                      "seconds": result.seconds, "locate_seconds": result.locate_seconds,
+                                      "repair_seconds": result.repair_seconds, "samples_used": result.samples_used,
+                                      "edit_norms": result.edit.norms(result.model)})
+    write_json(out / "config.json", {**result.config, "source_model": source})
+    (out / "report.html").write_text(render_report(f"netmend repair: {result.method}", [result.summary()], info))
+    return out

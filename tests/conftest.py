@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny backdoored digits model (trained once per session) and the shared data path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("NETMEND_QUIET", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the shared data folder {SHARED_DATA} (absent in a user's fresh clone)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from netmend.data.datasets import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def backdoored(digits):
+    """(model, info) — a small CNN on 8×8 digits with a 2×2 BadNets trigger, target 0."""
+    from netmend.data.triggers import TriggerSpec
+    from netmend.train import TrainConfig, train_backdoored
+
+    torch.manual_seed(0)
+    return train_backdoored("digits", "small-cnn", TriggerSpec(kind="badnets", size=2), target=0, poison_rate=0.1,
+                            cfg=TrainConfig(epochs=20, seed=0), data=digits)
+
+
+@pytest.fixture()
+def defect(backdoored, digits):
+    from netmend.defects.backdoor import BackdoorOptions, backdoor_from_info
+
+    _, info = backdoored
+    return backdoor_from_info(info, BackdoorOptions(pairs=2, repair_fraction=0.1), data=digits)

@@ -1,0 +1,103 @@
+"""The user's path through the real console script, and the bad-input contract: one line on stderr,
+exit code 2, no traceback, nothing written or overwritten."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NETMEND = shutil.which("netmend") or str(Path(sys.executable).parent / "netmend")
+ENV = {**os.environ, "NETMEND_QUIET": "1"}
+
+
+def run(*args, check=True):
+    p = subprocess.run([NETMEND, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"netmend {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr}")
+    return p
+
+
+def assert_user_error(p, *fragments):
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    for f in fragments:
+        assert f in p.stderr, p.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "model"
+    p = run("train", "--dataset", "digits", "--arch", "small-cnn", "--trigger-size", "2", "--epochs", "15",
+            "--out", out, "--json")
+    res = json.loads(p.stdout)
+    assert res["metrics"]["asr"] > 0.8
+    return out
+
+
+def test_methods_lists_registered_methods():
+    p = run("methods")
+    assert "finetune" in p.stdout and "fine-pruning" in p.stdout
+
+
+def test_repair_writes_a_run_folder_and_json(model_dir, tmp_path):
+    out = tmp_path / "run"
+    p = run("repair", model_dir, "--method", "finetune", "--repair-fraction", "0.05", "--out", out, "--json")
+    res = json.loads(p.stdout)
+    assert set(res) >= {"method", "before", "after", "seconds", "samples_used"}
+    for when in ("before", "after"):
+        assert 0 <= res[when]["clean_accuracy"] <= 1 and 0 <= res[when]["asr"] <= 1
+    for f in ("model.safetensors", "model.json", "edit.safetensors", "sites.json", "metrics.json", "config.json", "report.html"):
+        assert (out / f).is_file(), f
+    config = json.loads((out / "config.json").read_text())
+    assert config["defect"]["repair_indices"]["fit"] and config["seed"] == 0
+    # a run folder is a model folder
+    ev = json.loads(run("evaluate", out, "--json").stdout)
+    assert abs(ev["metrics"]["asr"] - res["after"]["asr"]) < 1e-6
+
+
+def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
+    assert_user_error(run("evaluate", tmp_path / "missing", check=False), "not found")
+    # corrupt / truncated weights
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_user_error(run("evaluate", bad, check=False), "corrupt")
+    (bad / "model.safetensors").write_bytes(b"\x00garbage")
+    assert_user_error(run("evaluate", bad, check=False), "corrupt")
+    # unknown architecture in model.json
+    unk = tmp_path / "unk"
+    shutil.copytree(model_dir, unk)
+    info = json.loads((unk / "model.json").read_text())
+    info["arch"] = "transformer-xxl"
+    (unk / "model.json").write_text(json.dumps(info))
+    assert_user_error(run("evaluate", unk, check=False), "unknown architecture")
+    # a data path in the wrong format
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert_user_error(run("train", "--dataset", "image-folder", "--data-dir", notes, "--arch", "small-cnn",
+                          "--out", tmp_path / "m2", check=False))
+    assert not (tmp_path / "m2").exists()
+    # unknown method, unknown layer
+    assert_user_error(run("repair", model_dir, "--method", "magic", "--out", tmp_path / "r1", check=False), "unknown method")
+    assert_user_error(run("repair", model_dir, "--method", "fine-pruning", "-L", "layer=fc9", "--out", tmp_path / "r2",
+                          check=False), "fc9")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2" / "model.safetensors").exists()
+
+
+def test_out_that_holds_a_model_is_never_overwritten(model_dir):
+    before = (model_dir / "model.safetensors").read_bytes()
+    assert_user_error(run("repair", model_dir, "--method", "finetune", "--out", model_dir, check=False), "already holds a model")
+    assert_user_error(run("train", "--dataset", "digits", "--arch", "mlp", "--out", model_dir, check=False), "already holds")
+    assert (model_dir / "model.safetensors").read_bytes() == before
+
+
+def test_usage_errors_are_one_line_too():
+    assert_user_error(run("repair", check=False))

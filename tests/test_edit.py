@@ -1,0 +1,53 @@
+import copy
+
+import pytest
+import torch
+
+from netmend.edit import Edit
+from netmend.errors import NetmendError
+from netmend.zoo.models import create_model
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("small-cnn", (1, 8, 8), 10)
+
+
+def test_apply_then_revert_restores_every_parameter_bit_for_bit():
+    m = _model()
+    orig = {k: v.clone() for k, v in m.state_dict().items()}
+    edit = Edit({"fc1.weight": torch.randn_like(m.fc1.weight) * 1e-3, "conv1.bias": torch.randn_like(m.conv1.bias)})
+    edit.apply(m)
+    assert not torch.equal(m.fc1.weight, orig["fc1.weight"])
+    edit.revert(m)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, orig[k]), k
+
+
+def test_between_then_apply_reproduces_the_target():
+    a = _model()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.fc2.weight.mul_(1.5)
+    e = Edit.between(a, b)
+    assert e.parameters == ["fc2.weight"]
+    e.apply(a)
+    assert torch.allclose(a.fc2.weight, b.fc2.weight)
+
+
+def test_save_load_round_trip(tmp_path):
+    e = Edit({"fc2.weight": torch.randn(10, 128)}, {"method": "x", "lambda": [1.0, 2.0]})
+    e.save(tmp_path / "edit.safetensors")
+    f = Edit.load(tmp_path / "edit.safetensors")
+    assert torch.equal(f.deltas["fc2.weight"], e.deltas["fc2.weight"]) and f.meta == e.meta
+
+
+def test_bad_edits_are_refused(tmp_path):
+    m = _model()
+    with pytest.raises(NetmendError, match="does not have"):
+        Edit({"nope.weight": torch.zeros(1)}).apply(m)
+    with pytest.raises(NetmendError, match="shape"):
+        Edit({"fc2.weight": torch.zeros(3)}).apply(m)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(NetmendError, match="cannot read"):
+        Edit.load(tmp_path / "bad.safetensors")
