@@ -1,0 +1,72 @@
+"""Adversarial and wrong-prediction defects: attacks respect ε, metrics attack afresh, clear errors."""
+import pytest
+import torch
+
+from netmend.defects.adversarial import AdversarialOptions, adversarial_from_info, build_attack
+from netmend.defects.wrong_predictions import WrongPredictionsOptions, wrong_predictions_from_info
+from netmend.errors import NetmendError
+
+INFO = {"dataset": "digits", "split_seed": 0, "pool_fraction": 0.3}
+
+
+@pytest.fixture(scope="module")
+def mlp(digits):
+    from netmend.train import TrainConfig, fit
+    from netmend.zoo.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("mlp", digits.in_shape, 10, hidden=(32,))
+    return fit(m, digits.x_train, digits.y_train, TrainConfig(epochs=3, seed=0))
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd"])
+def test_attacks_stay_in_the_eps_ball_and_pixel_range(mlp, digits, name):
+    x = digits.x_test[:64]
+    adv = build_attack(name, 0.1, target=0, steps=5, seed=1)(mlp, x)
+    assert adv.shape == x.shape
+    assert (adv - x).abs().max() <= 0.1 + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert not torch.equal(adv, x)
+
+
+def test_pgd_is_deterministic_and_moves_towards_the_target(mlp, digits):
+    x = digits.x_test[:64]
+    atk = build_attack("pgd", 0.3, target=0, steps=10, seed=2)
+    a, b = atk(mlp, x), atk(mlp, x)
+    assert torch.equal(a, b)
+    p0 = torch.softmax(mlp(x), 1)[:, 0].mean()
+    assert torch.softmax(mlp(a), 1)[:, 0].mean() > p0
+
+
+def test_adversarial_defect_evidence_and_fresh_metrics(mlp, digits):
+    d = adversarial_from_info(INFO, AdversarialOptions(pairs=20, eps=0.3, repair_fraction=0.05), data=digits, model=mlp)
+    x, y = d.evidence()
+    assert 0 < len(y) <= 20 and (y != 0).all()
+    assert (mlp(x).argmax(1) == 0).all()                      # only successful attacks kept
+    assert (x - d.pairs.clean).abs().max() <= 0.3 + 1e-6
+    m = d.metrics(mlp)
+    for k in ("clean_accuracy", "robust_accuracy", "asr", "class_fairness_gap"):
+        assert 0 <= m[k] <= 1
+    assert m["robust_accuracy"] + m["asr"] <= 1 + 1e-6
+
+
+def test_wrong_predictions_defect(mlp, digits):
+    d = wrong_predictions_from_info(INFO, WrongPredictionsOptions(repair_fraction=0.05), data=digits)
+    with pytest.raises(NetmendError, match="prepare"):
+        d.evidence()
+    d.prepare(mlp)
+    x, y = d.evidence()
+    assert len(y) > 0 and (mlp(x).argmax(1) != y).all()
+    m = d.metrics(mlp)
+    assert m["evidence_fixed"] == 0 and m["heldout_fixed"] == 0 and m["n_heldout"] > 0
+
+
+def test_bad_inputs_give_clear_errors(mlp, digits):
+    with pytest.raises(NetmendError, match="eps"):
+        build_attack("fgsm", 0.0, 0)
+    with pytest.raises(NetmendError, match="unknown attack"):
+        build_attack("cw", 0.1, 0)
+    with pytest.raises(NetmendError, match="target"):
+        adversarial_from_info(INFO, AdversarialOptions(target=12), data=digits)
+    with pytest.raises(NetmendError, match="classes"):
+        wrong_predictions_from_info(INFO, WrongPredictionsOptions(classes="1,x"), data=digits)
