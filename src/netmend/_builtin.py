@@ -4,6 +4,7 @@ from .zoo import acasxu  # noqa: F401
 from .data import datasets, triggers  # noqa: F401
 from .data import wanet  # noqa: F401
 from .defects import backdoor  # noqa: F401
+from .defects import adversarial, wrong_predictions  # noqa: F401
 from .defects import spurious, leakage  # noqa: F401  (leakage registers the blockmnist dataset via data.blockmnist)
 from .defects import safety  # noqa: F401
 from .defects import fairness  # noqa: F401
