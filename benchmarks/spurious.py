@@ -1,0 +1,246 @@
+"""Benchmark: Yang et al.'s Table 4 (spurious correlation) and Table 5 (feature leakage) at netmend's scale.
+
+    python benchmarks/spurious.py                          # both tables, 3 seeds (Fashion-MNIST; BlockMNIST)
+    python benchmarks/spurious.py --tables leakage --seeds 0
+    python benchmarks/spurious.py --generalisation         # + pull rate of the pattern at other α / positions
+    python benchmarks/spurious.py --quick                  # 1 epoch, small evaluation: checks the pipeline only
+
+Rows: benign (biased) model, fine-tune (n = 20), P-ClArC (20), A-ClArC (20), static rectify (1),
+dynamic rectify (1 and 20). Spurious: small-cnn on Fashion-MNIST, a localised blend patch (5×5,
+α = 0.5, bottom right; Yang's style) on 50% of class 0's training images, labels kept. Leakage:
+small-cnn on BlockMNIST (mnist-5k digits + null square). Trained models are cached under --cache.
+Writes <out>.csv (one row per run), <out>.md (mean ± std over seeds; machine, seeds, versions) and,
+with --generalisation, <out>-generalisation.csv/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import netmend
+from netmend.data.triggers import TriggerSpec
+from netmend.defects.leakage import LeakageOptions, leakage_from_info, train_leakage
+from netmend.defects.spurious import SpuriousOptions, spurious_from_info, train_spurious
+from netmend.modelio import load_model_folder, save_model_folder
+from netmend.train import TrainConfig
+
+PATTERNS = {
+    "blend-patch": TriggerSpec(kind="blended", size=5, position="br", alpha=0.5, params={"local": True}),
+    "badnets": TriggerSpec(kind="badnets", size=3, position="br"),
+}
+ROWS = [  # (label, method, pairs)
+    ("benign", None, 20),
+    ("fine-tune", "finetune", 20),
+    ("p-clarc", "p-clarc", 20),
+    ("a-clarc", "a-clarc", 20),
+    ("static rectify", "rectify-static", 1),
+    ("dynamic rectify", "rectify", 1),
+    ("dynamic rectify", "rectify", 20),
+]
+KEYS = {"spurious": ["overall_accuracy", "clean", "spur", "pattern_pull_rate"],
+        "leakage": ["clean_accuracy", "leakage", "blank_null_accuracy"]}
+
+
+def cached(cache: Path, name: str, train):
+    folder = cache / name
+    if not (folder / "model.json").is_file():
+        t0 = time.perf_counter()
+        model, info = train()
+        print(f"trained {name} in {time.perf_counter() - t0:.0f}s: {info['metrics']}", flush=True)
+        save_model_folder(folder, model, info)
+    return load_model_folder(folder)
+
+
+def spurious_model(args, seed: int):
+    name = f"fashion-mnist-small-cnn-spurious-{args.pattern}-c{args.spurious_class}-f{args.fraction}-e{args.epochs}-s{seed}"
+    return cached(Path(args.cache), name, lambda: train_spurious(
+        "fashion-mnist", "small-cnn", PATTERNS[args.pattern], args.spurious_class, args.fraction,
+        TrainConfig(epochs=args.epochs, seed=seed), device=args.train_device, data_dir=args.data_dir))
+
+
+def leakage_model(args, seed: int):
+    name = f"blockmnist-small-cnn-e{args.leak_epochs}-s{seed}"
+    return cached(Path(args.cache), name, lambda: train_leakage(
+        "small-cnn", TrainConfig(epochs=args.leak_epochs, seed=seed), device=args.train_device, data_dir=args.data_dir))
+
+
+def run_table(table: str, args, writer, gen_writer) -> list[dict]:
+    rows = []
+    for seed in args.seeds:
+        model, info = (spurious_model if table == "spurious" else leakage_model)(args, seed)
+        data = None
+        benign = None
+        for label, method, n in ROWS:
+            if table == "spurious":
+                opts = dict(pairs=n, seed=seed, eval_limit=args.eval_limit)
+                defect = spurious_from_info(info, SpuriousOptions(**opts), args.data_dir, data=data)
+            else:
+                opts = dict(pairs=n, seed=seed, eval_limit=args.eval_limit, ig_samples=args.ig_samples)
+                defect = leakage_from_info(info, LeakageOptions(**opts), args.data_dir, data=data)
+            data = defect.data
+            t0 = time.perf_counter()
+            if method is None:
+                after, repaired, secs, extra = dict(benign or defect.metrics(model)), model, 0.0, {}
+                benign = after
+            else:
+                res = netmend.repair(model, defect, method=method, seed=seed, device=args.device, before=benign)
+                after, repaired, secs = res.after, res.model, res.seconds
+                extra = {"edited": " ".join(res.edit.parameters), "changed_weights": res.edit.num_changed(),
+                         "rounds": len(res.edit.meta.get("rounds", res.edit.meta.get("parts", [])) or [])}
+            row = {"table": table, "seed": seed, "method": label, "preset": method or "-", "n": n if method else "-",
+                   **{k: after[k] for k in KEYS[table]}, "seconds": round(secs, 2),
+                   "eval_seconds": round(time.perf_counter() - t0 - secs, 2), **extra}
+            rows.append(row)
+            writer(row)
+            print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            if gen_writer and table == "spurious":
+                for variant, m in defect.generalisation(repaired).items():
+                    gen_writer({"seed": seed, "method": label, "n": row["n"], "variant": variant, **m})
+    return rows
+
+
+def _fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+class CsvOut:
+    def __init__(self, path: Path):
+        self.path, self.rows = path, []
+
+    def __call__(self, row: dict):
+        self.rows.append(row)
+        fields = []
+        for r in self.rows:
+            fields += [k for k in r if k not in fields]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def mean_std(vals: list[float], scale: float = 100.0) -> str:
+    vals = [v * scale for v in vals]
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def markdown(rows: list[dict], args, gen_rows: list[dict]) -> str:
+    out = ["# Spurious correlation (Table 4) and feature leakage (Table 5) at netmend's scale", "",
+           f"- command: `python {' '.join(sys.argv)}`",
+           f"- machine: {platform.machine()} {platform.system()}, {platform.processor() or '?'}; torch {torch.__version__}, "
+           f"{torch.get_num_threads()} threads; repairs on {args.device}, models trained on {args.train_device}"
+           + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
+           f"- seeds: {args.seeds}; netmend {netmend.__version__}; all figures in %, mean ± std over seeds", ""]
+    for table in ("spurious", "leakage"):
+        sub = [r for r in rows if r["table"] == table]
+        if not sub:
+            continue
+        keys = KEYS[table]
+        if table == "spurious":
+            out += [f"## Spurious correlation — Fashion-MNIST, small-cnn, pattern {args.pattern} on "
+                    f"{args.fraction:.0%} of class {args.spurious_class}'s training images (labels kept)", "",
+                    "Overall = clean test accuracy; Clean = accuracy of the spurious class without the pattern; "
+                    "Spur. = that class's accuracy gain with the pattern (bias, lower is better); Pull = other "
+                    "classes' stamped test images predicted as the spurious class.", ""]
+            head = ["method", "n", "Overall", "Clean", "Spur.", "Pull", "repair s"]
+        else:
+            out += ["## Feature leakage — BlockMNIST (mnist-5k digits + null square), small-cnn", "",
+                    f"Leakage = mean share of |IG| (true-class logit, black baseline, {args.ig_samples} test images) "
+                    "on the null block — a share, not on the paper's 2.4–3.6 scale. Blank-null acc = accuracy with "
+                    "the null block blanked.", ""]
+            head = ["method", "n", "Accuracy", "Leakage (share)", "Blank-null acc", "repair s"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        order = []
+        for r in sub:
+            if (r["method"], r["n"]) not in order:
+                order.append((r["method"], r["n"]))
+        for label, n in order:
+            rs = [r for r in sub if r["method"] == label and r["n"] == n]
+            cells = [label, str(n)] + [mean_std([float(r[k]) for r in rs]) for k in keys]
+            cells.append(f"{statistics.mean(float(r['seconds']) for r in rs):.1f}")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        out += checks(table, sub)
+    if gen_rows:
+        out += ["## Trigger generalisation (spurious pattern rectified at α = 0.5, bottom right)", "",
+                "Pattern pull rate (%) with the same patch content at other visibilities α and positions.", ""]
+        variants = list(dict.fromkeys(r["variant"] for r in gen_rows))
+        out += ["| method | n | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]
+        for label, n in dict.fromkeys((r["method"], r["n"]) for r in gen_rows):
+            cells = [mean_std([r["pattern_pull_rate"] for r in gen_rows if r["method"] == label and r["n"] == n
+                               and r["variant"] == v]) for v in variants]
+            out.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def checks(table: str, rows: list[dict]) -> list[str]:
+    """The acceptance checks of the brief, per seed, stated plainly."""
+    lines = []
+    for seed in sorted({r["seed"] for r in rows}):
+        b = next(r for r in rows if r["seed"] == seed and r["method"] == "benign")
+        if table == "spurious":
+            d = next((r for r in rows if r["seed"] == seed and r["preset"] == "rectify" and r["n"] == 20), None)
+            if d:
+                ok = d["spur"] <= 0.005 and b["overall_accuracy"] - d["overall_accuracy"] <= 0.005 and b["clean"] - d["clean"] <= 0.01
+                lines.append(f"- seed {seed}: dynamic n=20 Spur. {100 * d['spur']:.2f} (≤ 0.5?), Overall loss "
+                             f"{100 * (b['overall_accuracy'] - d['overall_accuracy']):.2f} (≤ 0.5?), Clean loss "
+                             f"{100 * (b['clean'] - d['clean']):.2f} (≤ 1?) → {'PASS' if ok else 'FAIL'}")
+        else:
+            d = next((r for r in rows if r["seed"] == seed and r["preset"] == "rectify" and r["n"] == 1), None)
+            if d:
+                drop = 1 - d["leakage"] / b["leakage"]
+                loss = b["clean_accuracy"] - d["clean_accuracy"]
+                ok = drop >= 0.30 and loss <= 0.005
+                lines.append(f"- seed {seed}: dynamic n=1 lowers leakage by {100 * drop:.1f}% (≥ 30%?) at "
+                             f"{100 * loss:.2f} points accuracy loss (≤ 0.5?) → {'PASS' if ok else 'FAIL'}")
+    return lines + [""] if lines else []
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tables", default="spurious,leakage")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--pattern", default="blend-patch", choices=sorted(PATTERNS))
+    p.add_argument("--spurious-class", type=int, default=0)
+    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--leak-epochs", type=int, default=8)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--ig-samples", type=int, default=300)
+    p.add_argument("--generalisation", action="store_true")
+    p.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 2k test images: a pipeline check")
+    p.add_argument("--device", default="cpu", help="device of the repairs")
+    p.add_argument("--train-device", default=None, help="device for training the cached models (default: --device)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache", default="/work/cache/models/spurious")
+    p.add_argument("--out", default="benchmarks/results/spurious")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.train_device = args.train_device or args.device
+    if args.quick:
+        args.seeds, args.epochs, args.leak_epochs, args.eval_limit, args.ig_samples = [0], 1, 2, 2000, 50
+        args.out += "-quick"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = CsvOut(out.with_suffix(".csv"))
+    gen = CsvOut(out.parent / f"{out.name}-generalisation.csv") if args.generalisation else None
+    rows = []
+    for table in args.tables.split(","):
+        rows += run_table(table, args, writer, gen)
+    out.with_suffix(".md").write_text(markdown(rows, args, gen.rows if gen else []))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
