@@ -49,7 +49,7 @@ def test_closed_form_exact_and_rank_one_along_d():
     x = torch.randn(200, 6, generator=g, dtype=torch.float64)
     bad, good = torch.randn(1, 6, generator=g, dtype=torch.float64), torch.randn(1, 6, generator=g, dtype=torch.float64)
     defect = ToyDefect(x, bad, good)
-    edit = rank_one_edit(model, defect, "fc2", RankOneConfig(clamp=1e9))
+    edit = rank_one_edit(model, defect, "fc2", RankOneConfig(clamp=1e9, protect_clean=False))
     k_star, _ = keys_values(model, "fc2", bad)
     _, v_clean = keys_values(model, "fc2", good)
     edit.apply(model)
@@ -193,3 +193,17 @@ def test_bad_inputs_are_clear_errors():
     img = torch.rand(4, 2, 5, 5, dtype=torch.float64)
     with pytest.raises(NetmendError, match="groups"):
         rank_one_edit(depthwise, ToyDefect(img, img[:1], img[1:2]), "conv", RankOneConfig())
+
+
+def test_protected_edit_keeps_the_clean_twin_and_stays_rank_one():
+    model = mlp()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    bad, good = torch.randn(1, 6, generator=g, dtype=torch.float64), torch.randn(1, 6, generator=g, dtype=torch.float64)
+    _, v_clean = keys_values(model, "fc2", good)
+    edit = rank_one_edit(model, ToyDefect(x, bad, good), "fc2", RankOneConfig(clamp=1e9, protect_clean=True))
+    assert edit.meta["protected"] == 1
+    edit.apply(model)
+    assert torch.allclose(keys_values(model, "fc2", bad)[1], v_clean, atol=1e-5)     # W'k̃ = v*
+    assert torch.allclose(keys_values(model, "fc2", good)[1], v_clean, atol=1e-5)    # W'k_c = W k_c
+    assert torch.linalg.matrix_rank(edit.deltas["fc2.weight"]) == 1

@@ -161,20 +161,35 @@ def condition(C: torch.Tensor, eps: float) -> float:
 
 
 def shared_direction(C: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None = None,
-                     rho: float = 1e-4) -> tuple[torch.Tensor, dict[str, Any]]:
+                     rho: float = 1e-4, protect: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """One edit direction for many keys (§2.5): d = C^{-1/2}u, u the top left singular vector of the whitened
     keys. Computed without C^{-1/2} when keys are few: d = C⁻¹K a with a the top eigenvector of KᵀC⁻¹K.
-    A single key gives d = C⁻¹k* exactly (not normalised then, so Λ = r/(dᵀk*) is the textbook form)."""
+    `protect` (keys whose values must not move, e.g. the cleansed twins) are projected out of the whitened
+    keys first, so dᵀk = 0 for each of them: the minimal-disturbance edit under the extra constraints
+    ΔW k_c = 0, still rank one because their residuals are zero."""
     K = keys.double().to(C.device).T                       # (n_dim, m)
     if weights is not None:
         K = K * weights.double().to(C.device).sqrt()[None, :]
-    if K.shape[1] == 1:
-        return solve(C, K[:, 0], rho)
-    if K.shape[1] <= K.shape[0]:
-        CK, info = solve(C, K, rho)                        # C⁻¹K
-        G = K.T @ CK
-        w, V = torch.linalg.eigh((G + G.T) / 2)
-        d = CK @ V[:, -1]
+    m = K.shape[1]
+    P = protect.double().to(C.device).T if protect is not None and len(protect) else None
+    if P is not None and m + P.shape[1] > K.shape[0] // 2:
+        P = None                                           # too many to protect: they would span the key space
+    if m == 1 and P is None:
+        d, info = solve(C, K[:, 0], rho)
+        return d, {**info, "protected": 0}
+    if m + (0 if P is None else P.shape[1]) <= K.shape[0]:
+        A = K if P is None else torch.cat([K, P], 1)
+        D, info = solve(C, A, rho)                         # C⁻¹A; whitened inner products G = AᵀC⁻¹A
+        G = A.T @ D
+        G = (G + G.T) / 2
+        coef = torch.eye(A.shape[1], m, dtype=G.dtype, device=G.device)
+        if P is not None:                                  # remove the protected keys' whitened span
+            Gpp, Gpk = G[m:, m:], G[m:, :m]
+            Gpp = Gpp + 1e-10 * torch.trace(Gpp) / len(Gpp) * torch.eye(len(Gpp), dtype=G.dtype, device=G.device)
+            coef[m:, :] = -torch.linalg.solve(Gpp, Gpk)
+        H = coef.T @ G @ coef
+        _, V = torch.linalg.eigh((H + H.T) / 2)
+        d = D @ (coef @ V[:, -1])
     else:                                                  # many keys of few dims: whiten explicitly
         eps = ridge(C, rho)
         w, V = torch.linalg.eigh(C.double() + eps * torch.eye(C.shape[0], dtype=torch.float64, device=C.device))
@@ -185,7 +200,7 @@ def shared_direction(C: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor 
         info = {"rho": rho, "ridge": eps, "solver": "eigh-whiten"}
     if float((d @ K).sum()) < 0:
         d = -d
-    return d / d.norm(), info
+    return d / d.norm(), {**info, "protected": 0 if P is None else int(P.shape[1])}
 
 
 # ----------------------------------------------------------------------------- the edit
@@ -197,6 +212,7 @@ class RankOneConfig:
     pairs: int | None = None          # use the first n of the defect's pairs (None = all)
     mode: str = "shared"              # shared (one direction, Λ on all pairs) | rank-r (Linear only)
     mask_keys: bool = True            # conv: direction from keys at trigger-mask positions only (all if no mask)
+    protect_clean: bool = True        # keep the cleansed twins' values: dᵀk_c = 0 (still rank one; see shared_direction)
     mask_values: bool = False         # conv: fit Λ only at output positions whose receptive field meets the mask
     rho: float = 1e-4                 # ridge ε = ρ·tr(C)/n
     mu: float = 1e-6                  # relative ridge on the Λ least-squares system
@@ -324,7 +340,7 @@ def rank_one_edit(model: nn.Module, defect: Defect, layer: str, cfg: RankOneConf
     C = cached_moment(model, layer, statistics_inputs(defect, cfg.stats_include_val), cfg.batch_size, device)
     is_conv = isinstance(mod, nn.Conv2d)
     # keys for the direction: every position, or only those the trigger touches
-    keys, kw = flat_keys(mod, k_bad), None
+    keys, kw, sel = flat_keys(mod, k_bad), None, None
     kmask = _key_mask(pairs.masks, tuple(k_bad.shape[-2:])) if (is_conv and pairs.masks is not None) else None
     if is_conv and cfg.mask_keys and kmask is not None and kmask.sum() > 0:
         sel = kmask.to(device).reshape(-1) > 0
@@ -332,10 +348,15 @@ def rank_one_edit(model: nn.Module, defect: Defect, layer: str, cfg: RankOneConf
     if cfg.mode == "rank-r":
         return _rank_r_edit(mod, layer, value, C, k_bad, k_cln, W, cfg, t0, len(pairs))
     require(cfg.mode == "shared", f"unknown rank-one mode {cfg.mode!r}; use 'shared' or 'rank-r'")
-    if len(keys) == 1 or (not is_conv and len(pairs) == 1):
-        d, sinfo = solve(C, keys[0] if len(keys) == 1 else keys.mean(0), cfg.rho)
+    protect = None
+    if cfg.protect_clean:
+        ckeys = flat_keys(mod, k_cln)
+        protect = ckeys[sel] if (kw is not None) else ckeys
+    if not is_conv and len(pairs) == 1 and protect is None:
+        d, sinfo = solve(C, keys[0], cfg.rho)
+        sinfo["protected"] = 0
     else:
-        d, sinfo = shared_direction(C, keys, kw, cfg.rho)
+        d, sinfo = shared_direction(C, keys, kw, cfg.rho, protect)
     # value targets at the weight module's own output: the cleansed pre-activation, or (when the value point is
     # downstream and additive in the weight output) pre(x̃) + v(x) − v(x̃) — exact for a residual block output
     target_pre = _pre(mod, k_cln, W)

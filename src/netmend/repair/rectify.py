@@ -31,6 +31,8 @@ class RectifyConfig:
     rounds: int = 10                  # R: most edits
     delta: float = 0.05               # δ: stop when mean P(y|x) − P(y|x̃) over the pairs is below this
     epsilon: float = 0.01             # ε: largest cumulative drop of validation accuracy (fraction) an edit may cost
+    lookahead: int = 2                # edit the top-k ranked sites in turn and keep the one leaving the smallest gap
+                                      # within ε (k = 1 is Algorithm 1 literally: the top site, stop on rollback)
     # localisation (each round); see AttributionConfig
     layers: list[str] | None = None
     variant: str = "A"
@@ -41,6 +43,7 @@ class RectifyConfig:
     pairs: int | None = None
     mode: str = "shared"
     mask_keys: bool = True
+    protect_clean: bool = True
     mask_values: bool = False
     rho: float = 1e-4
     clamp: float = 1.0
@@ -84,23 +87,32 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
             break
         ranked = sites if (r == 1 and sites is not None and sites.localiser == "attribution" and len(sites)) \
             else attribution_sites(work, defect, acfg)
-        top = ranked[0]
-        edit = rank_one_edit(work, defect, top.layer, rcfg, value=top.info.get("value_point"))
-        edit.apply(work)
-        acc = defect.validation_score(work)
-        new_gap = pair_gap(work, defect, cfg.pairs, cfg.device)
-        rec = {"round": r, "layer": top.layer, "score": top.score,
-               "ranking": [(s.layer, round(s.score, 6)) for s in ranked], "gap": new_gap, "val_accuracy": acc,
-               "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
-               "clamped": edit.meta.get("clamped")}
-        if acc0 - acc > cfg.epsilon:
+        tried, choice = [], None
+        for site in list(ranked)[: max(1, cfg.lookahead)]:
+            edit = rank_one_edit(work, defect, site.layer, rcfg, value=site.info.get("value_point"))
+            edit.apply(work)
+            acc = defect.validation_score(work)
+            new_gap = pair_gap(work, defect, cfg.pairs, cfg.device)
             edit.revert(work)
-            rec["rolled_back"] = True
-            history.append(rec)
+            rec = {"layer": site.layer, "score": site.score, "gap": new_gap, "val_accuracy": acc,
+                   "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
+                   "clamped": edit.meta.get("clamped"), "within_budget": acc0 - acc <= cfg.epsilon}
+            tried.append(rec)
+            if rec["within_budget"] and (choice is None or new_gap < choice[1]["gap"]):
+                choice = (edit, rec)
+        entry = {"round": r, "ranking": [(s.layer, round(s.score, 6)) for s in ranked], "tried": tried}
+        if choice is None:                 # every tried edit costs more than ε: roll back and stop
+            entry["rolled_back"] = True
+            history.append(entry)
             break
-        history.append(rec)
+        edit, rec = choice
+        edit.apply(work)
+        entry.update(rec)
+        history.append(entry)
         accepted.append(edit)
-        gap = new_gap
+        if rec["gap"] >= gap:              # no progress on the pairs: further rounds would repeat this choice
+            break
+        gap = rec["gap"]
         if gap < best_gap:
             best_gap, best_n = gap, len(accepted)
     total = Edit({}, {})

@@ -1,0 +1,59 @@
+"""rectify / rectify-static end to end on a tiny backdoored task (digits, seconds), plus presets and errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from netmend.api import defect_for, repair
+from netmend.data.triggers import TriggerSpec
+from netmend.errors import NetmendError
+from netmend.registry import METHODS
+from netmend.train import TrainConfig, train_backdoored
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    torch.manual_seed(0)
+    model, info = train_backdoored("digits", "mlp", TriggerSpec(kind="badnets", size=2), target=0, poison_rate=0.1,
+                                   cfg=TrainConfig(epochs=30, seed=0), pool_fraction=0.3)
+    assert info["metrics"]["asr"] > 0.8
+    return model, info
+
+
+def test_presets_registered():
+    assert METHODS.get("rectify").localiser == "attribution"
+    assert METHODS.get("rectify-static").repairer == "rank-one"
+
+
+def test_rectify_dynamic_reduces_asr_and_records_rounds(digits_model):
+    model, info = digits_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    defect = defect_for(info, pairs=5, repair_fraction=0.25)
+    res = repair(model, defect, method="rectify", locate_options={"n_steps": 16}, repair_options={"n_steps": 16})
+    for k, v in model.state_dict().items():                      # the input model is untouched
+        assert torch.equal(v, before[k])
+    assert res.after["asr"] < 0.5 * res.before["asr"]
+    assert res.after["clean_accuracy"] >= res.before["clean_accuracy"] - 0.05
+    rounds = res.edit.meta["rounds"]
+    assert rounds[0]["round"] == 0 and len(rounds) >= 2 and res.edit.meta["layers"]
+    assert res.sites is not None and res.sites.details["scores"]
+    res.edit.revert(res.model)
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_rectify_static_edits_last_feature_layer(digits_model):
+    model, info = digits_model
+    defect = defect_for(info, pairs=5, repair_fraction=0.25)
+    res = repair(model, defect, method="rectify-static")
+    assert res.edit.parameters == ["fc5.weight"]                # mlp: fc1..fc5 then the head `out`
+    assert res.after["asr"] < res.before["asr"]
+
+
+def test_rectify_needs_pairs(digits_model):
+    model, info = digits_model
+    defect = defect_for(info, pairs=0, repair_fraction=0.25)
+    with pytest.raises(NetmendError, match="pairs"):
+        repair(model, defect, method="rectify")
