@@ -168,7 +168,7 @@ def train_probes(model: nn.Module, defect: Defect, blocks: list[Block], cfg) -> 
                     best[n] = (acc, copy.deepcopy(pr.state_dict()))
     for n, pr in probes.items():
         pr.load_state_dict(best[n][1])
-        pr.requires_grad_(False)
+        pr.requires_grad_(False).to(cfg.device)
     return ProbeSet({b.weight: b for b in blocks}, probes, {n: best[n][0] for n in probes})
 
 
@@ -232,8 +232,8 @@ def layer_scores(model: nn.Module, defect: Defect, ps: ProbeSet, dd: DefectiveDa
     scores = {}
     with torch.no_grad():
         for n, pr in ps.probes.items():
-            c = F.softmax(pr(fc[n]), 1).mean(0)
-            b = F.softmax(pr(fb[n]), 1).mean(0)
+            c = F.softmax(pr(fc[n].to(cfg.device)), 1).mean(0)
+            b = F.softmax(pr(fb[n].to(cfg.device)), 1).mean(0)
             scores[n] = float(-(b * torch.log(c + 1e-7)).sum())
     return scores
 

@@ -1,0 +1,137 @@
+"""Benchmark: INNER (probe + masked_tune) against fine-tuning (and rectify / care when present) on
+Fashion-MNIST small-cnn: BadNets, Blended and WaNet backdoors (10% poisoning, target 0), targeted
+FGSM adversarial examples and wrong predictions (on a clean model), plus the exchange rows
+(INNER's fault weights driving `finetune`, CARE's neurons driving `masked_tune`).
+
+    python benchmarks/inner.py                       # everything, CPU
+    python benchmarks/inner.py --cases badnets --device cuda
+
+Models are trained once and cached under --cache. Writes <out>.csv and <out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from netmend import api
+from netmend.data.triggers import TriggerSpec
+from netmend.data.wanet import wanet_spec
+from netmend.defects.adversarial import AdversarialOptions, adversarial_from_info
+from netmend.defects.backdoor import BackdoorOptions, backdoor_from_info
+from netmend.defects.wrong_predictions import WrongPredictionsOptions, wrong_predictions_from_info
+from netmend.modelio import load_model_folder, save_model_folder
+from netmend.registry import METHODS
+from netmend.train import TrainConfig, default_epochs, train_backdoored
+
+TRIGGERS = {"badnets": TriggerSpec(kind="badnets", size=3), "blended": TriggerSpec(kind="blended", alpha=0.2),
+            "wanet": wanet_spec(), "clean": None}
+CODE = {"clean_weight": 0.0, "momentum": 0.0}        # INNER's released loss and optimiser, unchanged
+
+
+def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir):
+    folder = cache / f"fashion-mnist-small-cnn-{trigger}-s{seed}"
+    if not (folder / "model.json").is_file():
+        cfg = TrainConfig(epochs=default_epochs("small-cnn", "fashion-mnist"), seed=seed)
+        model, info = train_backdoored("fashion-mnist", "small-cnn", TRIGGERS[trigger], target=0, poison_rate=0.1,
+                                       cfg=cfg, device=device, data_dir=data_dir)
+        print(f"trained {folder.name}: {info['metrics']}", flush=True)
+        save_model_folder(folder, model, info)
+    return load_model_folder(folder)
+
+
+def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str, seed: int) -> list[dict]:
+    before = defect.metrics(model)
+    out = []
+    for label, kw in runs:
+        t0 = time.perf_counter()
+        r = api.repair(model, defect, before=before, device=device, seed=seed, **kw)
+        det = r.sites.details if r.sites is not None else {}
+        row = {"case": case, "method": label, "seconds": round(time.perf_counter() - t0, 2),
+               "locate_s": round(r.locate_seconds, 2), "repair_s": round(r.repair_seconds, 2),
+               "probe_s": round(det.get("probe_seconds", float("nan")), 2),
+               "routing_s": round(det.get("routing_seconds", float("nan")), 2),
+               "changed_weights": r.edit.num_changed(), "layers": " ".join(r.sites.layers()) if r.sites else "all"}
+        for k in ("clean_accuracy", "asr", "robust_accuracy", "class_fairness_gap", "evidence_fixed", "heldout_fixed"):
+            if k in r.after:
+                row[f"{k}_before"], row[f"{k}_after"] = round(before[k], 4), round(r.after[k], 4)
+        print(row, flush=True)
+        out.append(row)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["badnets", "blended", "wanet", "adversarial", "wrong-predictions"])
+    ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/inner"))
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-others", dest="others", action="store_false", help="skip rectify / care rows")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "inner")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1 if a.device == "cpu" else torch.get_num_threads())
+    rows: list[dict] = []
+    inner_code = ("inner (code loss)", {"method": "inner", "repair_options": CODE})
+    for case in a.cases:
+        if case in ("badnets", "blended", "wanet"):
+            model, info = cached_model(a.cache, case, a.seed, a.device, a.data_dir)
+            defect = backdoor_from_info(info, BackdoorOptions(pairs=1, seed=a.seed), data_dir=a.data_dir)
+            runs = [("inner", {"method": "inner"}), inner_code,
+                    ("inner, clean_weight 3", {"method": "inner", "repair_options": {"clean_weight": 3.0}}),
+                    ("finetune", {"method": "finetune"}),
+                    ("probe -> finetune (exchange)", {"localiser": "probe", "repairer": "finetune"})]
+            others = ("rectify", "care") if a.others else ()
+            runs += [(m, {"method": m}) for m in others if m in METHODS]
+            if "care" in others and "care" in METHODS:
+                runs.append(("causal -> masked_tune (exchange)", {"localiser": METHODS.get("care").localiser,
+                                                                  "repairer": "masked_tune"}))
+        elif case == "adversarial":
+            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir)
+            defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed),
+                                           data_dir=a.data_dir, model=model)
+            runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
+        elif case == "wrong-predictions":
+            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir)
+            defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed), data_dir=a.data_dir,
+                                                 model=model)
+            runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
+        else:
+            sys.exit(f"unknown case {case!r}")
+        rows += rows_for(case, model, defect, runs, a.device, a.seed)
+        write(a.out, rows, a)          # after every case, so a cut-off run keeps its rows
+
+
+def write(out: Path, rows: list[dict], a) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, 1 thread"
+    lines = [f"# INNER benchmark (fashion-mnist small-cnn, seed {a.seed}, device: {dev})", "",
+             "Backdoors: 10% poisoning, target 0, repair data 5% of the training set (3000 clean held-out samples, "
+             "20% of them validation), 1 pair. Metrics on the 10k test set; rates in %.", "",
+             "| case | method | C-Acc | ASR | R-Acc | fairness gap | evidence fixed | held-out fixed | s | locate s (probe / routing) | repair s | changed weights |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(r, k):
+        return f"{100 * r[k + '_before']:.1f} → {100 * r[k + '_after']:.1f}" if k + "_before" in r else "–"
+
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['method']} | {pair(r, 'clean_accuracy')} | {pair(r, 'asr')} | "
+                     f"{pair(r, 'robust_accuracy')} | {pair(r, 'class_fairness_gap')} | {pair(r, 'evidence_fixed')} | "
+                     f"{pair(r, 'heldout_fixed')} | {r['seconds']} | {r['locate_s']} ({r['probe_s']} / {r['routing_s']}) | "
+                     f"{r['repair_s']} | {r['changed_weights']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
