@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import sys
 import time
@@ -86,20 +87,34 @@ def safety_case(net: str, prop: str):
     return build
 
 
-FAIR_LOCATE = {"keep": 13}     # CARE's commented-out repair_num; its default 3 barely moves the DI rate
+# Fairness (netmend deviations, each measured; CARE's own settings stay available as options):
+#  - keep 13: CARE's commented-out repair_num; its default 3 barely moves the DI rate;
+#  - inputs + score "drop": the input features are candidate neurons too and neurons are ranked by how far an
+#    intervention can lower dy below its unintervened value (CARE: hidden layers only, mean of the curve; with
+#    those the test-split DI reduction stayed at 9–49% per case, seed 0, whatever the objective);
+#  - objective "pool" (FairnessOptions): the repair pool's rows + the DI evidence (CARE: 200 DI instances only);
+#  - alpha 0.9 on that natural population (DI ~10%, error ~16%: 0.1·ΔDI vs 0.9·Δerror), particles 1.. within
+#    identity ± 0.3, the candidate with the lowest validation cost kept (PSOConfig.select).
+FAIR_HIDDEN = os.environ.get("CARE_FAIR_HIDDEN") == "1"
+FAIR_LOCATE = {"keep": 13} if FAIR_HIDDEN else {"keep": 13, "inputs": True, "score": "drop"}
+FAIR_REPAIR = {"alpha": 0.5, "spread": 0.3} if FAIR_HIDDEN else {"alpha": 0.9, "spread": 0.3}
+
+# Safety: the defect's objective adds 4000 outside-box samples that keep the original advisory (SafetyOptions.outside);
+# alpha 0.5 (CARE: 0.3 N2,9, 0.1 N3,3), particles 1.. within identity ± 1, ftol_iter 20, validation choice.
+SAFE_REPAIR = json.loads(os.environ.get("CARE_SAFE_REPAIR", '{"alpha": 0.5, "spread": 1.0, "ftol_iter": 20}'))
 
 CASES = [
-    Case("census-sex", "fairness", fairness_case("census", "sex"), locate=FAIR_LOCATE, paper="NN1"),
-    Case("census-race", "fairness", fairness_case("census", "race"), locate=FAIR_LOCATE, paper="NN1"),
-    Case("census-age", "fairness", fairness_case("census", "age"), locate=FAIR_LOCATE, paper="NN1"),
-    Case("credit-sex", "fairness", fairness_case("credit", "sex"), locate=FAIR_LOCATE, paper="NN2"),
-    Case("credit-age", "fairness", fairness_case("credit", "age"), locate=FAIR_LOCATE, paper="NN2"),
-    Case("bank-age", "fairness", fairness_case("bank", "age"), locate=FAIR_LOCATE, paper="NN3"),
+    Case("census-sex", "fairness", fairness_case("census", "sex"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN1"),
+    Case("census-race", "fairness", fairness_case("census", "race"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN1"),
+    Case("census-age", "fairness", fairness_case("census", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN1"),
+    Case("credit-sex", "fairness", fairness_case("credit", "sex"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN2"),
+    Case("credit-age", "fairness", fairness_case("credit", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN2"),
+    Case("bank-age", "fairness", fairness_case("bank", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN3"),
     Case("mnist5k-badnets", "backdoor", backdoor_case("mnist-5k"), paper="NN5"),
     Case("fmnist-badnets", "backdoor", backdoor_case("fashion-mnist"), paper="NN6"),
-    Case("n29-phi8", "safety", safety_case("2_9", "8"), repair={"alpha": 0.3}, paper="NN7"),
+    Case("n29-phi8", "safety", safety_case("2_9", "8"), repair=SAFE_REPAIR, paper="NN7"),
     Case("n33-phi2s", "safety", safety_case("3_3", "phi2-strengthened"), locate={"outputs": [0]},
-         repair={"alpha": 0.1}, paper="NN8"),
+         repair=SAFE_REPAIR, paper="NN8"),
 ]
 
 HEADLINE = {   # (metric, lower is better) per kind

@@ -80,7 +80,7 @@ def test_defect_metrics_evidence_and_objective_on_a_synthetic_table():
     data = synthetic(600)
     splits = split_tabular(len(data.y), 0)
     assert sorted(splits["train"] + splits["repair_pool"] + splits["test"]) == list(range(600))
-    defect = FairnessDefect(data, splits, "group", FairnessOptions(pairs=10, uniform_samples=500))
+    defect = FairnessDefect(data, splits, "group", FairnessOptions(pairs=10, uniform_samples=500, objective="care"))
     m = defect.metrics(BIASED_WHEN_B0)
     assert 0 < m["discrimination_rate"] < 1 and 0 < m["discrimination_rate_uniform"] < 1
     for k in ("clean_accuracy", "demographic_parity_difference", "equalized_odds_difference"):
@@ -101,6 +101,20 @@ def test_defect_metrics_evidence_and_objective_on_a_synthetic_table():
     assert torch.equal(obj.y_good, data.y[defect.repair.indices["fit"]])
     cost = obj.cost(stacked, torch.stack([BIASED_WHEN_B0(obj.x_good)] * 2), alpha=0.3)
     assert cost[0] > cost[1]
+
+
+def test_pool_objective_counts_pool_rows_and_validation_is_apart():
+    data = synthetic(600)
+    defect = FairnessDefect(data, split_tabular(len(data.y), 0), "group", FairnessOptions(pairs=10, uniform_samples=50))
+    obj = defect.objective(BIASED_WHEN_B0)
+    val = set(defect.repair.indices["val"])
+    rows = [i for i in defect._pool if i not in val]
+    own = [j for j, i in enumerate(defect.pairs.indices) if i not in val]
+    assert len(obj.violated(BIASED_WHEN_B0(obj.x_bad))) == len(own) + len(rows)
+    vobj = defect.validation_objective(BIASED_WHEN_B0)
+    assert len(vobj.violated(BIASED_WHEN_B0(vobj.x_bad))) == len(defect.repair.y_val)
+    assert torch.equal(vobj.y_good, defect.repair.y_val)
+    assert not IGNORES_PROTECTED(vobj.x_bad).isnan().any() and not vobj.violated(IGNORES_PROTECTED(vobj.x_bad)).any()
 
 
 def test_violation_is_differentiable_and_zero_without_bias():

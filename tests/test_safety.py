@@ -109,8 +109,13 @@ def test_defect_objective_and_metrics():
     assert torch.equal(d.repair.y_fit, advisory(net(d.repair.x_fit)))
     obj = d.objective(net)
     logits = torch.stack([net(obj.x_bad), net(obj.x_bad) * 0 + torch.tensor([1.0, 0.0])])   # (P=2, N, K)
-    assert obj.violated(logits).shape == (2, 64) and obj.violated(logits)[0].all() and not obj.violated(logits)[1].any()
+    assert obj.violated(logits).shape == (2, 51) and obj.violated(logits)[0].all() and not obj.violated(logits)[1].any()
     assert torch.equal(obj.decide(net(obj.x_good)), obj.y_good)
+    assert len(obj.x_good) == len(d.repair.x_fit) + d.options.outside and not p.in_box(obj.x_good[-100:]).any()
+    vobj = d.validation_objective(net)                   # the 13 held-apart counterexamples, val + fresh outside
+    assert len(vobj.x_bad) == 13 and len(vobj.x_good) == len(d.repair.x_val) + d.options.outside // 2
+    care_obj = SafetyDefect(net, p, SafetyOptions(**SMALL, outside=0)).objective(net)   # CARE's objective
+    assert len(care_obj.x_bad) == 64 and torch.equal(care_obj.x_good, d.repair.x_fit)
     assert float(obj.cost(net(obj.x_bad), net(obj.x_good), 0.3)) == pytest.approx(0.7)
     x = x_bad[:5].clone().requires_grad_(True)
     v = d.violation(net, x, y_bad[:5])

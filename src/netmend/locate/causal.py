@@ -262,8 +262,23 @@ class CausalConfig:
     outputs: list[int] | None = None  # safety: which scores give curves (default COC and WL: [0, 1])
     loop: bool = False                # per-(neuron, value) reference loop instead of the batched passes
     max_elems: int = 1 << 24          # floats per batched suffix pass
+    score: str | None = None          # range | mean (CARE, per kind) | drop: how far an intervention can LOWER the
+                                      # curve below its unintervened value, max_v (y₀ − y(v)) (netmend option)
+    inputs: bool = False              # also rank the input features (the output of the module feeding the first
+                                      # weight layer, e.g. the MLP's `norm`) as neurons (netmend option)
     seed: int = 0
     device: str = "cpu"
+
+
+def input_layer(model: nn.Module) -> str:
+    """The leaf module whose output is the first weight layer's input (its units are the input features)."""
+    leaves = leaf_modules(model)
+    names = [n for n, _ in leaves]
+    first = weight_layers(model)[0]
+    i = names.index(first)
+    require(i > 0, f"no module feeds the first weight layer {first!r}: wrap the input in a named module (e.g. "
+                   "a Normalize or Identity) to intervene on input features")
+    return names[i - 1]
 
 
 def rank(scores: torch.Tensor) -> list[int]:
@@ -286,11 +301,14 @@ def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
     spec = CAUSAL_OUTPUTS.get(name) if cfg.output else output_for(name)
     steps = cfg.steps or spec.steps
     keep = cfg.keep or spec.keep
+    score_kind = cfg.score or spec.score
     require(steps >= 2, f"causal: steps must be ≥ 2, got {steps}")
-    require(spec.score in ("range", "mean"), f"causal: unknown score {spec.score!r}")
+    require(score_kind in ("range", "mean", "drop"), f"causal: unknown score {score_kind!r}")
     dev = torch.device(cfg.device)
     model = model.to(dev).eval()
     layers = list(cfg.layers or default_layers(model))
+    if cfg.inputs and input_layer(model) not in layers:
+        layers.insert(0, input_layer(model))
     torch.manual_seed(cfg.seed)
     probe = spec.probe(model, defect, cfg)
     x, xr = probe.x.to(dev), probe.x_range.to(dev)
@@ -305,7 +323,12 @@ def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
         fn = intervention_curves_loop if cfg.loop else intervention_curves
         kwargs = {} if cfg.loop else {"max_elems": cfg.max_elems}
         curves = fn(cut, h, values, probe.reduce, x, **kwargs).float().cpu()   # (U, S, C)
-        score = (curves.amax(1) - curves.amin(1)) if spec.score == "range" else curves.mean(1)
+        if score_kind == "drop":
+            with torch.no_grad():
+                y0 = probe.reduce(cut.suffix(h, x).unsqueeze(0)).float().cpu()        # (1, C) unintervened
+            score = y0 - curves.amin(1)
+        else:
+            score = (curves.amax(1) - curves.amin(1)) if score_kind == "range" else curves.mean(1)
         all_scores.append(score)
         owners += [(layer, i) for i in range(len(score))]
         curves_by_layer[layer], values_by_layer[layer] = curves, values.cpu()
@@ -314,7 +337,7 @@ def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
     sites = [Site(owners[i][0], "neuron", float(scores[i, 0]), owners[i][1],
                   info={"scores": scores[i].tolist()}) for i in order[:keep]]
     details = {"layers": layers, "output": name, "curves_named": probe.curves, "steps": steps, "keep": keep,
-               "score": spec.score, "samples": len(x), "ranking": [list(owners[i]) for i in order],
+               "score": score_kind, "samples": len(x), "ranking": [list(owners[i]) for i in order],
                "scores": {l: s for l, s in zip(layers, all_scores)}, "curves": curves_by_layer,
                "values": values_by_layer, "loop": cfg.loop}
     return Sites(sites, "causal", details, time.perf_counter() - t0)

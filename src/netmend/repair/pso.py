@@ -34,6 +34,9 @@ class PSOResult:
     trace: list[float] = field(default_factory=list)
     iterations: int = 0
     evaluations: int = 0
+    history: list[tuple[torch.Tensor, float]] = field(default_factory=list)   # every new global best (pos, cost)
+    pbest: torch.Tensor | None = None                                          # final personal bests (P, D)
+    pbest_cost: torch.Tensor | None = None
 
 
 def periodic(pos: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -61,6 +64,7 @@ def pso_minimise(fitness: Callable[[torch.Tensor], torch.Tensor], init: torch.Te
     best_cost, best_pos = float("inf"), pos[0].clone()
     trace: list[float] = []
     hist: list[bool] = []
+    history: list[tuple[torch.Tensor, float]] = []
     it = 0
     for it in range(1, iterations + 1):
         cost = fitness(pos).to(dt)
@@ -70,6 +74,8 @@ def pso_minimise(fitness: Callable[[torch.Tensor], torch.Tensor], init: torch.Te
         j = int(torch.argmin(pbest_cost))
         prev = best_cost
         best_cost, best_pos = float(pbest_cost[j]), pbest[j].clone()
+        if best_cost < prev:
+            history.append((best_pos, best_cost))
         trace.append(best_cost)
         hist.append(abs(best_cost - prev) < ftol * (1 + abs(prev)))
         if it > ftol_iter and all(hist[-ftol_iter:]):
@@ -78,7 +84,7 @@ def pso_minimise(fitness: Callable[[torch.Tensor], torch.Tensor], init: torch.Te
         r2 = torch.rand(p, d, generator=g, dtype=dt).to(dev)
         vel = inertia * vel + c1 * r1 * (pbest - pos) + c2 * r2 * (best_pos[None] - pos)
         pos = periodic(pos + vel, lo, hi)
-    return PSOResult(best_pos, best_cost, trace, it, it * p)
+    return PSOResult(best_pos, best_cost, trace, it, it * p, history, pbest, pbest_cost)
 
 
 # ----------------------------------------------------------------------------- parametrisation
@@ -113,6 +119,11 @@ class PSOConfig:
     alpha: float | None = None          # accuracy weight of the cost; default per kind (0.2, fairness 0.3)
     neurons: int | None = None          # use only the first n neuron sites
     penalty: float = 0.0                # + penalty·mean|a − 1|/bound: among equally good scales prefer the gentlest
+    select: str = "validation"          # validation: among the run's global bests and final personal bests (and the
+                                        # identity) keep the one with the lowest cost on the defect's
+                                        # `validation_objective` (when it has one); fit: CARE's final global best
+    spread: float | None = None         # identity+uniform init: particles 1.. uniform in identity ± spread
+                                        # (default: the whole bounds, as before)
     batched: bool = True                # False: one suffix pass per particle (speed reference)
     cache_prefix: bool = True           # False: every pass runs the whole model from the input (CARE's way)
     max_elems: int = 1 << 25            # floats per batched pass
@@ -275,6 +286,27 @@ def _fitness(scaled: ScaledModel, obj, alpha: float, n_bad: int, cfg: PSOConfig,
     return fitness
 
 
+@torch.no_grad()
+def _select_on_validation(work, units, vobj, alpha, cfg, mode, res, identity_cost, dev):
+    """Effective scales of the candidate with the lowest validation cost (ties: lower fit cost), among the
+    identity, every global best the run went through and the final personal bests."""
+    d = len(units)
+    cands = [(torch.full((d,), mode.identity, device=dev), identity_cost)] + list(res.history)
+    if res.pbest is not None:
+        cands += [(p, float(c)) for p, c in zip(res.pbest, res.pbest_cost) if torch.isfinite(c)]
+    pos = torch.stack([c[0].to(dev) for c in cands])
+    fit_cost = torch.tensor([c[1] for c in cands])
+    xv = torch.cat([vobj.x_bad, vobj.x_good]).to(dev)
+    vobj.y_good = vobj.y_good.to(dev)
+    scaled = ScaledModel(work, units, xv, cfg.cache_prefix)
+    vcost = _fitness(scaled, vobj, alpha, len(vobj.x_bad), cfg, mode)(pos).cpu()
+    key = vcost * (1 + 1e-9) + 1e-9 * fit_cost                      # lexicographic: validation, then fit
+    j = int(torch.argmin(key))
+    return (pos[j] + mode.offset).cpu(), {"by": "validation", "candidates": len(cands), "index": j,
+                                          "validation_cost": float(vcost[j]), "validation_identity_cost": float(vcost[0]),
+                                          "fit_cost": float(fit_cost[j])}
+
+
 def neuron_units(sites: Sites | None, limit: int | None) -> list[tuple[str, int]]:
     if sites is None or not sites.neurons():
         raise NetmendError("pso needs neuron sites: use the 'care' method or a neuron localiser (e.g. causal)")
@@ -292,6 +324,7 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
     mode_name = cfg.mode or mode_name
     require(mode_name in MODES, f"pso: unknown mode {mode_name!r}; known: {sorted(MODES)}")
     require(cfg.init in ("identity", "identity+uniform"), f"pso: unknown init {cfg.init!r}")
+    require(cfg.select in ("validation", "fit"), f"pso: unknown select {cfg.select!r}")
     require(cfg.particles >= 1 and cfg.iterations >= 1, "pso: particles and iterations must be ≥ 1")
     mode = MODES[mode_name]
     alpha = alpha_default if cfg.alpha is None else float(cfg.alpha)
@@ -309,13 +342,21 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
     init = torch.full((cfg.particles, d), mode.identity)
     if cfg.init == "identity+uniform" and cfg.particles > 1:
         g = torch.Generator().manual_seed(cfg.seed + 1)
-        init[1:] = lower + (upper - lower) * torch.rand(cfg.particles - 1, d, generator=g)
+        lo_i, hi_i = lower, upper
+        if cfg.spread is not None:
+            lo_i = torch.clamp(lower, min=mode.identity - cfg.spread)
+            hi_i = torch.clamp(upper, max=mode.identity + cfg.spread)
+        init[1:] = lo_i + (hi_i - lo_i) * torch.rand(cfg.particles - 1, d, generator=g)
     identity_cost = float(fitness(torch.full((1, d), mode.identity, device=dev))[0])
     res = pso_minimise(fitness, init.to(dev), lower, upper, cfg.iterations, cfg.inertia, cfg.c1, cfg.c2,
                        cfg.ftol, cfg.ftol_iter, cfg.seed)
     eff = (res.best_pos + mode.offset).cpu()
     if res.best_cost >= identity_cost:          # nothing better than leaving the model alone
         eff = torch.full((d,), 1.0)
+    chosen = {"by": "fit"}
+    val_fn = getattr(defect, "validation_objective", None)
+    if cfg.select == "validation" and callable(val_fn):
+        eff, chosen = _select_on_validation(work, units, val_fn(work), alpha, cfg, mode, res, identity_cost, dev)
     assign = {u: float(a) for u, a in zip(units, eff.tolist())}
     baked = bake(work, assign, x)
     with torch.no_grad():   # the baked weights must reproduce the hooked scales
@@ -327,7 +368,7 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
             "scales": [{"layer": l, "index": i, "scale": assign[(l, i)]} for l, i in units],
             "best_cost": res.best_cost, "identity_cost": identity_cost, "trace": res.trace,
             "iterations": res.iterations, "evaluations": res.evaluations, "particles": cfg.particles,
-            "batched": cfg.batched, "bake_error": err, "seconds": time.perf_counter() - t0}
+            "batched": cfg.batched, "bake_error": err, "selection": chosen, "seconds": time.perf_counter() - t0}
     return Edit.between(work.cpu(), baked.cpu(), meta, names=[n for n, _ in baked.named_parameters()])
 
 
