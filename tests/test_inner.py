@@ -1,0 +1,67 @@
+"""INNER: probe localiser gives weight sites with masks; masked_tune's Edit touches only masked weights."""
+import pytest
+import torch
+
+from netmend import api
+from netmend.errors import NetmendError
+from netmend.locate.probe import ProbeConfig, find_blocks, locate_probe
+from netmend.repair.masked_tune import MaskedTuneConfig, masked_tune
+from netmend.sites import Site, Sites
+
+FAST_LOCATE = {"layers": ["conv2", "fc2"], "rep_layer_num": 2, "route_num": 8, "route_steps": 5, "probe_epochs": 5}
+FAST_REPAIR = {"epochs": 2, "repair_sample_num": 64, "lr": 0.01}
+
+
+def test_blocks_follow_activations(backdoored):
+    model, _ = backdoored
+    blocks = {b.weight: b.readout for b in find_blocks(model, torch.rand(2, 1, 8, 8), None)}
+    assert blocks == {"conv1": "relu1", "conv2": "relu2", "fc1": "relu3", "fc2": "fc2"}
+
+
+def test_probe_localiser_gives_weight_masks_and_timings(backdoored, defect):
+    model, _ = backdoored
+    sites = locate_probe(model, defect, ProbeConfig(**FAST_LOCATE))
+    assert len(sites) == 2 and all(s.kind == "weight" for s in sites)
+    for s in sites:
+        w = model.get_submodule(s.layer).weight
+        assert s.mask.shape == w.shape and 0 < s.mask.sum() <= w.numel()
+    d = sites.details
+    assert set(d["layer_scores"]) == {"conv2", "fc2"} and d["probe_seconds"] >= 0 and d["routing_seconds"] > 0
+    top = locate_probe(model, defect, ProbeConfig(**{**FAST_LOCATE, "fault_top": 0.1}))
+    assert top[0].mask.sum() <= sites[0].mask.sum()
+
+
+def test_masked_tune_edit_touches_only_masked_weights(backdoored, defect):
+    model, _ = backdoored
+    w = model.fc1.weight
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(w.shape, generator=g) < 0.2).float()
+    sites = Sites([Site("fc1", "weight", 1.0, mask=mask), Site("conv2", "neuron", 0.5, index=3)], "test")
+    edit = masked_tune(model, defect, sites, MaskedTuneConfig(**FAST_REPAIR))
+    assert set(edit.deltas) <= {"fc1.weight", "conv2.weight"} and edit.num_changed() > 0
+    assert (edit.deltas["fc1.weight"][mask == 0] == 0).all()
+    if "conv2.weight" in edit.deltas:
+        d = edit.deltas["conv2.weight"].clone()
+        d[3] = 0
+        assert (d == 0).all()                                  # neuron site = that channel's row only
+
+
+def test_inner_preset_runs_end_to_end(backdoored, defect):
+    model, _ = backdoored
+    r = api.repair(model, defect, method="inner", locate_options=FAST_LOCATE, repair_options=FAST_REPAIR)
+    assert r.sites.localiser == "probe" and r.edit.meta["repairer"] == "masked_tune"
+    allowed = {f"{s.layer}.weight" for s in r.sites}
+    assert set(r.edit.deltas) <= allowed
+    assert 0 <= r.after["asr"] <= 1
+
+
+def test_bad_options_give_clear_errors(backdoored, defect):
+    model, _ = backdoored
+    with pytest.raises(NetmendError, match="routing_grad"):
+        locate_probe(model, defect, ProbeConfig(routing_grad="both"))
+    with pytest.raises(NetmendError, match="needs sites"):
+        masked_tune(model, defect, None, MaskedTuneConfig())
+    with pytest.raises(NetmendError, match="does not exist"):
+        locate_probe(model, defect, ProbeConfig(layers=["nope"]))
+    with pytest.raises(NetmendError, match="shape"):
+        masked_tune(model, defect, Sites([Site("fc2", "weight", mask=torch.ones(3, 3))]), MaskedTuneConfig())
