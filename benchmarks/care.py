@@ -95,6 +95,8 @@ def safety_case(net: str, prop: str):
 #  - objective "pool" (FairnessOptions): the repair pool's rows + the DI evidence (CARE: 200 DI instances only);
 #  - alpha 0.9 on that natural population (DI ~10%, error ~16%: 0.1·ΔDI vs 0.9·Δerror), particles 1.. within
 #    identity ± 0.3, the candidate with the lowest validation cost kept (PSOConfig.select).
+BD_LOCATE = json.loads(os.environ.get("CARE_BD_LOCATE", "{}"))
+BD_REPAIR = json.loads(os.environ.get("CARE_BD_REPAIR", "{}"))
 FAIR_HIDDEN = os.environ.get("CARE_FAIR_HIDDEN") == "1"
 FAIR_LOCATE = {"keep": 13} if FAIR_HIDDEN else {"keep": 13, "inputs": True, "score": "drop"}
 FAIR_REPAIR = {"alpha": 0.5, "spread": 0.3} if FAIR_HIDDEN else {"alpha": 0.9, "spread": 0.3}
@@ -110,8 +112,9 @@ CASES = [
     Case("credit-sex", "fairness", fairness_case("credit", "sex"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN2"),
     Case("credit-age", "fairness", fairness_case("credit", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN2"),
     Case("bank-age", "fairness", fairness_case("bank", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN3"),
-    Case("mnist5k-badnets", "backdoor", backdoor_case("mnist-5k"), paper="NN5"),
-    Case("fmnist-badnets", "backdoor", backdoor_case("fashion-mnist"), paper="NN6"),
+    Case("mnist5k-badnets", "backdoor", backdoor_case("mnist-5k"), locate=BD_LOCATE, repair=BD_REPAIR, paper="NN5"),
+    Case("fmnist-badnets", "backdoor", backdoor_case("fashion-mnist"), locate=BD_LOCATE, repair=BD_REPAIR,
+         paper="NN6"),
     Case("n29-phi8", "safety", safety_case("2_9", "8"), repair=SAFE_REPAIR, paper="NN7"),
     Case("n33-phi2s", "safety", safety_case("3_3", "phi2-strengthened"), locate={"outputs": [0]},
          repair=SAFE_REPAIR, paper="NN8"),
@@ -161,7 +164,12 @@ def write_markdown(rows: list[dict], path: Path, args) -> None:
     lines = ["# CARE benchmark (causal localisation + PSO)", "",
              f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, {args.threads} thread(s), "
              f"device {args.device}; seeds {args.seeds}. Rates in %, times in s. "
-             f"Command: `python benchmarks/care.py {' '.join(sys.argv[1:])}`", ""]
+             f"Command: `python benchmarks/care.py {' '.join(sys.argv[1:])}`", "",
+             f"Deviations from CARE's defaults (see the comments in benchmarks/care.py): fairness locate {FAIR_LOCATE}, "
+             f"repair {FAIR_REPAIR}, objective 'pool' (repair-pool rows + DI evidence); safety repair {SAFE_REPAIR} with "
+             f"4000 outside-box keep samples in the objective; backdoor locate {BD_LOCATE or 'CARE'} repair "
+             f"{BD_REPAIR or 'CARE'}; PSO keeps the candidate with the lowest validation cost where the defect has a "
+             f"validation objective (fairness, safety).", ""]
     for kind in ("fairness", "backdoor", "safety"):
         sub = [r for r in rows if r["kind"] == kind]
         if not sub:
