@@ -11,7 +11,7 @@ import netmend
 from netmend.defects.base import Defect, Objective, RepairData
 from netmend.errors import NetmendError
 from netmend.locate.causal import (CAUSAL_OUTPUTS, CausalConfig, Cut, default_layers, intervention_curves,
-                                   intervention_curves_loop, locate_causal, rank)
+                                   intervention_curves_loop, intervention_curves_model_loop, locate_causal, rank)
 from netmend.metrics import predict
 from netmend.train import TrainConfig, fit
 from netmend.zoo.models import create_model
@@ -89,6 +89,22 @@ def test_batched_matches_loop_cnn(layer):
     a = intervention_curves(cut, h, vals, red, max_elems=5000)      # several chunks
     b = intervention_curves_loop(cut, h, vals, red)
     assert a.shape == (h.shape[1], 3, 2)
+    assert torch.allclose(a, b, atol=1e-5)
+    c = intervention_curves_model_loop(model, layer, x, vals, red)   # CARE's whole-model loop with a hook
+    assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_batched_dedupes_repeated_rows():
+    """Repeated input rows are computed once and gathered back: same curves as the loop, row order kept."""
+    torch.manual_seed(0)
+    model = create_model("mlp", [5], 3, hidden=(8, 6)).eval()
+    x = torch.rand(6, 5)[torch.tensor([0, 1, 0, 2, 1, 0, 3, 4, 5, 0])]
+    cut = Cut(model, "relu1")
+    h = cut.prefix(x)
+    vals = torch.linspace(0, 1, 4)[None].repeat(h.shape[1], 1)
+    red = lambda z: torch.softmax(z, -1)[..., :5, 0].mean(-1, keepdim=True) - z[..., 5:, 1].mean(-1, keepdim=True)
+    a = intervention_curves(cut, h, vals, red)
+    b = intervention_curves_model_loop(model, "relu1", x, vals, red)
     assert torch.allclose(a, b, atol=1e-5)
 
 

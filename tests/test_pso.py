@@ -134,3 +134,18 @@ def test_scaled_model_particles_agree_across_paths():
     a = ScaledModel(model, units, x).logits(scales)
     b = ScaledModel(model, units, x, cache_prefix=False).logits(scales)
     assert a.shape == (4, 30, 3) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_scaled_model_through_maxpool_and_dedupe():
+    """Conv-channel sites before ReLU-free max-pool → flatten → Linear: the precomputed low-rank path equals the
+    hooked whole-model path for scales ≥ 0, falls back for negative ones; repeated rows are gathered back."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn", (1, 12, 12), 4, channels=(3, 5), hidden=7).eval()
+    x = torch.rand(5, 1, 12, 12)[torch.tensor([0, 1, 1, 2, 3, 4, 0, 0])]
+    units = [("relu2", 1), ("relu2", 4), ("relu3", 2)]
+    sm = ScaledModel(model, units, x)
+    assert sm.fast is not None and sm.needs_nonneg and sm.m == 5
+    for scales in (torch.rand(3, 3) * 3, torch.rand(3, 3) * 4 - 2):
+        a = sm.logits(scales)
+        b = ScaledModel(model, units, x, cache_prefix=False).logits(scales)
+        assert a.shape == (3, 8, 4) and torch.allclose(a, b, atol=1e-5)

@@ -201,13 +201,20 @@ def _set_neuron(h: torch.Tensor, units: torch.Tensor, values: torch.Tensor) -> t
 
 @torch.no_grad()
 def intervention_curves(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce, x: torch.Tensor | None = None,
-                        max_elems: int = 1 << 24) -> torch.Tensor:
+                        max_elems: int = 1 << 24, dedupe: bool = True) -> torch.Tensor:
     """Curves (U, S, C): reduce(logits under do(h_u = values[u, s])), all pairs batched.
 
     When the suffix starts with a Linear on flat units the intervention is a rank-one change of its
     pre-activation, z = z0 + W[:, u]·(v − h_u), so the U-wide copies are never built."""
-    n, u = h.shape[0], h.shape[1]
+    n_all, u = h.shape[0], h.shape[1]
     s = values.shape[1]
+    inv = None
+    if dedupe and cut.split is not None and n_all > 1:
+        # Identical rows of h stay identical under every do(h_u = v): run each distinct row once, gather back.
+        uniq, inv_ = torch.unique(h.reshape(n_all, -1), dim=0, return_inverse=True)
+        if len(uniq) < 0.95 * n_all:
+            h, inv = uniq.reshape(len(uniq), *h.shape[1:]), inv_
+    n = h.shape[0]
     units = torch.arange(u, device=h.device).repeat_interleave(s)
     vals = values.reshape(-1)
     fast = cut.first_linear() if h.dim() == 2 else None
@@ -215,6 +222,7 @@ def intervention_curves(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce,
         lin, rest = fast
         z0 = lin(h)
         width = z0.shape[1]
+        wt = lin.weight.T                                                   # (U, K)
     else:
         width = max(h[0].numel(), 1)
     chunk = max(1, max_elems // (n * width))
@@ -224,14 +232,35 @@ def intervention_curves(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce,
         b = len(uu)
         if fast is not None:
             delta = vv[:, None] - h[:, uu].T                        # (b, N)
-            z = z0.unsqueeze(0) + delta.unsqueeze(-1) * lin.weight[:, uu].T.unsqueeze(1)
+            z = torch.addcmul(z0.unsqueeze(0), delta.unsqueeze(-1), wt[uu].unsqueeze(1))
             logits = rest(z.reshape(b * n, width))
         else:
             hc = _set_neuron(h, uu, vv)
             xr = x.repeat(b, *([1] * (x.dim() - 1))) if (x is not None and cut.split is None) else None
             logits = cut.suffix(hc.reshape(b * n, *h.shape[1:]), xr)
-        out.append(reduce(logits.reshape(b, n, -1)))
+        logits = logits.reshape(b, n, -1)
+        out.append(reduce(logits[:, inv] if inv is not None else logits))
     return torch.cat(out).reshape(u, s, -1)
+
+
+@torch.no_grad()
+def intervention_curves_model_loop(model: nn.Module, layer: str, x: torch.Tensor, values: torch.Tensor,
+                                   reduce) -> torch.Tensor:
+    """CARE's reference code: for every neuron and every value, one whole-model forward pass on x with a
+    hook that overwrites that neuron. No cached prefix, no batching. Speed benchmark / tests only."""
+    from ..hooks import replace_output
+
+    u, s = values.shape
+    rows = []
+    for j in range(u):
+        for k in range(s):
+            def fn(out, j=j, v=values[j, k]):
+                out = out.clone()
+                out[:, j] = v
+                return out
+            with replace_output(model, layer, fn):
+                rows.append(reduce(model(x).unsqueeze(0))[0])
+    return torch.stack(rows).reshape(u, s, -1)
 
 
 @torch.no_grad()

@@ -135,7 +135,8 @@ class ScaledModel:
     """Runs the model with per-particle neuron scales: prefix cached once at the earliest site layer,
     suffix run on (P·N) rows with the scales multiplied in at every site layer."""
 
-    def __init__(self, model: nn.Module, units: list[tuple[str, int]], x: torch.Tensor, cache_prefix: bool = True):
+    def __init__(self, model: nn.Module, units: list[tuple[str, int]], x: torch.Tensor, cache_prefix: bool = True,
+                 dedupe: bool = True):
         order = {n: i for i, (n, _) in enumerate(leaf_modules(model))}
         missing = [l for l, _ in units if l not in order]
         require(not missing, f"pso: sites must be leaf modules, got {missing[:3]}")
@@ -144,19 +145,50 @@ class ScaledModel:
         self.cut = Cut(model, self.layers[0])
         self.h0 = self.cut.prefix(x) if (cache_prefix and self.cut.split is not None) else None
         self.n = len(x)
+        self.inv = None
+        if self.h0 is not None and dedupe and len(self.h0) > 1:
+            # Identical prefix rows give identical logits under any scales: run each distinct row once and
+            # gather back (exact). Census-style tabular data repeats rows a lot.
+            uniq, inv = torch.unique(self.h0.reshape(len(self.h0), -1), dim=0, return_inverse=True)
+            if len(uniq) < 0.95 * len(self.h0):
+                self.h0, self.inv = uniq.reshape(len(uniq), *self.h0.shape[1:]), inv
+        self.m = len(self.h0) if self.h0 is not None else self.n          # rows actually computed
         self.width = max((self.h0[0].numel() if self.h0 is not None else x[0].numel()), 1)
         self._mults: dict[str, torch.Tensor] = {}
-        # Low-rank path: when the suffix opens with a Linear on flat units, scaling D of them changes its
-        # output by Σ_k (a_k − 1)·h_k·W[:, k], so the (P·N)×U scaled copies are never built.
-        self.fast = self.cut.first_linear() if (self.h0 is not None and self.h0.dim() == 2) else None
-        if self.fast is not None:
-            lin = self.fast[0]
+        # Low-rank path: when the suffix reaches a Linear through per-unit modules only (flatten, dropout,
+        # average pooling; ReLU and max-pooling too while every scale is ≥ 0, as they commute with a ≥ 0),
+        # scaling D units changes that Linear's output by Σ_d (a_d − 1)·G_d, G_d = (unit d's block of the
+        # Linear's input) @ W[:, block]ᵀ, precomputed once; the (P·N)×U scaled copies are never built.
+        self.fast = None
+        route = self._route() if self.h0 is not None else None
+        if route is not None:
+            pre, lin, rest, self.needs_nonneg = route
             with torch.no_grad():
-                self.z0 = lin(self.h0)
-            self.idx0 = torch.tensor([i for l, i in units if l == self.layers[0]], device=x.device)
-            self.cols0 = [k for k, (l, _) in enumerate(units) if l == self.layers[0]]
-            self.width = max(self.z0.shape[1], 1)
-            self.lin_name = next((n for n, m in model.named_modules() if m is lin), None)
+                t0 = pre(self.h0).reshape(self.m, -1)
+                self.z0 = lin(t0)
+                u0 = self.h0.shape[1]
+                blk = t0.shape[1] // u0
+                if blk * u0 == t0.shape[1]:
+                    idx0 = [i for l, i in units if l == self.layers[0]]
+                    self.cols0 = [k for k, (l, _) in enumerate(units) if l == self.layers[0]]
+                    self.G = torch.stack([t0[:, i * blk:(i + 1) * blk] @ lin.weight[:, i * blk:(i + 1) * blk].T
+                                          for i in idx0])                       # (D0, M, K)
+                    self.fast = (lin, rest)
+                    self.width = max(self.z0.shape[1], 1)
+                    self.lin_name = next((n for n, m in model.named_modules() if m is lin), None)
+
+    def _route(self):
+        """(pre, Linear, rest, needs ≥ 0) when the suffix is pre-modules → Linear → rest, else None."""
+        if self.cut.split is None:
+            return None
+        mods = list(self.cut.split[1].children())
+        i, nonneg = 0, False
+        while i < len(mods) and isinstance(mods[i], _LINEAR_PASS + _HOMOGENEOUS):
+            nonneg = nonneg or isinstance(mods[i], _HOMOGENEOUS)
+            i += 1
+        if i < len(mods) and isinstance(mods[i], nn.Linear):
+            return nn.Sequential(*mods[:i]), mods[i], nn.Sequential(*mods[i + 1:]), nonneg
+        return None
 
     def multipliers(self, scales: torch.Tensor) -> dict[str, torch.Tensor]:
         """{layer: (P, U)} multipliers, ones except at the site units."""
@@ -197,15 +229,15 @@ class ScaledModel:
         """(P, N, K) logits with scales (P, D) (effective scales, one per site unit)."""
         p = scales.shape[0]
         self._mults = self.multipliers(scales)
-        if self.fast is not None:
+        fast = self.fast is not None and (not self.needs_nonneg or bool((scales[:, self.cols0] >= 0).all()))
+        if fast:
             lin, rest = self.fast
             a = scales[:, self.cols0] - 1                                          # (P, D0)
-            hw = self.h0[:, self.idx0]                                             # (N, D0)
-            z = self.z0.unsqueeze(0) + torch.einsum("pd,nd,kd->pnk", a, hw, lin.weight[:, self.idx0])
+            z = self.z0.unsqueeze(0) + torch.einsum("pd,dmk->pmk", a, self.G)
             if self.lin_name in self._mults:                                       # sites on that Linear itself
                 z = z * self._mults[self.lin_name].unsqueeze(1)
             with self._hooks([l for l in self.layers[1:] if l != self.lin_name]):
-                z = rest(z.reshape(p * self.n, -1))
+                z = rest(z.reshape(p * self.m, -1))
         elif self.h0 is not None:
             h = self._scale(self.h0.repeat(p, *([1] * (self.h0.dim() - 1))), self._mults[self.layers[0]])
             with self._hooks(self.layers[1:]):
@@ -213,6 +245,9 @@ class ScaledModel:
         else:
             with self._hooks(self.layers):
                 z = self.model(self.x.repeat(p, *([1] * (self.x.dim() - 1))))
+        if self.h0 is not None:
+            z = z.reshape(p, self.m, -1)
+            return z[:, self.inv] if self.inv is not None else z
         return z.reshape(p, self.n, -1)
 
 
@@ -270,7 +305,7 @@ def bake(model: nn.Module, scales: dict[tuple[str, int], float], example: torch.
 # ----------------------------------------------------------------------------- the repairer
 
 def _fitness(scaled: ScaledModel, obj, alpha: float, n_bad: int, cfg: PSOConfig, mode: ScaleMode):
-    per_pass = max(1, cfg.max_elems // max(1, scaled.n * scaled.width)) if cfg.batched else 1
+    per_pass = max(1, cfg.max_elems // max(1, scaled.m * scaled.width)) if cfg.batched else 1
 
     def fitness(pos: torch.Tensor) -> torch.Tensor:
         a = pos + mode.offset
@@ -307,6 +342,36 @@ def _select_on_validation(work, units, vobj, alpha, cfg, mode, res, identity_cos
                                           "fit_cost": float(fit_cost[j])}
 
 
+def validation_objective(defect: Defect, model: nn.Module):
+    """The defect's validation objective; for a backdoor without one, its own objective built on the repair
+    validation split (the fit images are never reused), else None."""
+    fn = getattr(defect, "validation_objective", None)
+    if callable(fn):
+        return fn(model)
+    rep = getattr(defect, "repair", None)
+    if defect.kind != "backdoor" or rep is None or rep.x_val is None or len(rep.x_val) == 0:
+        return None
+    import dataclasses
+
+    view = copy.copy(defect)
+    view.repair = dataclasses.replace(rep, x_fit=rep.x_val, y_fit=rep.y_val)
+    return view.objective(model)
+
+
+def needs_nonneg(model: nn.Module, layer: str) -> bool:
+    """True when a scale on `layer` bakes into the next weight layer only through ReLU / max-pooling (a ≥ 0)."""
+    leaves = leaf_modules(model)
+    names = [n for n, _ in leaves]
+    if layer not in names or isinstance(get_layer(model, layer), (nn.Linear, nn.Conv2d)):
+        return False
+    for _n, m in leaves[names.index(layer) + 1:]:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return False
+        if isinstance(m, _HOMOGENEOUS):
+            return True
+    return False
+
+
 def neuron_units(sites: Sites | None, limit: int | None) -> list[tuple[str, int]]:
     if sites is None or not sites.neurons():
         raise NetmendError("pso needs neuron sites: use the 'care' method or a neuron localiser (e.g. causal)")
@@ -339,6 +404,9 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
     d = len(units)
     lower = torch.full((d,), -cfg.bound if cfg.bound is not None else mode.lower)
     upper = torch.full((d,), cfg.bound if cfg.bound is not None else mode.upper)
+    # A scale baked through a max-pool / ReLU must be ≥ 0 (a·max = max(a·) only then): such units search a ≥ 0.
+    nonneg = torch.tensor([needs_nonneg(work, l) for l, _ in units])
+    lower = torch.where(nonneg, torch.maximum(lower, torch.tensor(-mode.offset)), lower)
     init = torch.full((cfg.particles, d), mode.identity)
     if cfg.init == "identity+uniform" and cfg.particles > 1:
         g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -354,9 +422,9 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
     if res.best_cost >= identity_cost:          # nothing better than leaving the model alone
         eff = torch.full((d,), 1.0)
     chosen = {"by": "fit"}
-    val_fn = getattr(defect, "validation_objective", None)
-    if cfg.select == "validation" and callable(val_fn):
-        eff, chosen = _select_on_validation(work, units, val_fn(work), alpha, cfg, mode, res, identity_cost, dev)
+    vobj = validation_objective(defect, work) if cfg.select == "validation" else None
+    if vobj is not None:
+        eff, chosen = _select_on_validation(work, units, vobj, alpha, cfg, mode, res, identity_cost, dev)
     assign = {u: float(a) for u, a in zip(units, eff.tolist())}
     baked = bake(work, assign, x)
     with torch.no_grad():   # the baked weights must reproduce the hooked scales
@@ -368,7 +436,7 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
             "scales": [{"layer": l, "index": i, "scale": assign[(l, i)]} for l, i in units],
             "best_cost": res.best_cost, "identity_cost": identity_cost, "trace": res.trace,
             "iterations": res.iterations, "evaluations": res.evaluations, "particles": cfg.particles,
-            "batched": cfg.batched, "bake_error": err, "selection": chosen, "seconds": time.perf_counter() - t0}
+            "batched": cfg.batched, "nonneg_units": int(nonneg.sum()), "bake_error": err, "selection": chosen, "seconds": time.perf_counter() - t0}
     return Edit.between(work.cpu(), baked.cpu(), meta, names=[n for n, _ in baked.named_parameters()])
 
 
