@@ -85,13 +85,15 @@ def _fingerprint(model: nn.Module, upstream: list[str]) -> tuple:
 
 
 def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Dotted names of the weight modules in the order a forward pass runs them."""
+    """Dotted names of the weight modules in the order a forward pass runs them (one sample, on the model's device)."""
+    param = next(model.parameters(), None)
+    x = x[:1].to(param.device) if param is not None else x[:1]
     order: list[str] = []
     handles = [get_layer(model, n).register_forward_hook(lambda *_a, _n=n: order.append(_n) if _n not in order else None)
                for n in weight_layers(model)]
     try:
         with torch.no_grad():
-            model(x[:1])
+            model(x)
     finally:
         for h in handles:
             h.remove()
