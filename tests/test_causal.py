@@ -74,6 +74,10 @@ def test_toy_backdoor_is_planted(toy):
 
 def test_default_layers():
     assert default_layers(create_model("small-cnn", (1, 28, 28), 10)) == ["relu3"]
+    assert default_layers(create_model("small-cnn", (1, 28, 28), 10), "features") == ["flatten"]
+    assert default_layers(create_model("mlp", (13,), 2), "features") == default_layers(create_model("mlp", (13,), 2))
+    with pytest.raises(NetmendError):
+        default_layers(create_model("small-cnn", (1, 28, 28), 10), "middle")
     assert default_layers(create_model("mlp", (13,), 2)) == ["relu1", "relu2", "relu3", "relu4", "relu5"]
 
 
@@ -92,6 +96,33 @@ def test_batched_matches_loop_cnn(layer):
     assert torch.allclose(a, b, atol=1e-5)
     c = intervention_curves_model_loop(model, layer, x, vals, red)   # CARE's whole-model loop with a hook
     assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_backdoor_default_is_flattened_features_on_cnns():
+    """Backdoor on a CNN: the default layer is the first Linear's input (one neuron per channel × position),
+    keep 30; cnn_layer='head' gives CARE's layer back."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn", (1, 8, 8), 3, channels=(2, 3), hidden=6).eval()
+    x = torch.rand(40, 1, 8, 8)
+
+    class Patch(ToyBackdoor):
+        kind = "backdoor"
+
+        def __init__(self):
+            self.target, self.num_classes = 0, 3
+            self.repair = RepairData(x[:30], torch.randint(0, 3, (30,)), x[30:], torch.randint(0, 3, (10,)))
+
+        @staticmethod
+        def stamp(x):
+            x = x.clone()
+            x[..., -2:, -2:] = 1.0
+            return x
+
+    sites = locate_causal(model, Patch(), CausalConfig(samples=30))
+    assert sites.details["layers"] == ["flatten"] and len(sites) == 30
+    assert all(s.layer == "flatten" and 0 <= s.index < 3 * 8 * 8 for s in sites)
+    head = locate_causal(model, Patch(), CausalConfig(samples=30, cnn_layer="head", keep=5))
+    assert head.details["layers"] == ["relu3"] and len(head) == 5
 
 
 def test_batched_dedupes_repeated_rows():

@@ -67,6 +67,7 @@ def test_ftol_early_stop():
     [("conv2", 3)],                                # conv output channel -> its kernel and bias
     [("relu2", 0), ("relu2", 4)],                  # conv channels through max-pool + flatten -> column blocks
     [("pool1", 2), ("relu3", 0), ("fc1", 1)],      # several layers at once
+    [("flatten", 3), ("flatten", 40), ("flatten", 95)],   # flattened conv features (backdoor default) -> columns
 ])
 def test_baked_edit_equals_scaled_activations(units):
     torch.manual_seed(0)

@@ -5,6 +5,14 @@ do(h_i = v), for S evenly spaced values v in its observed range; the mean of a p
 under each intervention gives a curve per neuron, scored by its range (backdoor, safety) or mean
 (fairness). Why batched: CARE's code loops over neurons and values; here the prefix activations
 are cached once and (neuron, value) pairs × inputs run through the suffix in a few big passes.
+
+Deviation for backdoors on CNNs (`cnn_layer`, `keep`): CARE intervenes on one dense layer and keeps 5 neurons.
+netmend's backdoor default is the *flattened conv features* feeding the first Linear (one neuron per channel ×
+position, e.g. small-cnn's `flatten`, 64×7×7) and keeps 30. A BadNets patch lives at a few positions of many
+channels: those features rank first (the trigger's corner position) and scaling them leaves clean images
+almost untouched, whereas the head's 128 hidden units each mix trigger and class evidence (measured on dev
+models, seed-1 FMNIST and seed-7 MNIST-5k: head units 5 → 81.8 / 72.0% validation accuracy at 3.1 / 0% ASR;
+30 features → 91.5 / 96.0% at 0 / 0%, from 92.5 / 96.0%). `cnn_layer='head'`, `keep=5` restore CARE.
 """
 from __future__ import annotations
 
@@ -30,15 +38,22 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """§4.1 default: CNN → the input of the classifier head (the module just before it);
+def default_layers(model: nn.Module, cnn_layer: str = "head") -> list[str]:
+    """§4.1 default: CNN → the input of the classifier head (the module just before it), or with
+    cnn_layer='features' the input of the first Linear (the flattened conv features);
     MLP → every hidden activation module feeding a Linear (ranked jointly)."""
+    require(cnn_layer in ("head", "features"), f"causal: unknown cnn_layer {cnn_layer!r} (head | features)")
     heads = weight_layers(model)
     require(len(heads) > 0, "the model has no Linear or Conv2d layer to localise in")
     leaves = leaf_modules(model)
     names = [n for n, _ in leaves]
     head = heads[-1]
     if any(isinstance(m, nn.Conv2d) for _, m in leaves):
+        if cnn_layer == "features":
+            first = next((n for n in heads if isinstance(get_layer(model, n), nn.Linear)), head)
+            i = names.index(first)
+            require(i > 0, f"nothing feeds the first Linear {first!r}")
+            return [names[i - 1]]
         i = names.index(head)
         require(i > 0, f"nothing feeds the classifier head {head!r}")
         return [names[i - 1]]
@@ -107,6 +122,7 @@ class CausalOutput:
     steps: int = 4
     keep: int = 5
     score: str = "range"          # range | mean of the curve over v
+    cnn_layer: str = "head"       # CNN default layer: head (CARE) | features (input of the first Linear)
 
 
 CAUSAL_OUTPUTS: Registry[CausalOutput] = Registry("causal output")
@@ -168,7 +184,7 @@ def _fairness_probe(model, defect, cfg) -> Probe:
     return Probe(rows, x, reduce, ["dy"])
 
 
-CAUSAL_OUTPUTS.add("backdoor", CausalOutput(_backdoor_probe, steps=4, keep=5, score="range"),
+CAUSAL_OUTPUTS.add("backdoor", CausalOutput(_backdoor_probe, steps=4, keep=30, score="range", cnn_layer="features"),
                    "mean target-class softmax on clean repair images")
 CAUSAL_OUTPUTS.add("safety", CausalOutput(_safety_probe, steps=4, keep=27, score="range"),
                    "mean COC and WL scores on satisfying box samples")
@@ -285,7 +301,7 @@ def intervention_curves_loop(cut: Cut, h: torch.Tensor, values: torch.Tensor, re
 class CausalConfig:
     layers: list[str] | None = None   # default: §4.1 (CNN: input of the head; MLP: every hidden activation)
     steps: int | None = None          # S intervention values per neuron; default per defect kind (4 / 16)
-    keep: int | None = None           # neurons returned as sites; default per kind (backdoor 5, safety 27, fairness 3)
+    keep: int | None = None           # neurons returned as sites; default per kind (backdoor 30, safety 27, fairness 3)
     samples: int = 1000               # inputs the expectation is taken over (seeded draw)
     output: str | None = None         # causal output name; default: the defect's kind, else 'generic'
     outputs: list[int] | None = None  # safety: which scores give curves (default COC and WL: [0, 1])
@@ -293,6 +309,9 @@ class CausalConfig:
     max_elems: int = 1 << 24          # floats per batched suffix pass
     score: str | None = None          # range | mean (CARE, per kind) | drop: how far an intervention can LOWER the
                                       # curve below its unintervened value, max_v (y₀ − y(v)) (netmend option)
+    cnn_layer: str | None = None      # CNN default layer (when `layers` is None): head = input of the classifier head
+                                      # (CARE) | features = input of the first Linear, i.e. the flattened conv features,
+                                      # one neuron per channel × position; default per kind (backdoor: features)
     inputs: bool = False              # also rank the input features (the output of the module feeding the first
                                       # weight layer, e.g. the MLP's `norm`) as neurons (netmend option)
     seed: int = 0
@@ -335,7 +354,7 @@ def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
     require(score_kind in ("range", "mean", "drop"), f"causal: unknown score {score_kind!r}")
     dev = torch.device(cfg.device)
     model = model.to(dev).eval()
-    layers = list(cfg.layers or default_layers(model))
+    layers = list(cfg.layers or default_layers(model, cfg.cnn_layer or spec.cnn_layer))
     if cfg.inputs and input_layer(model) not in layers:
         layers.insert(0, input_layer(model))
     torch.manual_seed(cfg.seed)

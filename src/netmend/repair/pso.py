@@ -3,6 +3,12 @@ particle-swarm optimisation, then baked into the weights so the result is an ord
 
 Why native torch PSO: every particle's fitness is one slice of a single batched suffix pass over
 cached prefix activations ((P·N) rows), instead of P separate forward passes.
+
+Deviations from CARE (each a config field): the `care` preset starts particles 1.. uniformly in the bounds
+(`init`, see the preset); the candidate with the lowest cost on the defect's validation split is kept
+(`select`); backdoor α = 0.5 instead of 0.2 (KIND_DEFAULTS). With CARE's sites (5 units of the head's input)
+no α reached the goal: the PSO had to push those mixed units to ±3–7 and lost 7–30 points of clean accuracy at
+2–7% ASR; the localiser's backdoor default now picks flattened conv features instead (locate/causal.py).
 """
 from __future__ import annotations
 
@@ -101,7 +107,9 @@ class ScaleMode:
 
 MODES = {"scale": ScaleMode(-10.0, 10.0, 1.0, 0.0),      # backdoor, safety: h ← w·h
          "offset": ScaleMode(-1.0, 1.0, 0.0, 1.0)}       # fairness: h ← (1 + w)·h
-KIND_DEFAULTS = {"backdoor": ("scale", 0.2), "safety": ("scale", 0.2), "fairness": ("offset", 0.3)}
+# backdoor α 0.5 (CARE: 0.2 for MNIST/FMNIST): with 30 flattened-feature sites, 0.2 let the swarm trade ~1 point of
+# clean accuracy for nothing on the dev models' repair-validation split (seed-1 FMNIST, seed-7 MNIST-5k).
+KIND_DEFAULTS = {"backdoor": ("scale", 0.5), "safety": ("scale", 0.2), "fairness": ("offset", 0.3)}
 
 
 @dataclass
@@ -116,7 +124,8 @@ class PSOConfig:
     init: str = "identity"              # identity (CARE) | identity+uniform (particle 0 at identity)
     mode: str | None = None             # scale | offset; default per defect kind
     bound: float | None = None          # |w| ≤ bound; default per mode (10 scale, 1 offset)
-    alpha: float | None = None          # accuracy weight of the cost; default per kind (0.2, fairness 0.3)
+    alpha: float | None = None          # accuracy weight of the cost; default per kind (backdoor 0.5, safety 0.2,
+                                        # fairness 0.3)
     neurons: int | None = None          # use only the first n neuron sites
     penalty: float = 0.0                # + penalty·mean|a − 1|/bound: among equally good scales prefer the gentlest
     select: str = "validation"          # validation: among the run's global bests and final personal bests (and the
