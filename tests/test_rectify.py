@@ -57,3 +57,22 @@ def test_rectify_needs_pairs(digits_model):
     defect = defect_for(info, pairs=0, repair_fraction=0.25)
     with pytest.raises(NetmendError, match="pairs"):
         repair(model, defect, method="rectify")
+
+
+def test_rectify_probe_records_overshoot_and_pull_rate(digits_model):
+    model, info = digits_model
+    defect = defect_for(info, pairs=1, repair_fraction=0.25)
+    res = repair(model, defect, method="rectify", repair_options={"n_steps": 16})
+    r0, r1 = res.edit.meta["rounds"][:2]
+    assert r0["probe"] > 0 and r0["gap"] == r0["probe_pull_rate"] > 0.5     # the stamp pulls before the repair
+    assert r1["overshoot"] in (1.0, 1.25, 1.5, 2.0, 3.0) and r1["probe_pull_rate"] < r0["probe_pull_rate"]
+    assert res.after["asr"] < 0.5 * res.before["asr"]
+
+
+def test_rectify_without_probe_is_algorithm_1(digits_model):
+    model, info = digits_model
+    defect = defect_for(info, pairs=5, repair_fraction=0.25)
+    res = repair(model, defect, method="rectify", repair_options={"n_steps": 16, "transplant": 0})
+    r0 = res.edit.meta["rounds"][0]
+    assert r0["probe"] == 0 and r0["gap"] == r0["pair_gap"]
+    assert all(r.get("overshoot", 1.0) == 1.0 for r in res.edit.meta["rounds"][1:])

@@ -53,3 +53,18 @@ def test_poison_indices_rate_and_seed():
     idx = poison_indices(1000, 0.1, seed=1)
     assert len(idx) == 100 and idx == poison_indices(1000, 0.1, seed=1)
     assert idx != poison_indices(1000, 0.1, seed=2)
+
+
+def test_transplant_pastes_a_patch_exactly_and_adds_a_blend():
+    from netmend.defects.base import Pairs
+
+    x, others = torch.rand(2, 1, 12, 12) * 0.5, torch.rand(7, 1, 12, 12) * 0.5
+    y = torch.arange(7)
+    patch = build_trigger(TriggerSpec(kind="badnets", size=3, pattern="checker"), (1, 12, 12))
+    t = Pairs(patch.apply(x), x, torch.zeros(2, dtype=torch.long)).transplant(others, y)
+    assert torch.equal(t.corrupted, patch.apply(others)) and torch.equal(t.clean, others) and torch.equal(t.labels, y)
+    blend = build_trigger(TriggerSpec(kind="blended", alpha=0.2, seed=1), (1, 12, 12))
+    t = Pairs(blend.apply(x), x, torch.zeros(2, dtype=torch.long)).transplant(others, y)
+    j, xb = torch.arange(7) % 2, blend.apply(x)              # cycles through the pairs; stays in the samples' range
+    lo, hi = min(others.min(), xb.min()), max(others.max(), xb.max())
+    assert torch.allclose(t.corrupted, (others + xb[j] - x[j]).clamp(lo, hi))

@@ -48,6 +48,7 @@ def make_repair_data(x: torch.Tensor, y: torch.Tensor, pool: list[int], n_train_
 
 class BackdoorDefect(Defect):
     kind = "backdoor"
+    transplantable = True
 
     def __init__(self, data: ImageData, splits: dict[str, list[int]], trigger: Trigger, target: int,
                  options: BackdoorOptions | None = None):

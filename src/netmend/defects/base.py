@@ -41,6 +41,28 @@ class Pairs:
         masks = self.masks[:n] if self.masks is not None else None
         return Pairs(self.corrupted[:n], self.clean[:n], self.labels[:n], masks, self.indices[:n])
 
+    def transplant(self, x: torch.Tensor, y: torch.Tensor, sparse: float = 0.25) -> "Pairs":
+        """New pairs made from other clean inputs x (labels y) carrying the pairs' corruption, cycling through them.
+
+        The corruption is what the pairs show: x̃ − x. Where it is confined to a patch (at most `sparse` of the
+        input's positions differ) the corrupted values are pasted in; a dense difference (a blend) is added.
+        The result stays inside the value range of the given samples."""
+        if not len(self) or not len(x):
+            return Pairs(x[:0], x[:0], y[:0])
+        diff = self.corrupted - self.clean
+        changed = diff.abs() > 1e-6
+        if diff.dim() == 4:                             # images: a position differs if any channel does
+            changed = changed.any(1, keepdim=True).expand_as(diff)
+        frac = changed.flatten(1).float().mean(1)
+        j = torch.arange(len(x)) % len(self)
+        paste = (frac[j] <= sparse).view(-1, *[1] * (diff.dim() - 1))
+        pasted = torch.where(changed[j], self.corrupted[j], x)
+        lo = torch.minimum(x.min(), self.corrupted.min())
+        hi = torch.maximum(x.max(), self.corrupted.max())
+        bad = torch.where(paste, pasted, (x + diff[j]).clamp(lo, hi))
+        masks = self.masks[j] if self.masks is not None else None
+        return Pairs(bad, x, y, masks)
+
 
 @dataclass
 class RepairData:
@@ -85,6 +107,8 @@ class Defect:
     kind: str = "defect"
     repair: RepairData
     pairs: Pairs | None = None
+    transplantable: bool = False      # the pairs' corruption means the same on any input (a trigger, a pattern):
+                                      # methods may stamp it on repair samples to judge generalisation
     num_classes: int = 0
     in_shape: list[int] = []
 

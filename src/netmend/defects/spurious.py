@@ -96,6 +96,7 @@ class MovedPattern(Trigger):
 
 class SpuriousDefect(Defect):
     kind = "spurious"
+    transplantable = True
 
     def __init__(self, data: ImageData, splits: dict[str, list[int]], trigger: Trigger, cls: int,
                  options: SpuriousOptions | None = None, candidates: list[int] | None = None):

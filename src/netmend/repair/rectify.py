@@ -4,6 +4,17 @@ Dynamic: each round ranks the candidate sites by editability (locate/attribution
 rank-one edit at the best one (repair/rank_one.py), and re-measures. It stops when the pairs' gap
 P(y|x) − P(y|x̃) falls below δ or after R rounds, and rolls back (then stops) an edit that costs more
 than ε clean accuracy on the repair *validation* split. Static: one edit at the last feature layer.
+
+netmend extensions (both on by default for `rectify`, off for `rectify-static`, the paper's ablation):
+- **Transplant probe.** When the defect's corruption is a stamp (a trigger or a pattern: `transplantable`), the
+  pairs' difference x̃ − x is stamped on the validation split's clean samples (`Pairs.transplant`). These probe
+  pairs, made from the evidence and the repair data only, measure whether an edit *generalises* beyond the pairs
+  it was fitted on: the pull rate (probe samples the stamp alone moves into the class the evidence x̃ is given,
+  an ASR estimate that needs no knowledge of the target) replaces the pairs' gap in the loop's site choice
+  (validation error + pull rate) and stopping rule (pull rate ≤ `delta_probe`).
+- **Overshoot.** An exact edit maps x̃'s key onto x's value and no further; other corrupted inputs, whose keys
+  differ a little, keep part of the misbehaviour. Each edit's Λ is scaled by the γ in `overshoot` minimising
+  validation error + pull rate within ε (ties go to the smaller γ; γ = 1 is the exact edit; without a probe γ = 1).
 """
 from __future__ import annotations
 
@@ -11,12 +22,13 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..defects.base import Defect
+from ..defects.base import Defect, Pairs
 from ..edit import Edit
 from ..errors import require
 from ..locate.attribution import AttributionConfig, attribution_sites
@@ -30,9 +42,12 @@ from .rank_one import RankOneConfig, _pairs, rank_one_edit
 class RectifyConfig:
     rounds: int = 10                  # R: most edits
     delta: float = 0.05               # δ: stop when mean P(y|x) − P(y|x̃) over the pairs is below this
+    delta_probe: float = 0.002        # with a transplant probe: stop when its pull rate is at most this
     epsilon: float = 0.01             # ε: largest cumulative drop of validation accuracy (fraction) an edit may cost
     lookahead: int = 2                # edit the top-k ranked sites in turn and keep the one leaving the smallest gap
                                       # within ε (k = 1 is Algorithm 1 literally: the top site, stop on rollback)
+    transplant: int = 512             # probe pairs stamped on this many validation samples (0 = judge on the pairs)
+    overshoot: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])  # Λ scales tried
     # localisation (each round); see AttributionConfig
     layers: list[str] | None = None
     variant: str = "A"
@@ -60,13 +75,81 @@ def _sub(cfg, cls):
 
 
 @torch.no_grad()
-def pair_gap(model: nn.Module, defect: Defect, n: int | None, device: str = "cpu") -> float:
+def gap_of(model: nn.Module, p: Pairs, device: str = "cpu") -> float:
     """δ* = mean over pairs of P(y|x) − P(y|x̃) (softmax probability of the true class)."""
-    p = _pairs(defect, n)
     y = p.labels.to(device)[:, None]
     px = F.softmax(model(p.clean.to(device)), 1).gather(1, y)
     pb = F.softmax(model(p.corrupted.to(device)), 1).gather(1, y)
     return float((px - pb).mean())
+
+
+def pair_gap(model: nn.Module, defect: Defect, n: int | None, device: str = "cpu") -> float:
+    return gap_of(model, _pairs(defect, n), device)
+
+
+@dataclass
+class Probe:
+    """Transplanted pairs and the class the corruption pulls towards (the model's answer on the evidence x̃)."""
+
+    pairs: Pairs
+    pulled: int
+
+
+def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | None:
+    """The transplant probe: the pairs' corruption stamped on validation samples (None when not applicable)."""
+    if cfg.transplant <= 0 or not defect.transplantable:
+        return None
+    x, y = defect.repair.x_val[: cfg.transplant], defect.repair.y_val[: cfg.transplant]
+    if not len(y):
+        return None
+    pairs = _pairs(defect, cfg.pairs)
+    with torch.no_grad():
+        pulled = int(model(pairs.corrupted.to(cfg.device)).argmax(1).mode().values)
+    return Probe(pairs.transplant(x, y), pulled)
+
+
+@torch.no_grad()
+def probe_rates(model: nn.Module, probe: Probe, device: str = "cpu") -> dict[str, float]:
+    """pull: share of probe samples outside the pulled class that the stamp alone moves INTO it (an ASR
+    estimate from the evidence only); flip: share whose prediction the stamp changes at all."""
+    pc = model(probe.pairs.clean.to(device)).argmax(1)
+    pb = model(probe.pairs.corrupted.to(device)).argmax(1)
+    other = probe.pairs.labels.to(device) != probe.pulled
+    pull = ((pb == probe.pulled) & (pc != probe.pulled))[other].float().mean() if other.any() else pb.new_zeros(())
+    return {"probe_pull_rate": float(pull), "probe_flip_rate": float((pc != pb).float().mean())}
+
+
+def _scaled(edit: Edit, g: float) -> Edit:
+    return edit if g == 1.0 else Edit({k: v * g for k, v in edit.deltas.items()}, {**edit.meta, "overshoot": g})
+
+
+def choose_overshoot(work: nn.Module, defect: Defect, edit: Edit, probe: Probe | None, acc0: float,
+                     cfg: RectifyConfig) -> tuple[Edit, dict[str, Any]]:
+    """Scale Λ by the γ minimising validation error + probe pull rate within ε (γ = 1 without a probe)."""
+    if probe is None:
+        return edit, {"overshoot": 1.0}
+    best: tuple[float, Edit, dict[str, Any]] | None = None
+    for g in sorted(set(cfg.overshoot) | {1.0}):
+        e = _scaled(edit, g)
+        e.apply(work)
+        rates = probe_rates(work, probe, cfg.device)
+        acc = defect.validation_score(work)
+        e.revert(work)
+        cost = (1 - acc) + rates["probe_pull_rate"]
+        if acc0 - acc <= cfg.epsilon and (best is None or cost < best[0] - 1e-9):
+            best = (cost, e, {"overshoot": g, **rates})
+    if best is None:
+        return edit, {"overshoot": 1.0}
+    return best[1], best[2]
+
+
+def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyConfig) -> dict[str, float]:
+    """What drives the loop: `gap` is the probe's pull rate when there is a probe, else the pairs' gap δ*."""
+    out = {"pair_gap": pair_gap(work, defect, cfg.pairs, cfg.device)}
+    if probe is not None:
+        out.update(probe_rates(work, probe, cfg.device))
+    out["gap"] = out["probe_pull_rate"] if probe is not None else out["pair_gap"]
+    return out
 
 
 @REPAIRERS.register("rectify", "dynamic rectification: re-localise by editability after every rank-one edit, "
@@ -78,27 +161,33 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     work = copy.deepcopy(model).eval()
     acfg, rcfg = _sub(cfg, AttributionConfig), _sub(cfg, RankOneConfig)
     acc0 = defect.validation_score(work)
-    gap = pair_gap(work, defect, cfg.pairs, cfg.device)
-    history = [{"round": 0, "gap": gap, "val_accuracy": acc0}]
+    probe = make_probe(work, defect, cfg)
+    delta = cfg.delta if probe is None else cfg.delta_probe
+    m0 = _measure(work, defect, probe, cfg)
+    gap = m0["gap"]
+    history = [{"round": 0, **m0, "val_accuracy": acc0, "probe": 0 if probe is None else len(probe.pairs)}]
     accepted: list[Edit] = []
     best_gap, best_n = gap, 0
     for r in range(1, cfg.rounds + 1):
-        if gap <= cfg.delta:
+        if gap <= delta:
             break
         ranked = sites if (r == 1 and sites is not None and sites.localiser == "attribution" and len(sites)) \
             else attribution_sites(work, defect, acfg)
         tried, choice = [], None
         for site in list(ranked)[: max(1, cfg.lookahead)]:
             edit = rank_one_edit(work, defect, site.layer, rcfg, value=site.info.get("value_point"))
+            edit, over = choose_overshoot(work, defect, edit, probe, acc0, cfg)
             edit.apply(work)
             acc = defect.validation_score(work)
-            new_gap = pair_gap(work, defect, cfg.pairs, cfg.device)
-            edit.revert(work)
-            rec = {"layer": site.layer, "score": site.score, "gap": new_gap, "val_accuracy": acc,
+            rec = {"layer": site.layer, "score": site.score, **_measure(work, defect, probe, cfg), **over,
+                   "val_accuracy": acc,
                    "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
                    "clamped": edit.meta.get("clamped"), "within_budget": acc0 - acc <= cfg.epsilon}
+            edit.revert(work)
+            # with a probe, rank by validation error + pull rate; without, by the pairs' gap (Algorithm 1)
+            rec["cost"] = rec["gap"] + (1 - acc if probe is not None else 0.0)
             tried.append(rec)
-            if rec["within_budget"] and (choice is None or new_gap < choice[1]["gap"]):
+            if rec["within_budget"] and (choice is None or rec["cost"] < choice[1]["cost"]):
                 choice = (edit, rec)
         entry = {"round": r, "ranking": [(s.layer, round(s.score, 6)) for s in ranked], "tried": tried}
         if choice is None:                 # every tried edit costs more than ε: roll back and stop
