@@ -7,14 +7,14 @@ than ε clean accuracy on the repair *validation* split. Static: one edit at the
 
 netmend extensions (both on by default for `rectify`, off for `rectify-static`, the paper's ablation):
 - **Transplant probe.** When the defect's corruption is a stamp (a trigger or a pattern: `transplantable`), the
-  pairs' difference x̃ − x is stamped on the validation split's clean samples (`Pairs.transplant`). These probe
-  pairs, made from the evidence and the repair data only, measure whether an edit *generalises* beyond the pairs
-  it was fitted on: the pull rate (probe samples the stamp alone moves into the class the evidence x̃ is given,
-  an ASR estimate that needs no knowledge of the target) replaces the pairs' gap in the loop's site choice
-  (validation error + pull rate) and stopping rule (pull rate ≤ `delta_probe`).
+  pairs' difference x̃ − x is stamped on the clean repair samples (`Pairs.transplant`). These probe pairs, made
+  from the evidence and the repair data only, measure whether an edit *generalises* beyond the pairs it was
+  fitted on: the pull rate (stamped probe samples outside the class the evidence x̃ is given that land in it:
+  the ASR's definition, with no knowledge of the target) replaces the pairs' gap in the loop's site choice
+  (probe error + pull rate) and stopping rule (pull rate ≤ `delta_probe`). ε still applies to the validation split.
 - **Overshoot.** An exact edit maps x̃'s key onto x's value and no further; other corrupted inputs, whose keys
   differ a little, keep part of the misbehaviour. Each edit's Λ is scaled by the γ in `overshoot` minimising
-  validation error + pull rate within ε (ties go to the smaller γ; γ = 1 is the exact edit; without a probe γ = 1).
+  probe error + pull rate within ε (ties go to the smaller γ; γ = 1 is the exact edit; without a probe γ = 1).
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ from torch import nn
 from ..defects.base import Defect, Pairs
 from ..edit import Edit
 from ..errors import require
+from ..hooks import capture, get_layer, run_from
 from ..locate.attribution import AttributionConfig, attribution_sites
+from ..metrics import predict
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
@@ -46,7 +48,7 @@ class RectifyConfig:
     epsilon: float = 0.01             # ε: largest cumulative drop of validation accuracy (fraction) an edit may cost
     lookahead: int = 2                # edit the top-k ranked sites in turn and keep the one leaving the smallest gap
                                       # within ε (k = 1 is Algorithm 1 literally: the top site, stop on rollback)
-    transplant: int = 512             # probe pairs stamped on this many validation samples (0 = judge on the pairs)
+    transplant: int = 3000            # probe pairs stamped on this many repair samples (0 = judge on the pairs)
     overshoot: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])  # Λ scales tried
     # localisation (each round); see AttributionConfig
     layers: list[str] | None = None
@@ -99,7 +101,8 @@ def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | 
     """The transplant probe: the pairs' corruption stamped on validation samples (None when not applicable)."""
     if cfg.transplant <= 0 or not defect.transplantable:
         return None
-    x, y = defect.repair.x_val[: cfg.transplant], defect.repair.y_val[: cfg.transplant]
+    r = defect.repair
+    x, y = torch.cat([r.x_val, r.x_fit])[: cfg.transplant], torch.cat([r.y_val, r.y_fit])[: cfg.transplant]
     if not len(y):
         return None
     pairs = _pairs(defect, cfg.pairs)
@@ -108,15 +111,53 @@ def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | 
     return Probe(pairs.transplant(x, y), pulled)
 
 
+def _rates(pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int) -> dict[str, float]:
+    other = y != pulled
+    pull = (pb == pulled)[other].float().mean() if other.any() else torch.zeros(())
+    return {"probe_pull_rate": float(pull), "probe_flip_rate": float((pc != pb).float().mean()),
+            "probe_accuracy": float((pc == y).float().mean())}
+
+
 @torch.no_grad()
 def probe_rates(model: nn.Module, probe: Probe, device: str = "cpu") -> dict[str, float]:
-    """pull: share of probe samples outside the pulled class that the stamp alone moves INTO it (an ASR
-    estimate from the evidence only); flip: share whose prediction the stamp changes at all."""
-    pc = model(probe.pairs.clean.to(device)).argmax(1)
-    pb = model(probe.pairs.corrupted.to(device)).argmax(1)
-    other = probe.pairs.labels.to(device) != probe.pulled
-    pull = ((pb == probe.pulled) & (pc != probe.pulled))[other].float().mean() if other.any() else pb.new_zeros(())
-    return {"probe_pull_rate": float(pull), "probe_flip_rate": float((pc != pb).float().mean())}
+    """pull: share of stamped probe samples outside the pulled class predicted as it — the ASR's definition,
+    estimated from the evidence and repair data only; flip: share whose prediction the stamp changes at all;
+    accuracy: on the probe's clean samples."""
+    pc = predict(model, probe.pairs.clean, device=device)
+    pb = predict(model, probe.pairs.corrupted, device=device)
+    return _rates(pc, pb, probe.pairs.labels, probe.pulled)
+
+
+@torch.no_grad()
+def probe_rates_scaled(model: nn.Module, edit: Edit, gammas: list[float], probe: Probe, device: str = "cpu",
+                       batch_size: int = 512) -> list[dict[str, float]]:
+    """`probe_rates` of the model with γ·ΔW applied, for every γ: the prefix up to the edited layer runs once
+    per batch, only the suffix per γ (the edit's output change is linear in γ)."""
+    names = list(edit.deltas)
+    layer = names[0].rsplit(".", 1)[0] if len(names) == 1 and names[0].endswith(".weight") else None
+    mod = get_layer(model, layer) if layer else None
+    if not isinstance(mod, (nn.Linear, nn.Conv2d)):          # any other edit: apply each scale in turn
+        out = []
+        for g in gammas:
+            e = _scaled(edit, g)
+            e.apply(model)
+            out.append(probe_rates(model, probe, device))
+            e.revert(model)
+        return out
+    dW = edit.deltas[names[0]]
+    dW = dW.to(device=mod.weight.device, dtype=mod.weight.dtype)
+    preds = {g: ([], []) for g in gammas}
+    for lo in range(0, len(probe.pairs), batch_size):
+        for side, x in enumerate((probe.pairs.clean[lo: lo + batch_size], probe.pairs.corrupted[lo: lo + batch_size])):
+            x = x.to(device)
+            with capture(model, [layer]) as cap:
+                model(x)
+            k, base = cap.inputs[layer], cap.outputs[layer]
+            change = F.linear(k, dW) if isinstance(mod, nn.Linear) else F.conv2d(
+                k, dW, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+            for g in gammas:
+                preds[g][side].append(run_from(model, layer, base + g * change, x).argmax(1).cpu())
+    return [_rates(torch.cat(preds[g][0]), torch.cat(preds[g][1]), probe.pairs.labels, probe.pulled) for g in gammas]
 
 
 def _scaled(edit: Edit, g: float) -> Edit:
@@ -125,22 +166,19 @@ def _scaled(edit: Edit, g: float) -> Edit:
 
 def choose_overshoot(work: nn.Module, defect: Defect, edit: Edit, probe: Probe | None, acc0: float,
                      cfg: RectifyConfig) -> tuple[Edit, dict[str, Any]]:
-    """Scale Λ by the γ minimising validation error + probe pull rate within ε (γ = 1 without a probe)."""
+    """Scale Λ by the γ minimising probe error (clean) + pull rate within ε (γ = 1 without a probe)."""
     if probe is None:
         return edit, {"overshoot": 1.0}
-    best: tuple[float, Edit, dict[str, Any]] | None = None
-    for g in sorted(set(cfg.overshoot) | {1.0}):
-        e = _scaled(edit, g)
+    gammas = sorted(set(cfg.overshoot) | {1.0})
+    all_rates = probe_rates_scaled(work, edit, gammas, probe, cfg.device)
+    for g, rates in sorted(zip(gammas, all_rates), key=lambda t: (1 - t[1]["probe_accuracy"]) + t[1]["probe_pull_rate"]):
+        e = _scaled(edit, g)                  # cheapest first; the first within ε wins (ties: smaller γ, sort is stable)
         e.apply(work)
-        rates = probe_rates(work, probe, cfg.device)
         acc = defect.validation_score(work)
         e.revert(work)
-        cost = (1 - acc) + rates["probe_pull_rate"]
-        if acc0 - acc <= cfg.epsilon and (best is None or cost < best[0] - 1e-9):
-            best = (cost, e, {"overshoot": g, **rates})
-    if best is None:
-        return edit, {"overshoot": 1.0}
-    return best[1], best[2]
+        if acc0 - acc <= cfg.epsilon:
+            return e, {"overshoot": g, **rates}
+    return edit, {"overshoot": 1.0}
 
 
 def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyConfig) -> dict[str, float]:
@@ -185,7 +223,7 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
                    "clamped": edit.meta.get("clamped"), "within_budget": acc0 - acc <= cfg.epsilon}
             edit.revert(work)
             # with a probe, rank by validation error + pull rate; without, by the pairs' gap (Algorithm 1)
-            rec["cost"] = rec["gap"] + (1 - acc if probe is not None else 0.0)
+            rec["cost"] = rec["gap"] + (1 - rec["probe_accuracy"] if probe is not None else 0.0)
             tried.append(rec)
             if rec["within_budget"] and (choice is None or rec["cost"] < choice[1]["cost"]):
                 choice = (edit, rec)
