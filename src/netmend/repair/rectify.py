@@ -11,7 +11,8 @@ netmend extensions (both on by default for `rectify`, off for `rectify-static`, 
   from the evidence and the repair data only, measure whether an edit *generalises* beyond the pairs it was
   fitted on: the pull rate (stamped probe samples outside the class the evidence x̃ is given that land in it:
   the ASR's definition, with no knowledge of the target) replaces the pairs' gap in the loop's site choice
-  (probe error + pull rate) and stopping rule (pull rate ≤ `delta_probe`). ε still applies to the validation split.
+  (probe error + pull rate) and stopping rule (pull rate ≤ `delta_probe`); ε is then measured on the probe's clean
+  repair samples, since a small validation split cannot resolve a one-point budget.
 - **Overshoot.** An exact edit maps x̃'s key onto x's value and no further; other corrupted inputs, whose keys
   differ a little, keep part of the misbehaviour. Each edit's Λ is scaled by the γ in `overshoot` minimising
   probe error + pull rate within ε (ties go to the smaller γ; γ = 1 is the exact edit; without a probe γ = 1).
@@ -45,8 +46,9 @@ class RectifyConfig:
     rounds: int = 10                  # R: most edits
     delta: float = 0.05               # δ: stop when mean P(y|x) − P(y|x̃) over the pairs is below this
     delta_probe: float = 0.002        # with a transplant probe: stop when its pull rate is at most this
-    epsilon: float = 0.01             # ε: largest cumulative drop of validation accuracy (fraction) an edit may cost
-    lookahead: int = 2                # edit the top-k ranked sites in turn and keep the one leaving the smallest gap
+    epsilon: float = 0.01             # ε: largest cumulative accuracy drop (fraction) an edit may cost: on the
+                                      # validation split, or with a probe on all repair samples
+    lookahead: int = 3                # edit the top-k ranked sites in turn and keep the one leaving the smallest gap
                                       # within ε (k = 1 is Algorithm 1 literally: the top site, stop on rollback)
     transplant: int = 3000            # probe pairs stamped on this many repair samples (0 = judge on the pairs)
     overshoot: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])  # Λ scales tried
@@ -164,20 +166,17 @@ def _scaled(edit: Edit, g: float) -> Edit:
     return edit if g == 1.0 else Edit({k: v * g for k, v in edit.deltas.items()}, {**edit.meta, "overshoot": g})
 
 
-def choose_overshoot(work: nn.Module, defect: Defect, edit: Edit, probe: Probe | None, acc0: float,
+def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: float,
                      cfg: RectifyConfig) -> tuple[Edit, dict[str, Any]]:
-    """Scale Λ by the γ minimising probe error (clean) + pull rate within ε (γ = 1 without a probe)."""
+    """Scale Λ by the γ minimising probe error (clean) + pull rate, costing at most ε of the probe's clean
+    accuracy `acc0` (γ = 1 without a probe)."""
     if probe is None:
         return edit, {"overshoot": 1.0}
     gammas = sorted(set(cfg.overshoot) | {1.0})
     all_rates = probe_rates_scaled(work, edit, gammas, probe, cfg.device)
     for g, rates in sorted(zip(gammas, all_rates), key=lambda t: (1 - t[1]["probe_accuracy"]) + t[1]["probe_pull_rate"]):
-        e = _scaled(edit, g)                  # cheapest first; the first within ε wins (ties: smaller γ, sort is stable)
-        e.apply(work)
-        acc = defect.validation_score(work)
-        e.revert(work)
-        if acc0 - acc <= cfg.epsilon:
-            return e, {"overshoot": g, **rates}
+        if acc0 - rates["probe_accuracy"] <= cfg.epsilon:   # cheapest first; ties keep the smaller γ (stable sort)
+            return _scaled(edit, g), {"overshoot": g, **rates}
     return edit, {"overshoot": 1.0}
 
 
@@ -198,10 +197,13 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()
     acfg, rcfg = _sub(cfg, AttributionConfig), _sub(cfg, RankOneConfig)
-    acc0 = defect.validation_score(work)
     probe = make_probe(work, defect, cfg)
     delta = cfg.delta if probe is None else cfg.delta_probe
     m0 = _measure(work, defect, probe, cfg)
+    # the accuracy ε is measured on: the validation split (Algorithm 1), or with a probe all repair samples
+    # (a 50-image validation split cannot resolve a 1-point budget)
+    accuracy = (lambda m: m["probe_accuracy"]) if probe is not None else (lambda _m: defect.validation_score(work))
+    acc0 = accuracy(m0)
     gap = m0["gap"]
     history = [{"round": 0, **m0, "val_accuracy": acc0, "probe": 0 if probe is None else len(probe.pairs)}]
     accepted: list[Edit] = []
@@ -214,11 +216,11 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
         tried, choice = [], None
         for site in list(ranked)[: max(1, cfg.lookahead)]:
             edit = rank_one_edit(work, defect, site.layer, rcfg, value=site.info.get("value_point"))
-            edit, over = choose_overshoot(work, defect, edit, probe, acc0, cfg)
+            edit, over = choose_overshoot(work, edit, probe, acc0, cfg)
             edit.apply(work)
-            acc = defect.validation_score(work)
-            rec = {"layer": site.layer, "score": site.score, **_measure(work, defect, probe, cfg), **over,
-                   "val_accuracy": acc,
+            m = _measure(work, defect, probe, cfg)
+            acc = accuracy(m)
+            rec = {"layer": site.layer, "score": site.score, **m, **over, "val_accuracy": acc,
                    "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
                    "clamped": edit.meta.get("clamped"), "within_budget": acc0 - acc <= cfg.epsilon}
             edit.revert(work)
