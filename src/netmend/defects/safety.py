@@ -8,6 +8,13 @@ then samples locally around what it found (clipped to the box). Seeds keep the s
   seed + 2  -> the metric falsifier run         (counterexamples_found)
   seed + 3  -> uniform box samples              (violation_rate)
   seed + 4  -> samples outside the box          (fidelity to the original network)
+  seed + 5/6 -> outside-box keep samples of the objective (fit / validation)
+  seed + 10 + r, seed + 100 + r -> round r of falsify → repair → falsify (`more_evidence`: PGD search and a
+             uniform box sweep of the repair candidate, repair side only; never the metric seeds above)
+netmend deviations from CARE's safety objective (fields of SafetyOptions): outside-box keep samples (`outside`),
+a decision margin on the evidence (`objective_margin`), and counterexamples found on repair candidates during
+falsify → repair rounds (`more_evidence`, `round_*`; PSOConfig.rounds). On the dev diagnostics (repair-only seeds)
+N2,9 φ8 went from 198 uniform violations per 10⁶ and 4 falsifier hits to 0 and 0.
 The ACAS advisory is the ARGMIN of the outputs; `Objective.decide` and `advisory` use it.
 
 Properties (`--property`): a .vnnlib path; `prop_N` / `phiN` (prop_N.vnnlib under the data dir's
@@ -69,6 +76,14 @@ class SafetyOptions:
     # widened by its own width on each side), labelled with the original advisory, seed + 5 (validation: seed + 6).
     # CARE's objective (drawndown box samples only) is outside = 0; it left 97.2% / 84.7% fidelity outside the box.
     outside: int = 4000
+    round_counterexamples: int = 250   # falsify→repair rounds (PSOConfig.rounds): counterexamples collected per round
+                                       # on the candidate, searched with the repair-only seeds seed + 10 + round
+    round_uniform: int = 1_000_000     # ... plus this many uniform box samples per round (seed + 100 + round); their
+                                       # violations and local samples around them join the round's evidence
+    objective_margin: float = 0.001    # the objective counts an evidence counterexample as violated until its margin
+                                       # is below −objective_margin (output units; 0 = CARE's plain violation test):
+                                       # repaired points are pushed past the decision boundary, not onto it
+                                       # (drawndown samples' median margin: −0.0025 N2,9 φ8, −0.0014 N3,3 φ2s)
     device: str = "cpu"
 
 
@@ -221,6 +236,7 @@ class SafetyDefect(Defect):
                                 "seconds": round(ev.seconds, 3)}
         self.x_bad = ev.counterexamples
         self.y_bad = self._safe_labels(self.x_bad)
+        self.x_rounds: list[torch.Tensor] = []     # counterexamples found on repair candidates (more_evidence)
         ho = falsify(self.original, prop, o.seed + 1, want=o.heldout_counterexamples, **fal)
         self.x_heldout = ho.counterexamples
         self.repair = self._drawndown(o.satisfying, o.val_fraction, o.seed)
@@ -299,17 +315,60 @@ class SafetyDefect(Defect):
         return x, advisory(_outputs(self.original, x))
 
     def _split_bad(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evidence counterexamples split fit / validation (val_fraction, when there are ≥ 5 of them)."""
-        x_bad, _ = self.evidence()
-        n_val = int(round(self.options.val_fraction * len(x_bad))) if len(x_bad) >= 5 else 0
-        return x_bad[n_val:], x_bad[:n_val] if n_val else x_bad
+        """Evidence counterexamples split fit / validation (val_fraction, when there are ≥ 5 of them); each
+        round's counterexamples (more_evidence) are split the same way and appended."""
+        fits, vals = [], []
+        for x_bad in [self.evidence()[0]] + self.x_rounds:
+            n_val = int(round(self.options.val_fraction * len(x_bad))) if len(x_bad) >= 5 else 0
+            fits.append(x_bad[n_val:])
+            vals.append(x_bad[:n_val] if n_val else x_bad)
+        return torch.cat(fits), torch.cat(vals)
+
+    def clear_rounds(self) -> None:
+        self.x_rounds = []
+
+    def more_evidence(self, model: nn.Module, round: int) -> int:
+        """Falsify a repair candidate with the repair-only seed seed + 10 + round (same PGD budget as the
+        evidence search, plus local sampling up to `round_counterexamples`); what it finds joins the evidence
+        of later objectives. Returns how many were added (0: the candidate resisted this search)."""
+        o = self.options
+        if o.round_counterexamples <= 0:
+            return 0
+        model = copy.deepcopy(model).to(o.device).eval()
+        found = falsify(model, self.prop, o.seed + 10 + round, starts=o.falsify_starts, steps=o.falsify_steps,
+                        step=o.falsify_step, want=o.round_counterexamples, local_radius=o.local_radius,
+                        local_rounds=o.local_rounds, snap=o.falsify_snap).counterexamples
+        if o.round_uniform > 0:
+            g = torch.Generator().manual_seed(o.seed + 100 + round)
+            x = self.prop.sample(o.round_uniform, g)
+            v = x[self.prop.violated(_outputs(model, x))]
+            if len(v):      # rare isolated violations: sample around them too (clipped to the box)
+                lo, hi = _box_tensors(self.prop, "cpu")
+                lo, hi = lo.amin(0), hi.amax(0)
+                pool = v
+                for _ in range(o.local_rounds):
+                    c = pool[torch.randint(len(pool), (1024,), generator=g)]
+                    c = torch.minimum(torch.maximum(c + o.local_radius * (hi - lo) * (2 * torch.rand(c.shape, generator=g) - 1), lo), hi)
+                    c = c[self.prop.in_box(c) & self.prop.violated(_outputs(model, c))]
+                    pool = torch.cat([pool, c])
+                    if len(pool) >= o.round_counterexamples:
+                        break
+                keep = torch.randperm(len(pool), generator=g)[: o.round_counterexamples]
+                found = torch.cat([found, pool[keep]])
+        if len(found):
+            self.x_rounds.append(found)
+        return len(found)
+
+    def _violated_obj(self, y: torch.Tensor) -> torch.Tensor:
+        d = self.options.objective_margin
+        return self.prop.violated(y) | (self.prop.margin(y) >= -d) if d > 0 else self.prop.violated(y)
 
     def objective(self, model: nn.Module) -> Objective:
         """CARE's safety fitness: violation rate on the evidence counterexamples (fit part), agreement (argmin)
         with the original advisories on the drawndown fit samples plus `outside` samples outside the box."""
-        x_bad, _ = self._split_bad() if self.options.outside > 0 else (self.evidence()[0], None)
+        x_bad, _ = self._split_bad() if self.options.outside > 0 else (torch.cat([self.evidence()[0]] + self.x_rounds), None)
         xo, yo = self.outside_samples(self.options.outside, self.options.seed + 5)
-        return Objective(x_bad, self.prop.violated, torch.cat([self.repair.x_fit, xo]), torch.cat([self.repair.y_fit, yo]),
+        return Objective(x_bad, self._violated_obj, torch.cat([self.repair.x_fit, xo]), torch.cat([self.repair.y_fit, yo]),
                          decide=advisory)
 
     def validation_objective(self, model: nn.Module) -> Objective:
@@ -317,7 +376,7 @@ class SafetyDefect(Defect):
         outside-box samples (seed + 6). Repairers use it to choose among candidates, never to fit."""
         _, x_bad = self._split_bad()
         xo, yo = self.outside_samples(self.options.outside // 2, self.options.seed + 6)
-        return Objective(x_bad, self.prop.violated, torch.cat([self.repair.x_val, xo]), torch.cat([self.repair.y_val, yo]),
+        return Objective(x_bad, self._violated_obj, torch.cat([self.repair.x_val, xo]), torch.cat([self.repair.y_val, yo]),
                          decide=advisory)
 
     def validation_score(self, model: nn.Module) -> float:
@@ -377,6 +436,7 @@ class SafetyDefect(Defect):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update({"property": self.prop.describe(), "box": self.options.box, "evidence": len(self.x_bad),
+                  "round_counterexamples": [len(x) for x in self.x_rounds],
                   "heldout_counterexamples": len(self.x_heldout), "falsifier": self.falsifier_stats,
                   "seeds": {"repair": self.options.seed, "heldout": self.options.seed + 1, "falsifier_metric": self.options.seed + 2,
                             "violation_rate": self.options.seed + 3, "fidelity": self.options.seed + 4}})

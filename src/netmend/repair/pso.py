@@ -9,6 +9,12 @@ Deviations from CARE (each a config field): the `care` preset starts particles 1
 (`select`); backdoor α = 0.5 instead of 0.2 (KIND_DEFAULTS). With CARE's sites (5 units of the head's input)
 no α reached the goal: the PSO had to push those mixed units to ±3–7 and lost 7–30 points of clean accuracy at
 2–7% ASR; the localiser's backdoor default now picks flattened conv features instead (locate/causal.py).
+
+Deviation for safety (`rounds`, default 3 for safety): CARE fits once to a fixed counterexample set. netmend
+alternates falsify → repair → falsify: after each PSO run the defect's `more_evidence` searches the baked
+candidate with repair-only seeds (PGD falsifier + a uniform box sweep, SafetyOptions.round_*), adds what it finds
+to the evidence and the PSO reruns, warm-started at the previous choice, until a search finds nothing. The
+metric's seeds are never used.
 """
 from __future__ import annotations
 
@@ -109,6 +115,9 @@ MODES = {"scale": ScaleMode(-10.0, 10.0, 1.0, 0.0),      # backdoor, safety: h �
          "offset": ScaleMode(-1.0, 1.0, 0.0, 1.0)}       # fairness: h ← (1 + w)·h
 # backdoor α 0.5 (CARE: 0.2 for MNIST/FMNIST): with 30 flattened-feature sites, 0.2 let the swarm trade ~1 point of
 # clean accuracy for nothing on the dev models' repair-validation split (seed-1 FMNIST, seed-7 MNIST-5k).
+# Safety runs falsify → repair → falsify rounds by default (PSOConfig.rounds): one PSO run fitted to the initial
+# evidence left N2,9 φ8 with falsifiable leftovers (6 → 1 metric-falsifier hits, 2·10⁻⁴ of the box).
+ROUNDS_DEFAULT = {"safety": 3}
 KIND_DEFAULTS = {"backdoor": ("scale", 0.5), "safety": ("scale", 0.2), "fairness": ("offset", 0.3)}
 
 
@@ -133,6 +142,10 @@ class PSOConfig:
                                         # `validation_objective` (when it has one); fit: CARE's final global best
     spread: float | None = None         # identity+uniform init: particles 1.. uniform in identity ± spread
                                         # (default: the whole bounds, as before)
+    rounds: int | None = None           # default per kind (safety 3, else 0). falsify → repair → falsify: after each PSO run a defect with `more_evidence`
+                                        # (safety) searches the baked candidate with a repair-only seed; what it finds
+                                        # joins the evidence and the PSO reruns warm-started at the previous choice,
+                                        # up to `rounds` extra runs, stopping early when the search finds nothing
     batched: bool = True                # False: one suffix pass per particle (speed reference)
     cache_prefix: bool = True           # False: every pass runs the whole model from the input (CARE's way)
     max_elems: int = 1 << 25            # floats per batched pass
@@ -405,37 +418,56 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
     require(0 <= alpha <= 1, f"pso: alpha must be in [0, 1], got {alpha}")
     dev = torch.device(cfg.device)
     work = copy.deepcopy(model).to(dev).eval()
-    obj = defect.objective(work)
-    x = torch.cat([obj.x_bad, obj.x_good]).to(dev)
-    obj.y_good = obj.y_good.to(dev)
-    scaled = ScaledModel(work, units, x, cfg.cache_prefix)
-    fitness = _fitness(scaled, obj, alpha, len(obj.x_bad), cfg, mode)
     d = len(units)
     lower = torch.full((d,), -cfg.bound if cfg.bound is not None else mode.lower)
     upper = torch.full((d,), cfg.bound if cfg.bound is not None else mode.upper)
     # A scale baked through a max-pool / ReLU must be ≥ 0 (a·max = max(a·) only then): such units search a ≥ 0.
     nonneg = torch.tensor([needs_nonneg(work, l) for l, _ in units])
     lower = torch.where(nonneg, torch.maximum(lower, torch.tensor(-mode.offset)), lower)
-    init = torch.full((cfg.particles, d), mode.identity)
+    init0 = torch.full((cfg.particles, d), mode.identity)
     if cfg.init == "identity+uniform" and cfg.particles > 1:
         g = torch.Generator().manual_seed(cfg.seed + 1)
         lo_i, hi_i = lower, upper
         if cfg.spread is not None:
             lo_i = torch.clamp(lower, min=mode.identity - cfg.spread)
             hi_i = torch.clamp(upper, max=mode.identity + cfg.spread)
-        init[1:] = lo_i + (hi_i - lo_i) * torch.rand(cfg.particles - 1, d, generator=g)
-    identity_cost = float(fitness(torch.full((1, d), mode.identity, device=dev))[0])
-    res = pso_minimise(fitness, init.to(dev), lower, upper, cfg.iterations, cfg.inertia, cfg.c1, cfg.c2,
-                       cfg.ftol, cfg.ftol_iter, cfg.seed)
-    eff = (res.best_pos + mode.offset).cpu()
-    if res.best_cost >= identity_cost:          # nothing better than leaving the model alone
-        eff = torch.full((d,), 1.0)
-    chosen = {"by": "fit"}
-    vobj = validation_objective(defect, work) if cfg.select == "validation" else None
-    if vobj is not None:
-        eff, chosen = _select_on_validation(work, units, vobj, alpha, cfg, mode, res, identity_cost, dev)
-    assign = {u: float(a) for u, a in zip(units, eff.tolist())}
-    baked = bake(work, assign, x)
+        init0[1:] = lo_i + (hi_i - lo_i) * torch.rand(cfg.particles - 1, d, generator=g)
+    n_rounds = ROUNDS_DEFAULT.get(defect.kind, 0) if cfg.rounds is None else int(cfg.rounds)
+    require(n_rounds >= 0, f"pso: rounds must be ≥ 0, got {n_rounds}")
+    more = getattr(defect, "more_evidence", None) if n_rounds > 0 else None
+    if more is not None and callable(getattr(defect, "clear_rounds", None)):
+        defect.clear_rounds()
+    rounds_log: list[dict] = []
+    eff, iterations, evaluations, trace = None, 0, 0, []
+    for r in range(n_rounds + 1 if more is not None else 1):
+        obj = defect.objective(work)
+        x = torch.cat([obj.x_bad, obj.x_good]).to(dev)
+        obj.y_good = obj.y_good.to(dev)
+        scaled = ScaledModel(work, units, x, cfg.cache_prefix)
+        fitness = _fitness(scaled, obj, alpha, len(obj.x_bad), cfg, mode)
+        init = init0.clone()
+        if eff is not None and cfg.particles > 1:       # warm start: particle 1 at the previous round's choice
+            init[1] = (eff - mode.offset).clamp(lower, upper)
+        identity_cost = float(fitness(torch.full((1, d), mode.identity, device=dev))[0])
+        res = pso_minimise(fitness, init.to(dev), lower, upper, cfg.iterations, cfg.inertia, cfg.c1, cfg.c2,
+                           cfg.ftol, cfg.ftol_iter, cfg.seed + r)
+        iterations, evaluations, trace = iterations + res.iterations, evaluations + res.evaluations, trace + res.trace
+        eff = (res.best_pos + mode.offset).cpu()
+        if res.best_cost >= identity_cost:          # nothing better than leaving the model alone
+            eff = torch.full((d,), 1.0)
+        chosen = {"by": "fit"}
+        vobj = validation_objective(defect, work) if cfg.select == "validation" else None
+        if vobj is not None:
+            eff, chosen = _select_on_validation(work, units, vobj, alpha, cfg, mode, res, identity_cost, dev)
+        assign = {u: float(a) for u, a in zip(units, eff.tolist())}
+        baked = bake(work, assign, x)
+        log = {"round": r, "evidence": len(obj.x_bad), "best_cost": res.best_cost, "iterations": res.iterations}
+        rounds_log.append(log)
+        if more is None or r == n_rounds:
+            break
+        log["found"] = int(more(baked, r))
+        if log["found"] == 0:
+            break
     with torch.no_grad():   # the baked weights must reproduce the hooked scales
         probe = x[: min(len(x), 256)]
         ref = ScaledModel(work, units, probe).logits(eff.to(dev)[None])[0]
@@ -443,8 +475,8 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
     require(err <= 1e-3 * (1 + float(ref.abs().max())), f"pso: baked weights differ from the scaled model by {err:.3g}")
     meta = {"repairer": "pso", "mode": mode_name, "alpha": alpha, "units": [list(u) for u in units],
             "scales": [{"layer": l, "index": i, "scale": assign[(l, i)]} for l, i in units],
-            "best_cost": res.best_cost, "identity_cost": identity_cost, "trace": res.trace,
-            "iterations": res.iterations, "evaluations": res.evaluations, "particles": cfg.particles,
+            "best_cost": res.best_cost, "identity_cost": identity_cost, "trace": trace,
+            "iterations": iterations, "evaluations": evaluations, "rounds": rounds_log, "particles": cfg.particles,
             "batched": cfg.batched, "nonneg_units": int(nonneg.sum()), "bake_error": err, "selection": chosen, "seconds": time.perf_counter() - t0}
     return Edit.between(work.cpu(), baked.cpu(), meta, names=[n for n, _ in baked.named_parameters()])
 
