@@ -3,6 +3,7 @@
     python benchmarks/care.py                          # every case, seed 0
     python benchmarks/care.py --cases census-sex fmnist-badnets n29-phi8
     python benchmarks/care.py --seeds 0 1 2 --threads 2
+    python benchmarks/care.py --cases n29-phi8 n33-phi2s --merge   # rerun two cases, keep the other rows
 
 Cases: fairness Census×{sex, race, age}, Credit×{sex, age}, Bank×{age} (netmend's 64-32-16-8-4 MLP per CSV);
 backdoor BadNets 3×3, 10% poisoning, target 0, small CNN on Fashion-MNIST and MNIST-5k; safety ACAS Xu
@@ -105,9 +106,14 @@ FAIR_HIDDEN = os.environ.get("CARE_FAIR_HIDDEN") == "1"
 FAIR_LOCATE = {"keep": 13} if FAIR_HIDDEN else {"keep": 13, "inputs": True, "score": "drop"}
 FAIR_REPAIR = {"alpha": 0.5, "spread": 0.3} if FAIR_HIDDEN else {"alpha": 0.9, "spread": 0.3}
 
-# Safety: the defect's objective adds 4000 outside-box samples that keep the original advisory (SafetyOptions.outside);
-# alpha 0.5 (CARE: 0.3 N2,9, 0.1 N3,3), particles 1.. within identity ± 1, ftol_iter 20, validation choice.
+# Safety: the defect's objective adds 4000 outside-box samples that keep the original advisory (SafetyOptions.outside)
+# and a 0.001 decision margin on the evidence (objective_margin); PSO runs up to 3 falsify → repair → falsify rounds
+# (PSOConfig.rounds, repair-only seeds); alpha 0.5 (CARE: 0.3 N2,9, 0.1 N3,3), particles 1.. within identity ± 1,
+# ftol_iter 20, validation choice. N3,3: 50 neurons and alpha 0.8 (fidelity outside the box 88.0% → 90.7% on the
+# repair-side diagnostics, seeds + 30..32, never the metric seeds; N2,9 kept 27 / 0.5, which did best there).
 SAFE_REPAIR = json.loads(os.environ.get("CARE_SAFE_REPAIR", '{"alpha": 0.5, "spread": 1.0, "ftol_iter": 20}'))
+SAFE_N33_LOCATE = {"outputs": [0], "keep": 50}
+SAFE_N33_REPAIR = {**SAFE_REPAIR, "alpha": 0.8}
 
 CASES = [
     Case("census-sex", "fairness", fairness_case("census", "sex"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN1"),
@@ -120,8 +126,8 @@ CASES = [
     Case("fmnist-badnets", "backdoor", backdoor_case("fashion-mnist"), locate=BD_LOCATE, repair=BD_REPAIR,
          paper="NN6"),
     Case("n29-phi8", "safety", safety_case("2_9", "8"), repair=SAFE_REPAIR, paper="NN7"),
-    Case("n33-phi2s", "safety", safety_case("3_3", "phi2-strengthened"), locate={"outputs": [0]},
-         repair=SAFE_REPAIR, paper="NN8"),
+    Case("n33-phi2s", "safety", safety_case("3_3", "phi2-strengthened"), locate=SAFE_N33_LOCATE,
+         repair=SAFE_N33_REPAIR, paper="NN8"),
 ]
 
 HEADLINE = {   # (metric, lower is better) per kind
@@ -141,6 +147,7 @@ def run_case(case: Case, args, seed: int) -> tuple[dict[str, Any], dict[str, Any
                            "setup_s": round(setup, 2), "locate_s": round(res.locate_seconds, 2),
                            "repair_s": round(res.repair_seconds, 2), "care_s": round(res.seconds, 2),
                            "neurons": len(res.edit.meta["scales"]), "pso_iterations": res.edit.meta["iterations"],
+                           "rounds": len(res.edit.meta.get("rounds", [])) or 1,
                            "best_cost": round(res.edit.meta["best_cost"], 5),
                            "identity_cost": round(res.edit.meta["identity_cost"], 5)}
     for k in HEADLINE[case.kind]:
@@ -170,8 +177,10 @@ def write_markdown(rows: list[dict], path: Path, args) -> None:
              f"device {args.device}; seeds {args.seeds}. Rates in %, times in s. "
              f"Command: `python benchmarks/care.py {' '.join(sys.argv[1:])}`", "",
              f"Deviations from CARE's defaults (see the comments in benchmarks/care.py): fairness locate {FAIR_LOCATE}, "
-             f"repair {FAIR_REPAIR}, objective 'pool' (repair-pool rows + DI evidence); safety repair {SAFE_REPAIR} with "
-             f"4000 outside-box keep samples in the objective; backdoor locate {BD_LOCATE or 'netmend default'} repair "
+             f"repair {FAIR_REPAIR}, objective 'pool' (repair-pool rows + DI evidence); safety repair {SAFE_REPAIR} "
+             f"(N3,3: locate {SAFE_N33_LOCATE}, repair {SAFE_N33_REPAIR}) with 4000 outside-box keep samples and a "
+             f"0.001 decision margin in the objective and up to 3 falsify → repair → falsify rounds on repair-only "
+             f"seeds; backdoor locate {BD_LOCATE or 'netmend default'} repair "
              f"{BD_REPAIR or 'netmend default'} (default: flattened conv features, 30 neurons, alpha 0.5; CARE: one "
              f"dense layer, 5 neurons, alpha 0.2); PSO keeps the candidate with the lowest validation cost (fairness, "
              f"safety: the defect's validation objective; backdoor: the repair split's validation part).", ""]
@@ -187,10 +196,13 @@ def write_markdown(rows: list[dict], path: Path, args) -> None:
             keys += ["discrimination_rate_reduction", "discrimination_rate_uniform_reduction"]
         cols += ["neurons", "PSO iters", "locate s", "repair s", "CARE s"]
         keys += ["neurons", "pso_iterations", "locate_s", "repair_s", "care_s"]
+        if kind == "safety":
+            cols.insert(-3, "PSO runs")
+            keys.insert(-3, "rounds")
         lines += [f"## {kind}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in sub:
             lines.append("| " + " | ".join(_fmt(r.get(k, "")) if k not in ("locate_s", "repair_s", "care_s", "seed",
-                                                                           "neurons", "pso_iterations")
+                                                                           "neurons", "pso_iterations", "rounds")
                                            else str(r.get(k, "")) for k in keys) + " |")
         if kind == "fairness":
             red = [r["discrimination_rate_reduction"] for r in sub if "discrimination_rate_reduction" in r]
@@ -212,6 +224,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/care"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "care")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of cases not rerun from the existing <out>.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not DATA.is_dir():
@@ -223,6 +236,14 @@ def main(argv=None) -> None:
             rows.append(row)
             details.append(detail)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and args.out.with_suffix(".json").is_file():   # keep the other cases' rows from the last run
+        done = {(r["case"], r["seed"]) for r in rows}
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        order = {c.name: i for i, c in enumerate(CASES)}
+        rows = sorted([r for r in old["rows"] if (r["case"], r["seed"]) not in done] + rows,
+                      key=lambda r: (order.get(r["case"], 99), r["seed"]))
+        details = sorted([d for d in old["details"] if (d["case"], d["seed"]) not in done] + details,
+                         key=lambda d: (order.get(d["case"], 99), d["seed"]))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
