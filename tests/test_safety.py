@@ -179,3 +179,35 @@ def test_acas_n29_phi8_rate_1e6():
     d = safety_from_info(info, SafetyOptions(property=str(ACAS / "vnnlib" / "prop_8.vnnlib")), model=model)
     m = d.metrics(model)
     assert 2.5e-4 < m["violation_rate"] < 4.5e-4 and m["violation_samples"] == 1_000_000   # §8.4: 3.4e-4
+
+
+def test_more_evidence_rounds_and_margin():
+    p, net = parse_vnnlib(TOY, "toy"), toy_net(-0.8)
+    d = SafetyDefect(net, p, SafetyOptions(**SMALL, round_counterexamples=40, round_uniform=5000))
+    n_fit, n_val = len(d.objective(net).x_bad), len(d.validation_objective(net).x_bad)
+    assert d.more_evidence(toy_net(-2.0), 0) == 0 and d.x_rounds == []     # a candidate the search cannot break
+    added = d.more_evidence(toy_net(-0.9), 0)                              # still violates where x0 ≤ −0.9
+    assert added > 0 and p.violated(toy_net(-0.9)(d.x_rounds[0])).all()
+    assert len(d.objective(net).x_bad) + len(d.validation_objective(net).x_bad) == n_fit + n_val + added
+    assert len(d.validation_objective(net).x_bad) > n_val                  # rounds are split fit / validation too
+    d.clear_rounds()
+    assert len(d.objective(net).x_bad) == n_fit
+    # decision margin: a counterexample repaired only onto the boundary still counts as violated
+    obj = d.objective(net)
+    near = torch.tensor([[0.0, 0.0005], [0.0, -0.0005], [0.0, -0.01]])       # margins 0.0005, −0.0005, −0.01
+    assert obj.violated(near).tolist() == [True, True, False]
+    plain = SafetyDefect(net, p, SafetyOptions(**SMALL, objective_margin=0.0)).objective(net)
+    assert plain.violated(near).tolist() == [True, False, False]
+
+
+def test_care_rounds_on_toy():
+    import netmend
+
+    p, net = parse_vnnlib(TOY, "toy"), toy_net(-0.8)
+    d = SafetyDefect(net, p, SafetyOptions(**SMALL, round_uniform=5000))
+    res = netmend.api.repair(net, d, method="care", locate_options={"keep": 2}, repair_options={"rounds": 2})
+    rounds = res.edit.meta["rounds"]
+    assert 1 <= len(rounds) <= 3 and all("found" in r for r in rounds[:-1])
+    assert res.after["violation_rate"] <= res.before["violation_rate"]
+    res0 = netmend.api.repair(net, d, method="care", locate_options={"keep": 2}, repair_options={"rounds": 0})
+    assert len(res0.edit.meta["rounds"]) == 1
