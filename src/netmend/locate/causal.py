@@ -13,6 +13,11 @@ channels: those features rank first (the trigger's corner position) and scaling 
 almost untouched, whereas the head's 128 hidden units each mix trigger and class evidence (measured on dev
 models, seed-1 FMNIST and seed-7 MNIST-5k: head units 5 → 81.8 / 72.0% validation accuracy at 3.1 / 0% ASR;
 30 features → 91.5 / 96.0% at 0 / 0%, from 92.5 / 96.0%). `cnn_layer='head'`, `keep=5` restore CARE.
+
+Safety probe data (`box_only`): CARE takes the expectation over the drawndown box samples. netmend's default takes
+it over the objective's keep set, which also holds outside-box samples (SafetyOptions.outside), so neurons are
+ranked by their effect over the whole domain; `box_only=True` restores CARE's data (used for N3,3 φ2s in
+benchmarks/care.py, where it kept more fidelity outside the box on the repair-side diagnostics).
 """
 from __future__ import annotations
 
@@ -146,7 +151,11 @@ def _safety_probe(model, defect, cfg) -> Probe:
     """Mean COC / WL scores on property-satisfying box samples; counterexamples only widen the range."""
     obj = defect.objective(model)
     outs = list(cfg.outputs) if cfg.outputs is not None else [0, 1]
-    x = _sample(obj.x_good, cfg.samples, cfg.seed + 123)
+    rep = getattr(defect, "repair", None)
+    # the drawndown box samples only (CARE): the objective's keep set also holds outside-box samples
+    # (SafetyOptions.outside), which would rank neurons by their effect over the whole domain
+    pool = rep.x_fit if (cfg.box_only and rep is not None and len(rep.x_fit)) else obj.x_good
+    x = _sample(pool, cfg.samples, cfg.seed + 123)
     idx = torch.tensor(outs)
     return Probe(x, obj.x_bad, lambda z: z[..., idx.to(z.device)].mean(-2), [f"score_{o}" for o in outs])
 
@@ -314,6 +323,8 @@ class CausalConfig:
                                       # one neuron per channel × position; default per kind (backdoor: features)
     inputs: bool = False              # also rank the input features (the output of the module feeding the first
                                       # weight layer, e.g. the MLP's `norm`) as neurons (netmend option)
+    box_only: bool = False            # safety: take the expectation over the drawndown box samples only (CARE), not
+                                      # the objective's whole keep set (which includes outside-box samples)
     seed: int = 0
     device: str = "cpu"
 
