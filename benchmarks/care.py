@@ -109,10 +109,12 @@ FAIR_REPAIR = {"alpha": 0.5, "spread": 0.3} if FAIR_HIDDEN else {"alpha": 0.9, "
 # Safety: the defect's objective adds 4000 outside-box samples that keep the original advisory (SafetyOptions.outside)
 # and a 0.001 decision margin on the evidence (objective_margin); PSO runs up to 3 falsify → repair → falsify rounds
 # (PSOConfig.rounds, repair-only seeds); alpha 0.5 (CARE: 0.3 N2,9, 0.1 N3,3), particles 1.. within identity ± 1,
-# ftol_iter 20, validation choice. N3,3: 50 neurons and alpha 0.8 (fidelity outside the box 88.0% → 90.7% on the
-# repair-side diagnostics, seeds + 30..32, never the metric seeds; N2,9 kept 27 / 0.5, which did best there).
+# ftol_iter 20, validation choice. N3,3: causal ranking over the drawndown box samples only (box_only, as CARE; the
+# default also mixes in the objective's outside-box keep samples) and alpha 0.8: fidelity outside the box 88.0%
+# (27 neurons, 0.5) → 90.7% (50, 0.8) → 92.9% (box_only, 27, 0.8) on repair-side diagnostics (seeds + 30..32, never
+# the metric seeds); N2,9 keeps the defaults (27, 0.5: 99.2% there, box_only 99.0%).
 SAFE_REPAIR = json.loads(os.environ.get("CARE_SAFE_REPAIR", '{"alpha": 0.5, "spread": 1.0, "ftol_iter": 20}'))
-SAFE_N33_LOCATE = {"outputs": [0], "keep": 50}
+SAFE_N33_LOCATE = {"outputs": [0], "box_only": True}
 SAFE_N33_REPAIR = {**SAFE_REPAIR, "alpha": 0.8}
 
 CASES = [
