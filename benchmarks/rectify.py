@@ -45,10 +45,13 @@ def cached_model(cache: Path, dataset: str, arch: str, trigger: str, seed: int, 
 
 
 # method label -> (preset, pairs, how the defect is built, repair options)
+INVARIANT = {"probe_cost": "stamped"}  # price stamped inputs' error, not the pull rate: less over-correction
 PAPER = {"transplant": 0}          # Algorithm 1 as published: judged on the pairs, exact edits (no probe, no overshoot)
 METHODS = {
     "rectify n=1": ("rectify", 1, "default", {}),
     "rectify n=20": ("rectify", 20, "default", {}),
+    "rectify (invariance cost) n=1": ("rectify", 1, "default", INVARIANT),
+    "rectify (invariance cost) n=20": ("rectify", 20, "default", INVARIANT),
     "rectify (paper loop) n=1": ("rectify", 1, "default", PAPER),
     "rectify (paper loop) n=20": ("rectify", 20, "default", PAPER),
     "rectify-static n=1": ("rectify-static", 1, "default", {}),
@@ -73,6 +76,7 @@ def run_one(model, info, label: str, seed: int, device: str, eval_limit: int | N
     used = pairs if how == "pairs-only" else res.samples_used
     return {"clean_accuracy_before": res.before["clean_accuracy"], "asr_before": res.before["asr"],
             "clean_accuracy": res.after["clean_accuracy"], "asr": res.after["asr"],
+            "robust_accuracy_before": res.before["robust_accuracy"], "robust_accuracy": res.after["robust_accuracy"],
             "repair_seconds": res.seconds, "samples_used": used,
             "overshoot": " ".join(str(r.get("overshoot", 1.0)) for r in (res.edit.meta.get("rounds") or [])[1:]
                                   if "layer" in r),
@@ -85,6 +89,12 @@ def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}"
 
 
+def _racc(g: list[dict]) -> str:
+    """R-Acc (triggered non-target test images still correct); rows from before it was recorded show –."""
+    v = [float(r["robust_accuracy"]) for r in g if r.get("robust_accuracy") not in (None, "")]
+    return _ms(v, 100) if len(v) == len(g) else "–"
+
+
 def write_outputs(rows: list[dict], out: Path, args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
@@ -95,15 +105,15 @@ def write_outputs(rows: list[dict], out: Path, args) -> None:
              f"machine: {platform.machine()} {platform.system()}, {torch.get_num_threads()} torch thread(s), "
              f"device {args.device}, torch {torch.__version__}; seeds {args.seeds}",
              f"command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`", "",
-             "| dataset | trigger | method | C-Acc before % | C-Acc after % | ASR before % | ASR after % | repair s | samples | layers (γ), first seed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | trigger | method | C-Acc before % | C-Acc after % | ASR before % | ASR after % | R-Acc after % | repair s | samples | layers (γ), first seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["trigger"], r["method"]), []).append(r)
     for (ds, trig, meth), g in groups.items():
         lines.append(f"| {ds} | {trig} | {meth} | {_ms([r['clean_accuracy_before'] for r in g], 100)} | "
                      f"{_ms([r['clean_accuracy'] for r in g], 100)} | {_ms([r['asr_before'] for r in g], 100)} | "
-                     f"{_ms([r['asr'] for r in g], 100)} | {_ms([r['repair_seconds'] for r in g], 1, 1)} | "
+                     f"{_ms([r['asr'] for r in g], 100)} | {_racc(g)} | {_ms([r['repair_seconds'] for r in g], 1, 1)} | "
                      f"{g[0]['samples_used']} | {g[0]['layers']}" + (f" ({g[0]['overshoot']})" if g[0]['overshoot'] else "") + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -76,3 +76,28 @@ def test_rectify_without_probe_is_algorithm_1(digits_model):
     r0 = res.edit.meta["rounds"][0]
     assert r0["probe"] == 0 and r0["gap"] == r0["pair_gap"]
     assert all(r.get("overshoot", 1.0) == 1.0 for r in res.edit.meta["rounds"][1:])
+
+
+def test_probe_costs_price_over_correction():
+    """Stamped samples of the pulled class (0) pushed out of it: "pull" cannot see it, "stamped" can."""
+    from netmend.repair.rectify import PROBE_COSTS, _rates
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    clean = y.clone()
+    invariant = _rates(clean, torch.tensor([0, 0, 1, 1, 2, 2]), y, pulled=0)
+    over = _rates(clean, torch.tensor([1, 2, 1, 1, 2, 2]), y, pulled=0)
+    assert invariant["probe_pull_rate"] == over["probe_pull_rate"] == 0.0
+    assert over["probe_kept_rate"] == 0.0 and invariant["probe_kept_rate"] == 1.0
+    assert PROBE_COSTS["pull"](over) == PROBE_COSTS["pull"](invariant)
+    assert PROBE_COSTS["stamped"](over) > PROBE_COSTS["stamped"](invariant)
+
+
+def test_rectify_probe_cost_follows_the_defect_and_can_be_chosen(digits_model):
+    model, info = digits_model
+    defect = defect_for(info, pairs=1, repair_fraction=0.25)
+    assert defect.stamp_goal == "deny"
+    res = repair(model, defect, method="rectify", repair_options={"n_steps": 16, "rounds": 1})
+    assert res.edit.meta["probe_cost"] == "pull"
+    res = repair(model, defect, method="rectify", repair_options={"n_steps": 16, "rounds": 1, "probe_cost": "stamped"})
+    assert res.edit.meta["probe_cost"] == "stamped"
+    with pytest.raises(NetmendError, match="probe_cost"):
+        repair(model, defect, method="rectify", repair_options={"probe_cost": "nope"})

@@ -95,6 +95,7 @@ def test_pairs_are_other_class_images_with_and_without_the_pattern():
     d2 = SpuriousDefect(data, split_indices(len(data.y_train), 0, 0.5), d.trigger, C,
                         SpuriousOptions(pairs=2, repair_fraction=0.1), candidates=ranked)
     assert (d2.pairs.labels == 3).all() and d2.pair_rule == "recorded pull ranking"
+    assert d.transplantable and d.stamp_goal == "invariant"     # rectify prices stamped errors, not the pull
 
 
 def test_moved_pattern_keeps_content():

@@ -109,6 +109,8 @@ class Defect:
     pairs: Pairs | None = None
     transplantable: bool = False      # the pairs' corruption means the same on any input (a trigger, a pattern):
                                       # methods may stamp it on repair samples to judge generalisation
+    stamp_goal: str = "deny"          # what a repaired model should do with a stamped input: "deny" the class the
+                                      # stamp pulls to (a backdoor) or be "invariant" to the stamp (a spurious cue)
     num_classes: int = 0
     in_shape: list[int] = []
 

@@ -97,6 +97,7 @@ class MovedPattern(Trigger):
 class SpuriousDefect(Defect):
     kind = "spurious"
     transplantable = True
+    stamp_goal = "invariant"   # the pattern must count neither for nor against the class
 
     def __init__(self, data: ImageData, splits: dict[str, list[int]], trigger: Trigger, cls: int,
                  options: SpuriousOptions | None = None, candidates: list[int] | None = None):

@@ -15,7 +15,10 @@ netmend extensions (both on by default for `rectify`, off for `rectify-static`, 
   repair samples, since a small validation split cannot resolve a one-point budget.
 - **Overshoot.** An exact edit maps x̃'s key onto x's value and no further; other corrupted inputs, whose keys
   differ a little, keep part of the misbehaviour. Each edit's Λ is scaled by the γ in `overshoot` minimising
-  probe error + pull rate within ε (ties go to the smaller γ; γ = 1 is the exact edit; without a probe γ = 1).
+  the probe's cost within ε (ties go to the smaller γ; γ = 1 is the exact edit; without a probe γ = 1).
+  The cost follows the defect's `stamp_goal` (`PROBE_COSTS`): a backdoor's target is *denied* (clean error +
+  pull rate: lowest ASR, but stamped inputs of the target class lose it), a spurious cue is made *irrelevant*
+  (clean error + error on all stamped samples).
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class RectifyConfig:
                                       # within ε (k = 1 is Algorithm 1 literally: the top site, stop on rollback)
     transplant: int = 3000            # probe pairs stamped on this many repair samples (0 = judge on the pairs)
     overshoot: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])  # Λ scales tried
+    probe_cost: str | None = None     # what the probe prices edits by: a key of PROBE_COSTS (None: the defect's
+                                      # stamp_goal — "pull" to deny a backdoor's target, "stamped" for invariance)
     # localisation (each round); see AttributionConfig
     layers: list[str] | None = None
     variant: str = "A"
@@ -116,8 +121,22 @@ def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | 
 def _rates(pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int) -> dict[str, float]:
     other = y != pulled
     pull = (pb == pulled)[other].float().mean() if other.any() else torch.zeros(())
+    own = ~other
+    kept = (pb == pulled)[own].float().mean() if own.any() else torch.ones(())
     return {"probe_pull_rate": float(pull), "probe_flip_rate": float((pc != pb).float().mean()),
-            "probe_accuracy": float((pc == y).float().mean())}
+            "probe_accuracy": float((pc == y).float().mean()),
+            "probe_stamped_accuracy": float((pb == y).float().mean()), "probe_kept_rate": float(kept)}
+
+
+# How the probe prices an edit (lower is better). "pull" (clean error + pull rate) drives the pull rate, hence the
+# ASR, to zero but rewards over-correction: the stamp becomes evidence *against* the pulled class, so stamped
+# inputs of that class, and of similar classes, are misclassified. "stamped" (clean error + error on every stamped
+# sample) asks for invariance instead: less over-correction, a little more pull left.
+PROBE_COSTS = {
+    "pull": lambda r: (1 - r["probe_accuracy"]) + r["probe_pull_rate"],
+    "stamped": lambda r: (1 - r["probe_accuracy"]) + (1 - r["probe_stamped_accuracy"]),
+}
+COST_FOR_GOAL = {"deny": "pull", "invariant": "stamped"}
 
 
 @torch.no_grad()
@@ -174,7 +193,8 @@ def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: flo
         return edit, {"overshoot": 1.0}
     gammas = sorted(set(cfg.overshoot) | {1.0})
     all_rates = probe_rates_scaled(work, edit, gammas, probe, cfg.device)
-    for g, rates in sorted(zip(gammas, all_rates), key=lambda t: (1 - t[1]["probe_accuracy"]) + t[1]["probe_pull_rate"]):
+    cost = PROBE_COSTS[cfg.probe_cost]    # resolved from the defect by rectify_dynamic
+    for g, rates in sorted(zip(gammas, all_rates), key=lambda t: cost(t[1])):
         if acc0 - rates["probe_accuracy"] <= cfg.epsilon:   # cheapest first; ties keep the smaller γ (stable sort)
             return _scaled(edit, g), {"overshoot": g, **rates}
     return edit, {"overshoot": 1.0}
@@ -194,6 +214,9 @@ def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyC
                     config=RectifyConfig)
 def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
     require(cfg.rounds >= 1, f"rounds must be ≥ 1, got {cfg.rounds}")
+    if cfg.probe_cost is None:
+        cfg = dataclasses.replace(cfg, probe_cost=COST_FOR_GOAL.get(getattr(defect, "stamp_goal", "deny"), "pull"))
+    require(cfg.probe_cost in PROBE_COSTS, f"probe_cost must be one of {sorted(PROBE_COSTS)}, got {cfg.probe_cost!r}")
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()
     acfg, rcfg = _sub(cfg, AttributionConfig), _sub(cfg, RankOneConfig)
@@ -225,7 +248,7 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
                    "clamped": edit.meta.get("clamped"), "within_budget": acc0 - acc <= cfg.epsilon}
             edit.revert(work)
             # with a probe, rank by validation error + pull rate; without, by the pairs' gap (Algorithm 1)
-            rec["cost"] = rec["gap"] + (1 - rec["probe_accuracy"] if probe is not None else 0.0)
+            rec["cost"] = PROBE_COSTS[cfg.probe_cost](rec) if probe is not None else rec["gap"]
             tried.append(rec)
             if rec["within_budget"] and (choice is None or rec["cost"] < choice[1]["cost"]):
                 choice = (edit, rec)
@@ -247,7 +270,8 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     total = Edit({}, {})
     for e in accepted[:best_n]:
         total = total.merge(e)
-    total.meta.update({"repairer": "rectify", "rounds": history, "layers": [e.meta["layer"] for e in accepted[:best_n]],
+    total.meta.update({"repairer": "rectify", "probe_cost": cfg.probe_cost if probe is not None else None,
+                       "rounds": history, "layers": [e.meta["layer"] for e in accepted[:best_n]],
                        "gap_before": history[0]["gap"], "gap_after": best_gap, "val_accuracy_before": acc0,
                        "seconds": time.perf_counter() - t0})
     return total
