@@ -187,8 +187,8 @@ def _scaled(edit: Edit, g: float) -> Edit:
 
 def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: float,
                      cfg: RectifyConfig) -> tuple[Edit, dict[str, Any]]:
-    """Scale Λ by the γ minimising probe error (clean) + pull rate, costing at most ε of the probe's clean
-    accuracy `acc0` (γ = 1 without a probe)."""
+    """Scale Λ by the γ minimising the probe's cost (`PROBE_COSTS[cfg.probe_cost]`), costing at most ε of the
+    probe's clean accuracy `acc0` (γ = 1 without a probe)."""
     if probe is None:
         return edit, {"overshoot": 1.0}
     gammas = sorted(set(cfg.overshoot) | {1.0})
@@ -247,7 +247,7 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
                    "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
                    "clamped": edit.meta.get("clamped"), "within_budget": acc0 - acc <= cfg.epsilon}
             edit.revert(work)
-            # with a probe, rank by validation error + pull rate; without, by the pairs' gap (Algorithm 1)
+            # with a probe, rank by the probe's cost; without, by the pairs' gap (Algorithm 1)
             rec["cost"] = PROBE_COSTS[cfg.probe_cost](rec) if probe is not None else rec["gap"]
             tried.append(rec)
             if rec["within_budget"] and (choice is None or rec["cost"] < choice[1]["cost"]):
