@@ -90,6 +90,10 @@ def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
     assert_user_error(run("repair", model_dir, "--method", "fine-pruning", "-L", "layer=fc9", "--out", tmp_path / "r2",
                           check=False), "fc9")
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2" / "model.safetensors").exists()
+    # an unknown option value of a repairer
+    assert_user_error(run("repair", model_dir, "--method", "rectify", "-R", "probe_cost=nope", "--out", tmp_path / "r3",
+                          check=False), "probe_cost")
+    assert not (tmp_path / "r3" / "model.safetensors").exists()
 
 
 def test_out_that_holds_a_model_is_never_overwritten(model_dir):
