@@ -3,6 +3,7 @@
     python benchmarks/rectify.py            # full table (fashion-mnist, mnist-5k, cifar10; 2 triggers; 3 seeds)
     python benchmarks/rectify.py --quick    # fashion-mnist, BadNets, seed 0: a few minutes once models are cached
     python benchmarks/rectify.py --device cuda --arch preact-resnet18 --datasets cifar10
+    python benchmarks/rectify.py --floors   # no repair: each cached model's ASR without the trigger (the floor)
 
 Trained models are cached under --cache (one folder per dataset/arch/trigger/seed), so each is trained once.
 Writes <out>.csv (one row per run) and <out>.md (mean ± std per dataset/trigger/method, machine, seeds).
@@ -77,6 +78,7 @@ def run_one(model, info, label: str, seed: int, device: str, eval_limit: int | N
     return {"clean_accuracy_before": res.before["clean_accuracy"], "asr_before": res.before["asr"],
             "clean_accuracy": res.after["clean_accuracy"], "asr": res.after["asr"],
             "robust_accuracy_before": res.before["robust_accuracy"], "robust_accuracy": res.after["robust_accuracy"],
+            "asr_clean_before": res.before["asr_clean"], "asr_clean": res.after["asr_clean"],
             "repair_seconds": res.seconds, "samples_used": used,
             "overshoot": " ".join(str(r.get("overshoot", 1.0)) for r in (res.edit.meta.get("rounds") or [])[1:]
                                   if "layer" in r),
@@ -89,10 +91,22 @@ def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}"
 
 
-def _racc(g: list[dict]) -> str:
-    """R-Acc (triggered non-target test images still correct); rows from before it was recorded show –."""
-    v = [float(r["robust_accuracy"]) for r in g if r.get("robust_accuracy") not in (None, "")]
+def _recorded(g: list[dict], key: str) -> str:
+    """mean ± std of a metric added after some rows were measured: those rows' groups show –."""
+    v = [float(r[key]) for r in g if r.get(key) not in (None, "")]
     return _ms(v, 100) if len(v) == len(g) else "–"
+
+
+def floor_lines(rows: list[dict]) -> list[str]:
+    """The ASR a model without the backdoor would show: clean non-target test images the backdoored model
+    already classifies as the target (ordinary confusion). An ASR below it is over-correction, not a better repair."""
+    per: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("asr_clean_before") not in (None, ""):
+            per.setdefault((r["dataset"], r["trigger"]), {})[r["seed"]] = float(r["asr_clean_before"])
+    return [f"- {ds} / {trig}: clean non-target test images the backdoored model calls the target (the ASR floor "
+            f"of ordinary confusion): {_ms(list(v.values()), 100)} % over seeds {sorted(v)}"
+            for (ds, trig), v in per.items()]
 
 
 def write_outputs(rows: list[dict], out: Path, args) -> None:
@@ -105,17 +119,40 @@ def write_outputs(rows: list[dict], out: Path, args) -> None:
              f"machine: {platform.machine()} {platform.system()}, {torch.get_num_threads()} torch thread(s), "
              f"device {args.device}, torch {torch.__version__}; seeds {args.seeds}",
              f"command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`", "",
-             "| dataset | trigger | method | C-Acc before % | C-Acc after % | ASR before % | ASR after % | R-Acc after % | repair s | samples | layers (γ), first seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | trigger | method | C-Acc before % | C-Acc after % | ASR before % | ASR after % | R-Acc after % | no-trigger ASR after % | repair s | samples | layers (γ), first seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["trigger"], r["method"]), []).append(r)
     for (ds, trig, meth), g in groups.items():
         lines.append(f"| {ds} | {trig} | {meth} | {_ms([r['clean_accuracy_before'] for r in g], 100)} | "
                      f"{_ms([r['clean_accuracy'] for r in g], 100)} | {_ms([r['asr_before'] for r in g], 100)} | "
-                     f"{_ms([r['asr'] for r in g], 100)} | {_racc(g)} | {_ms([r['repair_seconds'] for r in g], 1, 1)} | "
+                     f"{_ms([r['asr'] for r in g], 100)} | {_recorded(g, 'robust_accuracy')} | {_recorded(g, 'asr_clean')} | {_ms([r['repair_seconds'] for r in g], 1, 1)} | "
                      f"{g[0]['samples_used']} | {g[0]['layers']}" + (f" ({g[0]['overshoot']})" if g[0]['overshoot'] else "") + " |")
+    floors = floor_lines(rows)
+    if floors:
+        lines += ["", *floors]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def write_floors(args) -> None:
+    from netmend.api import defect_for
+
+    rows = []
+    for ds in args.datasets:
+        for trig in args.triggers:
+            for seed in args.seeds:
+                model, info = cached_model(args.cache, ds, args.arch, trig, seed, args.device, args.epochs)
+                m = defect_for(info, pairs=1, seed=seed, eval_limit=args.eval_limit).metrics(model)
+                rows.append({"dataset": ds, "trigger": trig, "seed": seed, "asr_clean_before": m["asr_clean"]})
+                print(f"{ds} {trig} s{seed}: ASR {m['asr']:.4f}, without the trigger {m['asr_clean']:.4f}", flush=True)
+    out = args.out.with_name(args.out.name + "-floors").with_suffix(".md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([f"# ASR floors ({args.arch}, target 0)", "",
+                              f"machine: {platform.machine()} {platform.system()}, torch {torch.__version__}; "
+                              f"command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`", "",
+                              *floor_lines(rows)]) + "\n")
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> None:
@@ -131,6 +168,9 @@ def main(argv=None) -> None:
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=Path("/work/cache/models/rectify"))
+    p.add_argument("--floors", action="store_true",
+                   help="repair nothing: measure each backdoored model's no-trigger ASR (ordinary confusion into the "
+                        "target) and write <out>-floors.md")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rectify")
     args = p.parse_args(argv)
     if args.quick:
@@ -139,6 +179,8 @@ def main(argv=None) -> None:
         if args.out.name == "rectify":
             args.out = args.out.with_name("rectify-quick")
     torch.set_num_threads(args.threads)
+    if args.floors:
+        return write_floors(args)
     rows = []
     for ds in args.datasets:
         for trig in args.triggers:

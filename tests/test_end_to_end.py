@@ -49,3 +49,14 @@ def test_pairs_more_than_available_is_a_clear_error(backdoored, digits):
 
     with pytest.raises(NetmendError, match="--pairs"):
         backdoor_from_info(backdoored[1], BackdoorOptions(pairs=100000, repair_fraction=0.1), data=digits)
+
+
+def test_no_trigger_asr_is_the_same_rate_on_clean_images(backdoored, defect):
+    """asr_clean: non-target clean test images classified as the target — what ASR would read with no backdoor."""
+    from netmend.metrics import attack_success_rate, predict
+
+    model, _ = backdoored
+    m = defect.metrics(model)
+    direct = attack_success_rate(predict(model, defect.x_test), defect.y_test, defect.target)
+    assert m["asr_clean"] == pytest.approx(direct)
+    assert m["asr_clean"] < 0.1 < 0.9 < m["asr"]

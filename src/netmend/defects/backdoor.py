@@ -104,6 +104,9 @@ class BackdoorDefect(Defect):
             "clean_accuracy": float((pred == self.y_test).float().mean()),
             "asr": attack_success_rate(pred_t, self.y_test, self.target),
             "robust_accuracy": robust_accuracy(pred_t, self.y_test, self.target),
+            # the same rate without the trigger: ordinary confusion into the target, the ASR a model with no
+            # backdoor shows; an ASR below it means stamped inputs are pushed away from the target (over-correction)
+            "asr_clean": attack_success_rate(pred, self.y_test, self.target),
             "class_fairness_gap": class_fairness_gap(pca),
             "per_class_accuracy": pca,
             "n_test": int(len(self.y_test)),
