@@ -91,6 +91,17 @@ def test_probe_costs_price_over_correction():
     assert PROBE_COSTS["stamped"](over) > PROBE_COSTS["stamped"](invariant)
 
 
+def test_flip_cost_prices_a_cue_that_helps_its_own_class():
+    """A clean sample of class 0 misread as 1, put right by the stamp: "stamped" rewards the bias, "flip" prices it."""
+    from netmend.repair.rectify import PROBE_COSTS, _rates
+    y = torch.tensor([0, 0, 1, 1])
+    clean = torch.tensor([1, 0, 1, 1])
+    biased = _rates(clean, torch.tensor([0, 0, 1, 1]), y, pulled=0)     # the cue fixes the class-0 sample
+    invariant = _rates(clean, clean, y, pulled=0)                       # the cue changes nothing
+    assert PROBE_COSTS["stamped"](biased) < PROBE_COSTS["stamped"](invariant)
+    assert PROBE_COSTS["flip"](biased) == pytest.approx(PROBE_COSTS["flip"](invariant) + 0.25)
+
+
 def test_rectify_probe_cost_follows_the_defect_and_can_be_chosen(digits_model):
     model, info = digits_model
     defect = defect_for(info, pairs=1, repair_fraction=0.25)

@@ -131,10 +131,13 @@ def _rates(pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int) -> 
 # How the probe prices an edit (lower is better). "pull" (clean error + pull rate) drives the pull rate, hence the
 # ASR, to zero but rewards over-correction: the stamp becomes evidence *against* the pulled class, so stamped
 # inputs of that class, and of similar classes, are misclassified. "stamped" (clean error + error on every stamped
-# sample) asks for invariance instead: less over-correction, a little more pull left.
+# sample) asks for correct answers on stamped inputs: less over-correction, a little more pull left — but it still
+# rewards a cue that helps its own class. "flip" (clean error + share of predictions the stamp changes) asks for
+# invariance itself: zero only when the stamp changes nothing, for any class.
 PROBE_COSTS = {
     "pull": lambda r: (1 - r["probe_accuracy"]) + r["probe_pull_rate"],
     "stamped": lambda r: (1 - r["probe_accuracy"]) + (1 - r["probe_stamped_accuracy"]),
+    "flip": lambda r: (1 - r["probe_accuracy"]) + r["probe_flip_rate"],
 }
 COST_FOR_GOAL = {"deny": "pull", "invariant": "stamped"}
 
