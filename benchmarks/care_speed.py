@@ -101,8 +101,7 @@ def intervention_speed(model, defect, cfg: CausalConfig, loop_neurons: int) -> d
         b, tl = timed(lambda: intervention_curves_loop(cut, h, vals, probe.reduce, probe.x))
         k = h.shape[1] if loop_neurons <= 0 else min(loop_neurons, h.shape[1])
         c, tm = timed(lambda: intervention_curves_model_loop(model, layer, probe.x, vals[:k], probe.reduce))
-        t_k += tk
-        t_b, t_l, t_m, neurons, pairs_m = t_b + tb, t_l + tl, t_m + tm * h.shape[1] / k, neurons + h.shape[1], \
+        t_b, t_k, t_l, t_m, neurons, pairs_m = t_b + tb, t_k + tk, t_l + tl, t_m + tm * h.shape[1] / k, neurons + h.shape[1], \
             pairs_m + k * spec.steps
         diff = max(diff, float((a - b).abs().max()))
         diff_m = max(diff_m, float((a[:k] - c).abs().max()))

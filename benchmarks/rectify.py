@@ -91,6 +91,11 @@ def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}"
 
 
+def _command() -> str:
+    """The command line this run was started with, as the result files record it."""
+    return f"`python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`"
+
+
 def _recorded(g: list[dict], key: str) -> str:
     """mean ± std of a metric added after some rows were measured: those rows' groups show –."""
     v = [float(r[key]) for r in g if r.get(key) not in (None, "")]
@@ -118,7 +123,7 @@ def write_outputs(rows: list[dict], out: Path, args) -> None:
     lines = [f"# rectify benchmark ({args.arch}, 10% poisoning, target 0)", "",
              f"machine: {platform.machine()} {platform.system()}, {torch.get_num_threads()} torch thread(s), "
              f"device {args.device}, torch {torch.__version__}; seeds {args.seeds}",
-             f"command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`", "",
+             f"command: {_command()}", "",
              "| dataset | trigger | method | C-Acc before % | C-Acc after % | ASR before % | ASR after % | R-Acc after % | no-trigger ASR after % | repair s | samples | layers (γ), first seed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
@@ -150,7 +155,7 @@ def write_floors(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join([f"# ASR floors ({args.arch}, target 0)", "",
                               f"machine: {platform.machine()} {platform.system()}, torch {torch.__version__}; "
-                              f"command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`", "",
+                              f"command: {_command()}", "",
                               *floor_lines(rows)]) + "\n")
     print(f"wrote {out}")
 
