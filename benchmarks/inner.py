@@ -31,7 +31,7 @@ from netmend.train import TrainConfig, default_epochs, train_backdoored
 
 TRIGGERS = {"badnets": TriggerSpec(kind="badnets", size=3), "blended": TriggerSpec(kind="blended", alpha=0.2),
             "wanet": wanet_spec(), "clean": None}
-CODE = {"clean_weight": 0.0, "momentum": 0.0}        # INNER's released loss and optimiser, unchanged
+CODE = {"clean_weight": 0.0, "momentum": 0.0, "augment": True, "asr_threshold": None}   # INNER's released code
 
 
 def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir):
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
             model, info = cached_model(a.cache, case, a.seed, a.device, a.data_dir)
             defect = backdoor_from_info(info, BackdoorOptions(pairs=1, seed=a.seed), data_dir=a.data_dir)
             runs = [("inner", {"method": "inner"}), inner_code,
-                    ("inner, clean_weight 3", {"method": "inner", "repair_options": {"clean_weight": 3.0}}),
+                    ("inner + INNER's augmentation", {"method": "inner", "repair_options": {"augment": True}}),
                     ("finetune", {"method": "finetune"}),
                     ("probe -> finetune (exchange)", {"localiser": "probe", "repairer": "finetune"})]
             others = ("rectify", "care") if a.others else ()
@@ -95,7 +95,9 @@ def main(argv=None) -> None:
             model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir)
             defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed),
                                            data_dir=a.data_dir, model=model)
-            runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
+            runs = [("inner", {"method": "inner"}), inner_code,
+                    ("inner, evidence not refreshed", {"method": "inner", "repair_options": {"refresh": False}}),
+                    ("finetune", {"method": "finetune"})]
         elif case == "wrong-predictions":
             model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir)
             defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed), data_dir=a.data_dir,

@@ -70,3 +70,28 @@ def test_bad_inputs_give_clear_errors(mlp, digits):
         adversarial_from_info(INFO, AdversarialOptions(target=12), data=digits)
     with pytest.raises(NetmendError, match="classes"):
         wrong_predictions_from_info(INFO, WrongPredictionsOptions(classes="1,x"), data=digits)
+
+
+def test_masked_tune_regenerates_adversarial_evidence_against_the_model_in_repair(mlp, digits):
+    import copy
+
+    from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, site_masks
+    from netmend.sites import Site, Sites
+
+    d = adversarial_from_info(INFO, AdversarialOptions(pairs=40, eps=0.3, repair_fraction=0.05), data=digits, model=mlp)
+    work = copy.deepcopy(mlp)
+    layer = [n for n, m in work.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    masks = site_masks(work, Sites([Site(layer=layer)], localiser="test"))
+    for refresh in (True, False):
+        t = _Tuner(copy.deepcopy(work), d, masks, None, MaskedTuneConfig(refresh=refresh))
+        first = t.dd.x_fit.clone()
+        with torch.no_grad():                                                         # the repair moves a weight
+            t.weights[layer].mul_(0.5)
+        t.refresh("fit")
+        t.refresh("val")
+        if refresh:
+            assert torch.equal(t.dd.x_fit, d.attack(t.model, t.dd.c_fit))            # attacked afresh
+            assert torch.equal(t.dd.x_val, d.attack(t.model, t.dd.c_val))
+            assert not torch.equal(t.dd.x_fit, first)
+        else:
+            assert torch.equal(t.dd.x_fit, first)                                     # the fixed evidence

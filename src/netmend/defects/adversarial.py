@@ -137,6 +137,11 @@ class AdversarialDefect(Defect):
         self._pairs = Pairs(adv[hit][:n], x[hit][:n], y[hit][:n], None, [i for i, k in zip(idx, hit.tolist()) if k][:n])
         self.attack_success_on_pool = float(hit.float().mean())
 
+    def regenerate(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Fresh adversarial examples of clean inputs against `model` as it is now: a repair that tunes
+        against them does adversarial training, since the metric attacks the repaired model afresh."""
+        return self.attack(model, x)
+
     def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Probability mass on the attack target (differentiable)."""
         return F.softmax(model(x), dim=1)[:, self.target]

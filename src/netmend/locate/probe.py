@@ -183,6 +183,8 @@ class DefectiveData:
     x_val: torch.Tensor
     y_val: torch.Tensor
     source: str
+    c_fit: torch.Tensor | None = None    # clean twins, kept when the defect can regenerate its evidence
+    c_val: torch.Tensor | None = None    # against a changed model (`Defect.regenerate`: adversarial examples)
 
 
 def defective_data(defect: Defect, n_max: int, seed: int = 0, val_fraction: float = 0.2) -> DefectiveData:
@@ -201,6 +203,10 @@ def defective_data(defect: Defect, n_max: int, seed: int = 0, val_fraction: floa
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 17))
     n_val = int(round(val_fraction * len(y))) if len(y) >= 5 else 0
     vi, fi = perm[:n_val], perm[n_val:][:n_max]
+    if callable(getattr(defect, "regenerate", None)) and defect.pairs is not None:
+        c = defect.pairs.clean
+        return DefectiveData(x[fi], y[fi], x[vi], y[vi], "evidence, regenerated against the model in repair",
+                             c[fi], c[vi])
     return DefectiveData(x[fi], y[fi], x[vi], y[vi], "evidence")
 
 
