@@ -25,6 +25,7 @@ from netmend.data.wanet import wanet_spec
 from netmend.defects.adversarial import AdversarialOptions, adversarial_from_info
 from netmend.defects.backdoor import BackdoorOptions, backdoor_from_info
 from netmend.defects.wrong_predictions import WrongPredictionsOptions, wrong_predictions_from_info
+from netmend.errors import NetmendError
 from netmend.modelio import load_model_folder, save_model_folder
 from netmend.registry import METHODS
 from netmend.train import TrainConfig, default_epochs, train_backdoored
@@ -50,7 +51,12 @@ def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str
     out = []
     for label, kw in runs:
         t0 = time.perf_counter()
-        r = api.repair(model, defect, before=before, device=device, seed=seed, **kw)
+        try:
+            r = api.repair(model, defect, before=before, device=device, seed=seed, **kw)
+        except NetmendError as e:             # a combination that does not apply: say so in the table
+            print({"case": case, "method": label, "error": str(e)}, flush=True)
+            out.append({"case": case, "method": label, "error": str(e)})
+            continue
         det = r.sites.details if r.sites is not None else {}
         row = {"case": case, "method": label, "seconds": round(time.perf_counter() - t0, 2),
                "locate_s": round(r.locate_seconds, 2), "repair_s": round(r.repair_seconds, 2),
@@ -127,6 +133,9 @@ def write(out: Path, rows: list[dict], a) -> None:
         return f"{100 * r[k + '_before']:.1f} → {100 * r[k + '_after']:.1f}" if k + "_before" in r else "–"
 
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['case']} | {r['method']} | not run: {r['error']} |" + " |" * 9)
+            continue
         lines.append(f"| {r['case']} | {r['method']} | {pair(r, 'clean_accuracy')} | {pair(r, 'asr')} | "
                      f"{pair(r, 'robust_accuracy')} | {pair(r, 'class_fairness_gap')} | {pair(r, 'evidence_fixed')} | "
                      f"{pair(r, 'heldout_fixed')} | {r['seconds']} | {r['locate_s']} ({r['probe_s']} / {r['routing_s']}) | "
