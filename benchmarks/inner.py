@@ -54,8 +54,9 @@ def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str
         try:
             r = api.repair(model, defect, before=before, device=device, seed=seed, **kw)
         except NetmendError as e:             # a combination that does not apply: say so in the table
-            print({"case": case, "method": label, "error": str(e)}, flush=True)
-            out.append({"case": case, "method": label, "error": str(e)})
+            row = {"case": case, "method": label, "error": str(e)}
+            print(row, flush=True)
+            out.append(row)
             continue
         det = r.sites.details if r.sites is not None else {}
         row = {"case": case, "method": label, "seconds": round(time.perf_counter() - t0, 2),
