@@ -96,8 +96,9 @@ def main(argv=None) -> None:
             others = ("rectify", "care") if a.others else ()
             runs += [(m, {"method": m}) for m in others if m in METHODS]
             if "care" in others and "care" in METHODS:
-                runs.append(("causal -> masked_tune (exchange)", {"localiser": METHODS.get("care").localiser,
-                                                                  "repairer": "masked_tune"}))
+                causal = METHODS.get("care").localiser
+                runs += [("causal -> masked_tune (exchange)", {"localiser": causal, "repairer": "masked_tune"}),
+                         ("causal -> finetune (exchange)", {"localiser": causal, "repairer": "finetune"})]
         elif case == "adversarial":
             model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir)
             defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed),

@@ -62,6 +62,19 @@ def test_repair_writes_a_run_folder_and_json(model_dir, tmp_path):
     assert abs(ev["metrics"]["asr"] - res["after"]["asr"]) < 1e-6
 
 
+def test_exchange_care_sites_into_masked_tune(model_dir, tmp_path):
+    """`--locate causal --repair masked_tune`: CARE's flatten neurons drive INNER's repair of fc1's columns."""
+    out = tmp_path / "exchange"
+    p = run("repair", model_dir, "--locate", "causal", "--repair", "masked_tune", "-R", "epochs=1",
+            "-R", "repair_sample_num=64", "--out", out, "--json")
+    res = json.loads(p.stdout)
+    assert 0 <= res["after"]["asr"] <= 1
+    sites = json.loads((out / "sites.json").read_text())
+    assert sites["localiser"] == "causal"
+    from safetensors.torch import load_file
+    assert set(load_file(out / "edit.safetensors")) <= {"fc1.weight"}
+
+
 def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
     assert_user_error(run("evaluate", tmp_path / "missing", check=False), "not found")
     # corrupt / truncated weights

@@ -65,3 +65,39 @@ def test_bad_options_give_clear_errors(backdoored, defect):
         locate_probe(model, defect, ProbeConfig(layers=["nope"]))
     with pytest.raises(NetmendError, match="shape"):
         masked_tune(model, defect, Sites([Site("fc2", "weight", mask=torch.ones(3, 3))]), MaskedTuneConfig())
+
+
+def test_neuron_sites_on_weightless_layers_mask_the_weights_that_read_them(backdoored):
+    """CARE's sites sit on flatten / activation outputs: masked_tune and finetune tune fc1's columns for them."""
+    from netmend.repair.finetune import site_parameters
+    from netmend.repair.masked_tune import site_masks
+
+    model, _ = backdoored
+    x = torch.rand(2, 1, 8, 8)
+    sites = Sites([Site("flatten", "neuron", 1.0, index=5), Site("relu2", "neuron", 0.5, index=3)], "causal")
+    masks = site_masks(model, sites, x)
+    assert set(masks) == {"fc1"}
+    m = masks["fc1"]
+    per_channel = model.fc1.in_features // model.conv2.out_channels         # relu2 channel → a block of fc1 inputs
+    expected = torch.zeros_like(m)
+    expected[:, 5] = 1
+    expected[:, 3 * per_channel:4 * per_channel] = 1
+    assert torch.equal(m, expected)
+    params, grad_masks = site_parameters(model, sites, x)
+    assert len(params) == 1 and params[0] is model.fc1.weight and torch.equal(grad_masks[model.fc1.weight], m)
+    with pytest.raises(NetmendError, match="outside flatten"):
+        site_masks(model, Sites([Site("flatten", "neuron", index=10 ** 6)], "causal"), x)
+    with pytest.raises(NetmendError, match="example input"):
+        site_masks(model, sites)
+
+
+def test_care_sites_drive_masked_tune(backdoored, defect):
+    """The exchange `--locate causal --repair masked_tune` runs and changes only fc1's columns for the neurons."""
+    model, _ = backdoored
+    r = api.repair(model, defect, localiser="causal", repairer="masked_tune", repair_options=FAST_REPAIR)
+    assert r.sites.localiser == "causal" and set(r.edit.deltas) <= {"fc1.weight"}
+    cols = sorted({s.index for s in r.sites})
+    if "fc1.weight" in r.edit.deltas:
+        d = r.edit.deltas["fc1.weight"].clone()
+        d[:, cols] = 0
+        assert (d == 0).all()

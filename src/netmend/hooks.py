@@ -29,6 +29,37 @@ def weight_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every module without children, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+
+
+def reader_of(model: nn.Module, layer: str, through: tuple[type, ...]) -> tuple[str, nn.Module]:
+    """The first Linear or Conv2d registered after the leaf `layer` — the weights that read its output —
+    reached only through modules of the types `through` (flatten, pooling, activations...)."""
+    leaves = leaf_modules(model)
+    names = [n for n, _ in leaves]
+    if layer not in names:
+        raise NetmendError(f"{layer!r} is not a leaf module, so the weights reading it cannot be found")
+    for n, m in leaves[names.index(layer) + 1:]:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return n, m
+        if not isinstance(m, through):
+            raise NetmendError(f"cannot reach a weight layer after {layer!r} through {n!r} ({type(m).__name__})")
+    raise NetmendError(f"no Linear/Conv2d after {layer!r} reads its output")
+
+
+def input_block(reader: nn.Module, units: int, i: int) -> tuple[slice, slice | int]:
+    """Index into `reader.weight` of the inputs fed by unit i of a `units`-unit layer: a conv's input
+    channel, or a Linear's block of in_features // units columns (a flattened channel)."""
+    if isinstance(reader, nn.Conv2d):
+        return slice(None), i
+    blk = reader.in_features // units
+    if blk * units != reader.in_features:
+        raise NetmendError(f"a layer with {units} units cannot feed a Linear taking {reader.in_features} inputs")
+    return slice(None), slice(i * blk, (i + 1) * blk)
+
+
 class Capture:
     """What a capture saw: inputs[name] (first positional input) and outputs[name]."""
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..defects.base import Defect
 from ..errors import NetmendError, require
-from ..hooks import get_layer, replace_output, split_sequential, weight_layers
+from ..hooks import get_layer, leaf_modules, replace_output, split_sequential, weight_layers
 from ..registry import LOCALISERS, Registry
 from ..sites import Site, Sites
 
@@ -38,10 +38,6 @@ PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
 
 
 # ----------------------------------------------------------------------------- cutting a model
-
-def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
-
 
 def default_layers(model: nn.Module, cnn_layer: str = "head") -> list[str]:
     """§4.1 default: CNN → the input of the classifier head (the module just before it), or with

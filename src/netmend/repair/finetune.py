@@ -1,7 +1,8 @@
 """Fine-tuning baseline: cross-entropy on the defect's clean repair data (and cleansed pairs).
 
 Given sites, only those layers are tuned; weight sites with a mask tune only the masked weights
-(so any localiser — INNER's fault weights, CARE's neurons — can drive fine-tuning).
+(so any localiser — INNER's fault weights, CARE's neurons — can drive fine-tuning); a neuron of a
+weightless layer tunes the columns of the next weight layer that read it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..defects.base import Defect
 from ..edit import Edit
 from ..hooks import get_layer
 from ..registry import REPAIRERS
+from .masked_tune import site_masks
 from ..sites import Sites
 from ..train import TrainConfig, fit
 
@@ -39,34 +41,45 @@ def training_set(defect: Defect, use_pairs: bool) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def site_parameters(model: nn.Module, sites: Sites | None) -> tuple[list[nn.Parameter] | None, dict | None]:
-    """Parameters of the sites' layers (None = all) and gradient masks for weight sites."""
+def site_parameters(model: nn.Module, sites: Sites | None, example: torch.Tensor | None = None
+                    ) -> tuple[list[nn.Parameter] | None, dict | None]:
+    """Parameters of the sites' layers (None = all) and gradient masks for weight sites. Neuron sites on a
+    weightless layer (CARE's flatten / activation units) tune the next weight layer's columns reading them."""
     if sites is None or not len(sites):
         return None, None
-    params, masks = [], {}
+    params, masks = {}, {}
+    weightless = [s for s in sites if s.kind == "neuron" and s.index is not None
+                  and getattr(get_layer(model, s.layer), "weight", None) is None]
+    if weightless:
+        for layer, m in site_masks(model, Sites(weightless, sites.localiser), example).items():
+            w = get_layer(model, layer).weight
+            params[id(w)] = w
+            masks[w] = torch.maximum(masks[w], m.to(w)) if w in masks else m.to(w)
     for layer in sites.layers():
         mod = get_layer(model, layer)
-        params.extend(p for _, p in mod.named_parameters(recurse=False))
+        w = getattr(mod, "weight", None)
+        if w is None and all(any(s is t for t in weightless) for s in sites if s.layer == layer):
+            continue
+        params.update((id(p), p) for _, p in mod.named_parameters(recurse=False))
         weight_sites = [s for s in sites if s.layer == layer and s.kind == "weight" and s.mask is not None]
         neuron_sites = [s for s in sites if s.layer == layer and s.kind == "neuron" and s.index is not None]
-        w = getattr(mod, "weight", None)
         if w is not None and weight_sites:
             m = torch.zeros_like(w)
             for s in weight_sites:
                 m = torch.maximum(m, s.mask.to(w.device, w.dtype))
-            masks[w] = m
+            masks[w] = torch.maximum(masks[w], m) if w in masks else m
         elif w is not None and neuron_sites:
             m = torch.zeros_like(w)
             for s in neuron_sites:
                 m[s.index] = 1
-            masks[w] = m
+            masks[w] = torch.maximum(masks[w], m) if w in masks else m
             b = getattr(mod, "bias", None)
             if b is not None:
                 mb = torch.zeros_like(b)
                 for s in neuron_sites:
                     mb[s.index] = 1
                 masks[b] = mb
-    return params, masks or None
+    return list(params.values()), masks or None
 
 
 @REPAIRERS.register("finetune", "cross-entropy fine-tuning on the clean repair data (optionally only at the sites)",
@@ -75,7 +88,7 @@ def finetune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Finetun
     work = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in work.state_dict().items()}
     x, y = training_set(defect, cfg.use_pairs)
-    params, masks = site_parameters(work, sites)
+    params, masks = site_parameters(work, sites, defect.repair.x_fit)
     _freeze_batchnorm(work)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, seed=cfg.seed)

@@ -5,7 +5,8 @@ true labels + 0.2·KD towards the probe's view of clean inputs), then the stoppi
 the repair *validation* split (clean accuracy within tolerance and violation rate below τ); if it
 fails, `epoch2` passes of CE on the final output over an augmented defective set follow. Gradients
 are multiplied by the mask and everything else is frozen, so the Edit touches only masked weights.
-Neuron sites (CARE, attribution) become masks over those neurons' weight rows.
+Neuron sites (CARE, attribution) become masks over those neurons' weight rows, or for a weightless
+layer's neuron (CARE's flatten units) over the next weight layer's columns that read it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 from ..defects.base import Defect
 from ..edit import Edit
 from ..errors import NetmendError, require
-from ..hooks import get_layer, weight_layers
+from ..hooks import capture, get_layer, input_block, reader_of, weight_layers
 from ..locate.probe import (ProbeConfig, ProbeSet, defective_data, find_blocks, pooled, train_probes,
                             violation_rate)
 from ..metrics import accuracy, predict
@@ -53,27 +54,57 @@ class MaskedTuneConfig:
     device: str = "cpu"
 
 
-def site_masks(model: nn.Module, sites: Sites | None) -> dict[str, torch.Tensor]:
+# What a neuron site on a weightless layer (flatten, pooling, activation: CARE's sites) passes through on its
+# way to the weights that read it — those weights' input columns become the mask.
+_READ_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
+                 nn.MaxPool2d, nn.MaxPool1d, nn.AvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def site_masks(model: nn.Module, sites: Sites | None, example: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{weight layer: 0/1 mask}, in site order. Weight sites give their mask; neuron sites all weights
-    of the neuron's row (output unit / channel); plain layer sites the whole weight."""
+    of the neuron's row (output unit / channel), or — on a weightless layer — the columns of the next
+    weight layer that read the neuron (needs `example`, one input, to count the layer's units); plain
+    layer sites the whole weight."""
     if sites is None or not len(sites):
         raise NetmendError("masked_tune needs sites to repair: use a localiser (e.g. --locate probe)")
     masks: dict[str, torch.Tensor] = {}
+    units = _weightless_units(model, sites, example)
     for s in sites:
-        w = getattr(get_layer(model, s.layer), "weight", None)
+        layer, index = s.layer, s.index
+        w = getattr(get_layer(model, layer), "weight", None)
+        if w is None and s.kind == "neuron" and index is not None:
+            require(0 <= index < units[layer], f"neuron {index} outside {layer}'s {units[layer]} units")
+            layer, reader = reader_of(model, s.layer, _READ_THROUGH)
+            m = masks.setdefault(layer, torch.zeros_like(reader.weight, device="cpu"))
+            m[input_block(reader, units[s.layer], index)] = 1
+            continue
         if w is None:
-            raise NetmendError(f"site layer {s.layer!r} has no weight to tune")
-        m = masks.setdefault(s.layer, torch.zeros_like(w, device="cpu"))
+            raise NetmendError(f"site layer {layer!r} has no weight to tune")
+        m = masks.setdefault(layer, torch.zeros_like(w, device="cpu"))
         if s.kind == "weight" and s.mask is not None:
             require(tuple(s.mask.shape) == tuple(w.shape),
-                    f"mask for {s.layer} has shape {tuple(s.mask.shape)}, weight {tuple(w.shape)}")
+                    f"mask for {layer} has shape {tuple(s.mask.shape)}, weight {tuple(w.shape)}")
             m.copy_(torch.maximum(m, s.mask.to(m.dtype)))
-        elif s.kind == "neuron" and s.index is not None:
-            require(0 <= s.index < w.shape[0], f"neuron {s.index} outside {s.layer}'s {w.shape[0]} units")
-            m[s.index] = 1
+        elif s.kind == "neuron" and index is not None:
+            require(0 <= index < w.shape[0], f"neuron {index} outside {layer}'s {w.shape[0]} units")
+            m[index] = 1
         else:
             m.fill_(1)
     return masks
+
+
+def _weightless_units(model: nn.Module, sites: Sites, example: torch.Tensor | None) -> dict[str, int]:
+    """Output units (dim 1) of every weightless layer holding a neuron site, from one forward pass."""
+    names = sorted({s.layer for s in sites if s.kind == "neuron" and s.index is not None
+                    and getattr(get_layer(model, s.layer), "weight", None) is None})
+    if not names:
+        return {}
+    require(example is not None and len(example) > 0, f"masked_tune: an example input is needed to map "
+                                                      f"neurons of {names[0]!r} to weights")
+    p = next(model.parameters(), None)
+    with torch.no_grad(), capture(model, names) as cap:
+        model(example[:1].to(p.device if p is not None else "cpu"))
+    return {n: int(cap.outputs[n].shape[1]) for n in names}
 
 
 def augment(x: torch.Tensor, g: torch.Generator, deg: float = 30.0, shift: float = 2.0) -> torch.Tensor:
@@ -237,7 +268,7 @@ class _Tuner:
                     config=MaskedTuneConfig)
 def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: MaskedTuneConfig) -> Edit:
     work = copy.deepcopy(model).to(cfg.device).eval()      # eval throughout: BN statistics never move
-    masks = site_masks(work, sites)
+    masks = site_masks(work, sites, defect.repair.x_fit)
     probes = getattr(sites, "probes", None)
     if probes is None or not set(masks) <= set(probes.probes):
         blocks = find_blocks(work, defect.repair.x_fit.to(cfg.device), list(masks))

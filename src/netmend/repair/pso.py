@@ -30,8 +30,8 @@ from torch import nn
 from ..defects.base import Defect
 from ..edit import Edit
 from ..errors import NetmendError, require
-from ..hooks import get_layer
-from ..locate.causal import Cut, leaf_modules
+from ..hooks import get_layer, input_block, leaf_modules, reader_of
+from ..locate.causal import Cut
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
@@ -290,8 +290,6 @@ def bake(model: nn.Module, scales: dict[tuple[str, int], float], example: torch.
     from ..hooks import capture
 
     work = copy.deepcopy(model).eval()
-    leaves = leaf_modules(work)
-    names = [n for n, _ in leaves]
     layers = sorted({l for l, _ in scales})
     with torch.no_grad(), capture(work, layers) as cap:
         work(example[:1])
@@ -303,26 +301,12 @@ def bake(model: nn.Module, scales: dict[tuple[str, int], float], example: torch.
                 if mod.bias is not None:
                     mod.bias[i] *= a
                 continue
-            require(layer in names, f"pso: cannot bake a scale into {layer!r} (not a leaf module)")
-            nxt = None
-            for n, m in leaves[names.index(layer) + 1:]:
-                if isinstance(m, (nn.Linear, nn.Conv2d)):
-                    nxt = m
-                    break
-                if isinstance(m, _HOMOGENEOUS) and a >= 0:
-                    continue
-                if not isinstance(m, _LINEAR_PASS):
-                    raise NetmendError(f"pso: cannot bake a scale of {a:.3g} on {layer!r} through {n!r} "
-                                       f"({type(m).__name__})")
-            require(nxt is not None, f"pso: no Linear/Conv2d after {layer!r} to bake its scale into")
-            units = cap.outputs[layer].shape[1]
-            if isinstance(nxt, nn.Conv2d):
-                nxt.weight[:, i] *= a
-            else:
-                blk = nxt.in_features // units
-                require(blk * units == nxt.in_features, f"pso: {layer!r} has {units} units but the next Linear "
-                                                        f"takes {nxt.in_features} inputs")
-                nxt.weight[:, i * blk:(i + 1) * blk] *= a
+            passable = _LINEAR_PASS + (_HOMOGENEOUS if a >= 0 else ())
+            try:
+                _, nxt = reader_of(work, layer, passable)
+            except NetmendError as e:
+                raise NetmendError(f"pso: cannot bake a scale of {a:.3g} on {layer!r}: {e}") from None
+            nxt.weight[input_block(nxt, cap.outputs[layer].shape[1], i)] *= a
     return work
 
 
