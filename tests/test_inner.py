@@ -63,6 +63,7 @@ def test_bad_options_give_clear_errors(backdoored, defect):
         masked_tune(model, defect, None, MaskedTuneConfig())
     with pytest.raises(NetmendError, match="does not exist"):
         locate_probe(model, defect, ProbeConfig(layers=["nope"]))
+    assert all(p.requires_grad for p in model.parameters())      # a failed localisation leaves the model as it was
     with pytest.raises(NetmendError, match="shape"):
         masked_tune(model, defect, Sites([Site("fc2", "weight", mask=torch.ones(3, 3))]), MaskedTuneConfig())
 
@@ -101,3 +102,16 @@ def test_care_sites_drive_masked_tune(backdoored, defect):
         d = r.edit.deltas["fc1.weight"].clone()
         d[:, cols] = 0
         assert (d == 0).all()
+
+
+def test_finetune_on_weight_sites_leaves_everything_off_the_mask_exactly(backdoored, defect):
+    """Weight decay and momentum must not leak into masked-out weights (the exchange `probe -> finetune`)."""
+    model, _ = backdoored
+    w = model.fc1.weight
+    mask = (torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) < 0.1).float()
+    sites = Sites([Site("fc1", "weight", 1.0, mask=mask)], "test")
+    from netmend.repair.finetune import FinetuneConfig, finetune
+
+    edit = finetune(model, defect, sites, FinetuneConfig(epochs=2))
+    d = edit.deltas["fc1.weight"]
+    assert (d[mask == 0] == 0).all() and (d[mask == 1] != 0).any()

@@ -36,6 +36,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, de
     opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam"
            else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
     g = torch.Generator().manual_seed(cfg.seed)
+    grad_mask = {p: m.to(p.device, p.dtype) for p, m in grad_mask.items()} if grad_mask else None
+    frozen = {p: p.detach().clone() for p in grad_mask} if grad_mask else {}
     steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
     with progress(desc, total=steps) as bar:
         for _ in range(cfg.epochs):
@@ -51,6 +53,10 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, de
                         if p.grad is not None:
                             p.grad.mul_(m)
                 opt.step()
+                if grad_mask:           # weight decay and momentum move every entry: put the masked-out ones back
+                    with torch.no_grad():
+                        for p, m in grad_mask.items():
+                            p.copy_(torch.where(m.bool(), p, frozen[p]))
                 bar.advance()
     return model.eval()
 

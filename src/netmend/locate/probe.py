@@ -313,14 +313,8 @@ def fault_mask(counts: torch.Tensor, top: float | None) -> torch.Tensor:
     return mask.float()
 
 
-@LOCALISERS.register("probe", "INNER: probe-based layer scores, then per-weight routing masks (fault weights)",
-                     config=ProbeConfig)
-def locate_probe(model: nn.Module, defect: Defect, cfg: ProbeConfig) -> Sites:
-    require(cfg.routing_grad in ("routing", "weight"), f"routing_grad must be 'routing' or 'weight', got {cfg.routing_grad!r}")
-    require(cfg.rep_layer_num >= 1, f"rep_layer_num must be ≥ 1, got {cfg.rep_layer_num}")
-    model = model.to(cfg.device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+def _probe_and_route(model: nn.Module, defect: Defect, cfg: ProbeConfig):
+    """Probes, layer scores and routing masks on a frozen model; returns the pieces and four timestamps."""
     t0 = time.perf_counter()
     blocks = find_blocks(model, defect.repair.x_fit.to(cfg.device), cfg.layers)
     ps = train_probes(model, defect, blocks, cfg)
@@ -340,8 +334,24 @@ def locate_probe(model: nn.Module, defect: Defect, cfg: ProbeConfig) -> Sites:
         sites.append(Site(n, "weight", scores[n], mask=mask,
                           info={"readout": ps.blocks[n].readout, "frequency_max": int(counts.max())}))
     t3 = time.perf_counter()
+    return sites, scores, fault, blocks, ps, dd, (t0, t1, t2, t3)
+
+
+@LOCALISERS.register("probe", "INNER: probe-based layer scores, then per-weight routing masks (fault weights)",
+                     config=ProbeConfig)
+def locate_probe(model: nn.Module, defect: Defect, cfg: ProbeConfig) -> Sites:
+    require(cfg.routing_grad in ("routing", "weight"), f"routing_grad must be 'routing' or 'weight', got {cfg.routing_grad!r}")
+    require(cfg.rep_layer_num >= 1, f"rep_layer_num must be ≥ 1, got {cfg.rep_layer_num}")
+    model = model.to(cfg.device).eval()
+    flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(False)
+    try:
+        sites, scores, fault, blocks, ps, dd, times = _probe_and_route(model, defect, cfg)
+    finally:                              # the caller's model keeps its flags, also when a bad option raises
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    t0, t1, t2, t3 = times
     out = Sites(sites, "probe", {"layer_scores": scores, "probe_val_accuracy": ps.val_accuracy,
                                  "readouts": {b.weight: b.readout for b in blocks}, "fault_set": fault,
                                  "defective_source": dd.source, "probe_seconds": t1 - t0,
