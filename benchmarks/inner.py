@@ -5,6 +5,7 @@ FGSM adversarial examples and wrong predictions (on a clean model), plus the exc
 
     python benchmarks/inner.py                       # everything, CPU
     python benchmarks/inner.py --cases badnets --device cuda
+    python benchmarks/inner.py --cases wanet --methods inner finetune --merge   # rerun two rows, keep the rest
 
 Models are trained once and cached under --cache. Writes <out>.csv and <out>.md.
 """
@@ -81,6 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-others", dest="others", action="store_false", help="skip rectify / care rows")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "inner")
+    ap.add_argument("--methods", nargs="+", help="run only the rows with these labels (e.g. 'inner' 'finetune')")
+    ap.add_argument("--merge", action="store_true", help="keep the rows not rerun from the existing <out>.csv")
     a = ap.parse_args(argv)
     torch.set_num_threads(1 if a.device == "cpu" else torch.get_num_threads())
     rows: list[dict] = []
@@ -113,8 +116,36 @@ def main(argv=None) -> None:
             runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
         else:
             sys.exit(f"unknown case {case!r}")
+        if a.methods:
+            runs = [r for r in runs if r[0] in a.methods]
         rows += rows_for(case, model, defect, runs, a.device, a.seed)
-        write(a.out, rows, a)          # after every case, so a cut-off run keeps its rows
+        write(a.out, merged(a.out, rows) if a.merge else rows, a)    # after every case: a cut-off run keeps its rows
+
+
+def merged(out: Path, rows: list[dict]) -> list[dict]:
+    """The rows of the existing <out>.csv with the (case, method) rows just measured put in their place
+    (new ones after their case's last row)."""
+    path = out.with_suffix(".csv")
+    if not path.is_file():
+        return rows
+    with open(path, newline="") as f:
+        old = [{k: _number(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    fresh = {(r["case"], r["method"]): r for r in rows}
+    result = [fresh.pop((r["case"], r["method"]), r) for r in old]
+    for r in fresh.values():
+        last = max((i for i, o in enumerate(result) if o["case"] == r["case"]), default=len(result) - 1)
+        result.insert(last + 1, r)
+    return result
+
+
+def _number(v: str):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
 
 
 def write(out: Path, rows: list[dict], a) -> None:
@@ -128,6 +159,8 @@ def write(out: Path, rows: list[dict], a) -> None:
     lines = [f"# INNER benchmark (fashion-mnist small-cnn, seed {a.seed}, device: {dev})", "",
              "Backdoors: 10% poisoning, target 0, repair data 5% of the training set (3000 clean held-out samples, "
              "20% of them validation), 1 pair. Metrics on the 10k test set; rates in %.", "",
+             f"Last command: `{' '.join(['python benchmarks/inner.py'] + sys.argv[1:])}`"
+             + (" (rows not rerun kept from the earlier file)" if a.merge else ""), "",
              "| case | method | C-Acc | ASR | R-Acc | fairness gap | evidence fixed | held-out fixed | s | locate s (probe / routing) | repair s | changed weights |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
