@@ -95,3 +95,23 @@ def test_masked_tune_regenerates_adversarial_evidence_against_the_model_in_repai
             assert not torch.equal(t.dd.x_fit, first)
         else:
             assert torch.equal(t.dd.x_fit, first)                                     # the fixed evidence
+
+
+def test_adversarial_repair_measures_misclassification_with_a_two_point_budget(mlp, digits):
+    """The metric is robust accuracy, so the tuner's violation on adversarial evidence is the share still
+    misclassified (not only the share sent to the target); backdoors keep the target rate."""
+    import copy
+
+    from netmend.locate.probe import violation_rate
+    from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, site_masks
+    from netmend.sites import Site, Sites
+
+    d = adversarial_from_info(INFO, AdversarialOptions(pairs=40, eps=0.3, repair_fraction=0.05), data=digits, model=mlp)
+    x, y = d.pairs.clean, (d.pairs.labels % 9) + 1          # wrong labels, none of them the target 0
+    pred = mlp(x).argmax(1)
+    wrong, to_target = float((pred != y).float().mean()), float((pred == 0).float().mean())
+    assert wrong > to_target + 0.5
+    assert violation_rate(d, mlp, x, y) == pytest.approx(wrong)
+    masks = site_masks(mlp, Sites([Site(layer="out")], localiser="test"))
+    assert _Tuner(copy.deepcopy(mlp), d, masks, None, MaskedTuneConfig()).tol == 0.02
+    assert _Tuner(copy.deepcopy(mlp), d, masks, None, MaskedTuneConfig(acc_tolerance=0.005)).tol == 0.005

@@ -96,6 +96,7 @@ class AdversarialOptions:
 
 class AdversarialDefect(Defect):
     kind = "adversarial"
+    violation_measure = "misclassified"      # the metric is robust accuracy, not only the target rate
 
     def __init__(self, data: ImageData, splits: dict[str, list[int]], options: AdversarialOptions | None = None,
                  model: nn.Module | None = None):

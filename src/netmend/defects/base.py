@@ -111,6 +111,8 @@ class Defect:
                                       # methods may stamp it on repair samples to judge generalisation
     stamp_goal: str = "deny"          # what a repaired model should do with a stamped input: "deny" the class the
                                       # stamp pulls to (a backdoor) or be "invariant" to the stamp (a spurious cue)
+    violation_measure: str = "target"  # INNER's violation rate on evidence: share sent to the defect's target ("target")
+                                      # or share still misclassified ("misclassified", when correctness is the metric)
     num_classes: int = 0
     in_shape: list[int] = []
 

@@ -212,12 +212,12 @@ def defective_data(defect: Defect, n_max: int, seed: int = 0, val_fraction: floa
 
 def violation_rate(defect: Defect, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str = "cpu") -> float:
     """INNER's ASR on a defective set: share predicted as the attack target (non-target samples) when the
-    defect has one, else the share still misclassified."""
+    defect has one and measures by it, else the share still misclassified."""
     if not len(y):
         return float("nan")
     pred = predict(model, x, device=device)
     target = getattr(defect, "target", None)
-    if target is not None:
+    if target is not None and getattr(defect, "violation_measure", "target") == "target":
         keep = y != target
         return float((pred[keep] == target).float().mean()) if keep.any() else float("nan")
     return float((pred != y).float().mean())
