@@ -207,3 +207,20 @@ def test_protected_edit_keeps_the_clean_twin_and_stays_rank_one():
     assert torch.allclose(keys_values(model, "fc2", bad)[1], v_clean, atol=1e-5)     # W'k̃ = v*
     assert torch.allclose(keys_values(model, "fc2", good)[1], v_clean, atol=1e-5)    # W'k_c = W k_c
     assert torch.linalg.matrix_rank(edit.deltas["fc2.weight"]) == 1
+
+
+def test_moment_cache_is_keyed_by_content_not_by_tensor_identity():
+    """Callers rebuild the statistics tensor on every call: equal content hits the cache, other content of the
+    same shape never gets a stale C, and an edit upstream invalidates it."""
+    from netmend.repair.rank_one import cached_moment
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("relu", nn.ReLU()), ("fc2", nn.Linear(6, 3))]))
+    x = torch.randn(50, 4)
+    c1 = cached_moment(model, "fc2", x.clone())
+    assert cached_moment(model, "fc2", x.clone()) is c1
+    y = torch.randn(50, 4)
+    assert torch.allclose(cached_moment(model, "fc2", y), second_moment(model, "fc2", y)[0])
+    with torch.no_grad():
+        model.fc1.weight.mul_(2)
+    assert torch.allclose(cached_moment(model, "fc2", x.clone()), second_moment(model, "fc2", x)[0])
