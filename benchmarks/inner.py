@@ -5,6 +5,7 @@ FGSM adversarial examples and wrong predictions (on a clean model), plus the exc
 
     python benchmarks/inner.py                       # everything, CPU
     python benchmarks/inner.py --cases badnets --device cuda
+    python benchmarks/inner.py --dataset cifar10 --cases badnets --out benchmarks/results/inner-cifar10
     python benchmarks/inner.py --cases wanet --methods inner finetune --merge   # rerun two rows, keep the rest
 
 Models are trained once and cached under --cache. Writes <out>.csv and <out>.md.
@@ -36,11 +37,11 @@ TRIGGERS = {"badnets": TriggerSpec(kind="badnets", size=3), "blended": TriggerSp
 CODE = {"clean_weight": 0.0, "momentum": 0.0, "augment": True, "asr_threshold": None}   # INNER's released code
 
 
-def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir):
-    folder = cache / f"fashion-mnist-small-cnn-{trigger}-s{seed}"
+def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir, dataset: str = "fashion-mnist"):
+    folder = cache / f"{dataset}-small-cnn-{trigger}-s{seed}"
     if not (folder / "model.json").is_file():
-        cfg = TrainConfig(epochs=default_epochs("small-cnn", "fashion-mnist"), seed=seed)
-        model, info = train_backdoored("fashion-mnist", "small-cnn", TRIGGERS[trigger], target=0, poison_rate=0.1,
+        cfg = TrainConfig(epochs=default_epochs("small-cnn", dataset), seed=seed)
+        model, info = train_backdoored(dataset, "small-cnn", TRIGGERS[trigger], target=0, poison_rate=0.1,
                                        cfg=cfg, device=device, data_dir=data_dir)
         print(f"trained {folder.name}: {info['metrics']}", flush=True)
         save_model_folder(folder, model, info)
@@ -78,6 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", nargs="+", default=["badnets", "blended", "wanet", "adversarial", "wrong-predictions"])
     ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/inner"))
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 (the JPEG copy) | mnist ...")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-others", dest="others", action="store_false", help="skip rectify / care rows")
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
     inner_code = ("inner (code loss)", {"method": "inner", "repair_options": CODE})
     for case in a.cases:
         if case in ("badnets", "blended", "wanet"):
-            model, info = cached_model(a.cache, case, a.seed, a.device, a.data_dir)
+            model, info = cached_model(a.cache, case, a.seed, a.device, a.data_dir, a.dataset)
             defect = backdoor_from_info(info, BackdoorOptions(pairs=1, seed=a.seed), data_dir=a.data_dir)
             runs = [("inner", {"method": "inner"}), inner_code,
                     ("inner + INNER's augmentation", {"method": "inner", "repair_options": {"augment": True}}),
@@ -103,14 +105,14 @@ def main(argv=None) -> None:
                 runs += [("causal -> masked_tune (exchange)", {"localiser": causal, "repairer": "masked_tune"}),
                          ("causal -> finetune (exchange)", {"localiser": causal, "repairer": "finetune"})]
         elif case == "adversarial":
-            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir)
+            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset)
             defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed),
                                            data_dir=a.data_dir, model=model)
             runs = [("inner", {"method": "inner"}), inner_code,
                     ("inner, evidence not refreshed", {"method": "inner", "repair_options": {"refresh": False}}),
                     ("finetune", {"method": "finetune"})]
         elif case == "wrong-predictions":
-            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir)
+            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset)
             defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed), data_dir=a.data_dir,
                                                  model=model)
             runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
@@ -156,8 +158,8 @@ def write(out: Path, rows: list[dict], a) -> None:
         w.writeheader()
         w.writerows(rows)
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, 1 thread"
-    lines = [f"# INNER benchmark (fashion-mnist small-cnn, seed {a.seed}, device: {dev})", "",
-             "Backdoors: 10% poisoning, target 0, repair data 5% of the training set (3000 clean held-out samples, "
+    lines = [f"# INNER benchmark ({a.dataset} small-cnn, seed {a.seed}, device: {dev})", "",
+             "Backdoors: 10% poisoning, target 0, repair data 5% of the training set (clean held-out samples, "
              "20% of them validation), 1 pair. Metrics on the 10k test set; rates in %.", "",
              f"Last command: `{' '.join(['python benchmarks/inner.py'] + sys.argv[1:])}`"
              + (" (rows not rerun kept from the earlier file)" if a.merge else ""), "",
