@@ -313,30 +313,6 @@ def fault_mask(counts: torch.Tensor, top: float | None) -> torch.Tensor:
     return mask.float()
 
 
-def _probe_and_route(model: nn.Module, defect: Defect, cfg: ProbeConfig):
-    """Probes, layer scores and routing masks on a frozen model; returns the pieces and four timestamps."""
-    t0 = time.perf_counter()
-    blocks = find_blocks(model, defect.repair.x_fit.to(cfg.device), cfg.layers)
-    ps = train_probes(model, defect, blocks, cfg)
-    t1 = time.perf_counter()
-    dd = defective_data(defect, max(cfg.route_num, cfg.select_num), cfg.seed)
-    scores = layer_scores(model, defect, ps, dd, cfg)
-    chosen = sorted(scores, key=lambda n: -scores[n])[: cfg.rep_layer_num]
-    pd = predict(model, dd.x_fit, device=cfg.device)
-    x_route = torch.cat([dd.x_fit[pd != dd.y_fit], dd.x_fit[pd == dd.y_fit]])[: cfg.route_num]
-    t2 = time.perf_counter()
-    sites, fault = [], {}
-    for n in chosen:
-        counts, n_routed = route(model, ps.blocks[n], ps.probes[n], x_route, cfg)
-        mask = fault_mask(counts, cfg.fault_top).cpu()
-        fault[n] = {"weights": int(mask.sum()), "of": int(mask.numel()), "fraction": float(mask.mean()),
-                    "routed_samples": n_routed, "max_frequency": int(counts.max())}
-        sites.append(Site(n, "weight", scores[n], mask=mask,
-                          info={"readout": ps.blocks[n].readout, "frequency_max": int(counts.max())}))
-    t3 = time.perf_counter()
-    return sites, scores, fault, blocks, ps, dd, (t0, t1, t2, t3)
-
-
 @LOCALISERS.register("probe", "INNER: probe-based layer scores, then per-weight routing masks (fault weights)",
                      config=ProbeConfig)
 def locate_probe(model: nn.Module, defect: Defect, cfg: ProbeConfig) -> Sites:
@@ -347,11 +323,28 @@ def locate_probe(model: nn.Module, defect: Defect, cfg: ProbeConfig) -> Sites:
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        sites, scores, fault, blocks, ps, dd, times = _probe_and_route(model, defect, cfg)
+        t0 = time.perf_counter()
+        blocks = find_blocks(model, defect.repair.x_fit.to(cfg.device), cfg.layers)
+        ps = train_probes(model, defect, blocks, cfg)
+        t1 = time.perf_counter()
+        dd = defective_data(defect, max(cfg.route_num, cfg.select_num), cfg.seed)
+        scores = layer_scores(model, defect, ps, dd, cfg)
+        chosen = sorted(scores, key=lambda n: -scores[n])[: cfg.rep_layer_num]
+        pd = predict(model, dd.x_fit, device=cfg.device)
+        x_route = torch.cat([dd.x_fit[pd != dd.y_fit], dd.x_fit[pd == dd.y_fit]])[: cfg.route_num]
+        t2 = time.perf_counter()
+        sites, fault = [], {}
+        for n in chosen:
+            counts, n_routed = route(model, ps.blocks[n], ps.probes[n], x_route, cfg)
+            mask = fault_mask(counts, cfg.fault_top).cpu()
+            fault[n] = {"weights": int(mask.sum()), "of": int(mask.numel()), "fraction": float(mask.mean()),
+                        "routed_samples": n_routed, "max_frequency": int(counts.max())}
+            sites.append(Site(n, "weight", scores[n], mask=mask,
+                              info={"readout": ps.blocks[n].readout, "frequency_max": int(counts.max())}))
+        t3 = time.perf_counter()
     finally:                              # the caller's model keeps its flags, also when a bad option raises
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
-    t0, t1, t2, t3 = times
     out = Sites(sites, "probe", {"layer_scores": scores, "probe_val_accuracy": ps.val_accuracy,
                                  "readouts": {b.weight: b.readout for b in blocks}, "fault_set": fault,
                                  "defective_source": dd.source, "probe_seconds": t1 - t0,

@@ -16,7 +16,7 @@ from ..defects.base import Defect
 from ..edit import Edit
 from ..hooks import get_layer
 from ..registry import REPAIRERS
-from .masked_tune import site_masks
+from .masked_tune import on_weightless_layer, site_masks
 from ..sites import Sites
 from ..train import TrainConfig, fit
 
@@ -48,31 +48,32 @@ def site_parameters(model: nn.Module, sites: Sites | None, example: torch.Tensor
     if sites is None or not len(sites):
         return None, None
     params, masks = {}, {}
-    weightless = [s for s in sites if s.kind == "neuron" and s.index is not None
-                  and getattr(get_layer(model, s.layer), "weight", None) is None]
+
+    def restrict(p: torch.Tensor, m: torch.Tensor) -> None:
+        params[id(p)] = p
+        masks[p] = torch.maximum(masks[p], m) if p in masks else m
+
+    weightless = [s for s in sites if on_weightless_layer(model, s)]
     if weightless:
         for layer, m in site_masks(model, Sites(weightless, sites.localiser), example).items():
             w = get_layer(model, layer).weight
-            params[id(w)] = w
-            masks[w] = torch.maximum(masks[w], m.to(w)) if w in masks else m.to(w)
-    for layer in sites.layers():
+            restrict(w, m.to(w))
+    for layer in sites.layers():            # a weightless layer adds no parameter and no mask here
         mod = get_layer(model, layer)
-        w = getattr(mod, "weight", None)
-        if w is None and all(any(s is t for t in weightless) for s in sites if s.layer == layer):
-            continue
         params.update((id(p), p) for _, p in mod.named_parameters(recurse=False))
         weight_sites = [s for s in sites if s.layer == layer and s.kind == "weight" and s.mask is not None]
         neuron_sites = [s for s in sites if s.layer == layer and s.kind == "neuron" and s.index is not None]
+        w = getattr(mod, "weight", None)
         if w is not None and weight_sites:
             m = torch.zeros_like(w)
             for s in weight_sites:
                 m = torch.maximum(m, s.mask.to(w.device, w.dtype))
-            masks[w] = torch.maximum(masks[w], m) if w in masks else m
+            restrict(w, m)
         elif w is not None and neuron_sites:
             m = torch.zeros_like(w)
             for s in neuron_sites:
                 m[s.index] = 1
-            masks[w] = torch.maximum(masks[w], m) if w in masks else m
+            restrict(w, m)
             b = getattr(mod, "bias", None)
             if b is not None:
                 mb = torch.zeros_like(b)

@@ -62,6 +62,11 @@ _READ_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.
                  nn.MaxPool2d, nn.MaxPool1d, nn.AvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+def on_weightless_layer(model: nn.Module, site) -> bool:
+    """A neuron site on a layer without weights (CARE's flatten / activation units)."""
+    return site.kind == "neuron" and site.index is not None and getattr(get_layer(model, site.layer), "weight", None) is None
+
+
 def site_masks(model: nn.Module, sites: Sites | None, example: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{weight layer: 0/1 mask}, in site order. Weight sites give their mask; neuron sites all weights
     of the neuron's row (output unit / channel), or — on a weightless layer — the columns of the next
@@ -74,7 +79,7 @@ def site_masks(model: nn.Module, sites: Sites | None, example: torch.Tensor | No
     for s in sites:
         layer, index = s.layer, s.index
         w = getattr(get_layer(model, layer), "weight", None)
-        if w is None and s.kind == "neuron" and index is not None:
+        if on_weightless_layer(model, s):
             require(0 <= index < units[layer], f"neuron {index} outside {layer}'s {units[layer]} units")
             layer, reader = reader_of(model, s.layer, _READ_THROUGH)
             m = masks.setdefault(layer, torch.zeros_like(reader.weight, device="cpu"))
@@ -97,8 +102,7 @@ def site_masks(model: nn.Module, sites: Sites | None, example: torch.Tensor | No
 
 def _weightless_units(model: nn.Module, sites: Sites, example: torch.Tensor | None) -> dict[str, int]:
     """Output units (dim 1) of every weightless layer holding a neuron site, from one forward pass."""
-    names = sorted({s.layer for s in sites if s.kind == "neuron" and s.index is not None
-                    and getattr(get_layer(model, s.layer), "weight", None) is None})
+    names = sorted({s.layer for s in sites if on_weightless_layer(model, s)})
     if not names:
         return {}
     require(example is not None and len(example) > 0, f"masked_tune: an example input is needed to map "
