@@ -48,3 +48,31 @@ def test_unknown_layer_is_a_clear_error(cnn):
     with pytest.raises(NetmendError, match="does not exist"):
         with capture(cnn, "conv9"):
             pass
+
+
+def test_reader_of_finds_the_weights_reading_a_layer_or_says_why_not():
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from netmend.hooks import input_block, reader_of
+    from netmend.repair.masked_tune import site_masks
+    from netmend.repair.pso import bake
+    from netmend.sites import Site, Sites
+
+    m = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("relu", nn.ReLU()), ("soft", nn.Softmax(1)),
+                                   ("fc2", nn.Linear(6, 3)), ("act", nn.ReLU())]))
+    assert reader_of(m, "relu", (nn.ReLU, nn.Softmax))[0] == "fc2"
+    with pytest.raises(NetmendError, match="through 'soft'"):
+        reader_of(m, "relu", (nn.ReLU,))
+    with pytest.raises(NetmendError, match="no Linear/Conv2d after 'act'"):
+        reader_of(m, "act", (nn.ReLU,))
+    with pytest.raises(NetmendError, match="not a leaf"):
+        reader_of(nn.Sequential(OrderedDict([("block", m)])), "block", (nn.ReLU,))
+    with pytest.raises(NetmendError, match="cannot feed a Linear taking 6 inputs"):
+        input_block(m.fc2, 4, 0)
+    # the same messages reach the repairers' users
+    with pytest.raises(NetmendError, match="through 'soft'"):
+        site_masks(m, Sites([Site("relu", "neuron", index=1)], "causal"), torch.rand(2, 4))
+    with pytest.raises(NetmendError, match="pso: cannot bake a scale of -1 on 'relu'"):
+        bake(m, {("relu", 1): -1.0}, torch.rand(2, 4))
