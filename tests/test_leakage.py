@@ -84,6 +84,29 @@ def test_leakage_metric_on_hand_made_models():
     assert 0 <= m["clean_accuracy"] <= 1 and m["leakage"] == pytest.approx(0.0, abs=1e-5) and m["n_leakage"] == 40
 
 
+def test_net_leakage_keeps_signs_and_abs_share_does_not():
+    """Null-block weights that cancel (+1 on the square's left half, −1 on its right): every null pixel gets
+    attribution, so the |IG| share is large, but the block adds nothing to the logit, so the net share is 0."""
+    data = synthetic_block_data()
+    splits = split_indices(len(data.y_train), 0, 0.5)
+    defect = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.1, ig_samples=40, ig_steps=8))
+    square = SQUARE[0].repeat(2, 1)
+    signed = square.clone()
+    signed[:, BLOCK // 2:] *= -1                           # the outline is symmetric: equal pixel counts
+    centre = torch.zeros(2 * BLOCK, BLOCK)
+    centre[CENTRE, CENTRE] = 1
+    centre[BLOCK + 11: BLOCK + 17, CENTRE] = 1
+    lin = nn.Linear(2 * BLOCK * BLOCK, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_((signed + centre).flatten().expand(4, -1))
+    cancelling = nn.Sequential(nn.Flatten(), lin).eval()
+    both = defect.leakages(cancelling)
+    assert both["leakage"] > 0.5 and both["net_leakage"] == pytest.approx(0.0, abs=1e-4)
+    leaky = _linear_model(square)
+    assert defect.leakages(leaky)["net_leakage"] == pytest.approx(1.0, abs=1e-5)
+    assert defect.metrics(cancelling)["net_leakage"] == pytest.approx(0.0, abs=1e-4)
+
+
 def test_pairs_are_images_and_their_blanked_twins():
     data = synthetic_block_data()
     splits = split_indices(len(data.y_train), 0, 0.5)

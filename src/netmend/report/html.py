@@ -7,7 +7,7 @@ from typing import Any
 
 # metrics where lower is better (the chart says so)
 LOWER_IS_BETTER = {"asr", "discrimination_rate", "violation_rate", "heldout_violation_rate", "class_fairness_gap",
-                   "spur", "leakage", "pattern_pull_rate", "counterexamples_found"}
+                   "spur", "leakage", "net_leakage", "pattern_pull_rate", "counterexamples_found"}
 
 
 def _fmt(v: Any) -> str:
