@@ -34,7 +34,7 @@ from netmend.train import TrainConfig, default_epochs, train_backdoored
 
 TRIGGERS = {"badnets": TriggerSpec(kind="badnets", size=3), "blended": TriggerSpec(kind="blended", alpha=0.2),
             "wanet": wanet_spec(), "clean": None}
-CODE = {"clean_weight": 0.0, "momentum": 0.0, "augment": True, "asr_threshold": None}   # INNER's released code
+CODE = {"clean_weight": 0.0, "momentum": 0.0, "augment": True, "asr_threshold": None, "epochs": 20}  # INNER's code
 
 
 def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir, dataset: str = "fashion-mnist"):
