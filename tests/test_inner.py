@@ -115,3 +115,18 @@ def test_finetune_on_weight_sites_leaves_everything_off_the_mask_exactly(backdoo
     edit = finetune(model, defect, sites, FinetuneConfig(epochs=2))
     d = edit.deltas["fc1.weight"]
     assert (d[mask == 0] == 0).all() and (d[mask == 1] != 0).any()
+
+
+def test_scenario_settings_resolve_user_value_then_table_then_default():
+    from types import SimpleNamespace
+
+    from netmend.repair.masked_tune import ACC_TOLERANCE, EPOCH2, ROUNDS, TAU, by_scenario
+
+    adversarial = SimpleNamespace(kind="adversarial")
+    wanet = SimpleNamespace(kind="backdoor", trigger=SimpleNamespace(spec=SimpleNamespace(kind="wanet")))
+    assert by_scenario(None, ROUNDS, adversarial, 20) == 40
+    assert by_scenario(None, ROUNDS, wanet, 20) == 20
+    assert by_scenario(7, ROUNDS, adversarial, 20) == 7            # what the user sets wins
+    assert by_scenario(None, EPOCH2, wanet, 2) == 4 and by_scenario(None, TAU, wanet, 0.22) == TAU["wanet"]
+    assert by_scenario(None, ACC_TOLERANCE, adversarial, 0.01) == 0.02
+    assert by_scenario(None, ACC_TOLERANCE, wanet, 0.01) == 0.01

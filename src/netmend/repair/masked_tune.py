@@ -136,6 +136,11 @@ def kd_loss(out: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tens
     return -(F.softmax(teacher / temp, 1) * F.log_softmax(out / temp, 1)).sum(1).mean()
 
 
+def by_scenario(value, table: dict, defect: Defect, default):
+    """A config value the user set, else the scenario's entry in `table` (§5.4's per-attack settings), else `default`."""
+    return value if value is not None else table.get(_scenario(defect), default)
+
+
 def _scenario(defect: Defect) -> str:
     trig = getattr(defect, "trigger", None)
     return getattr(getattr(trig, "spec", None), "kind", None) or defect.kind
@@ -178,8 +183,8 @@ class _Tuner:
         for p in model.parameters():
             p.requires_grad_(False)
         self.acc0 = self.val_accuracy()
-        self.tol = cfg.acc_tolerance if cfg.acc_tolerance is not None else ACC_TOLERANCE.get(_scenario(defect), 0.01)
-        self.tau = cfg.asr_threshold if cfg.asr_threshold is not None else TAU.get(_scenario(defect), 0.22)
+        self.tol = by_scenario(cfg.acc_tolerance, ACC_TOLERANCE, defect, 0.01)
+        self.tau = by_scenario(cfg.asr_threshold, TAU, defect, 0.22)
         self.history: list[dict] = []
 
     def within_tolerance(self, acc: float) -> bool:
@@ -291,10 +296,10 @@ def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Mask
         probes = train_probes(work, defect, blocks, ProbeConfig(seed=cfg.seed, device=cfg.device))
     before = {n: get_layer(work, n).weight.detach().clone() for n in masks}
     tuner = _Tuner(work, defect, masks, probes, cfg)
-    epoch2 = cfg.epoch2 if cfg.epoch2 is not None else EPOCH2.get(_scenario(defect), 2)
+    epoch2 = by_scenario(cfg.epoch2, EPOCH2, defect, 2)
     stopped = tuner.check("start")
     rounds = 0
-    max_rounds = cfg.epochs if cfg.epochs is not None else ROUNDS.get(_scenario(defect), 20)
+    max_rounds = by_scenario(cfg.epochs, ROUNDS, defect, 20)
     while not stopped and rounds < max_rounds and tuner.steps < cfg.max_steps:
         rounds += 1
         for n in masks:
