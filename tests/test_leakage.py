@@ -66,14 +66,20 @@ def _linear_model(weight_map: torch.Tensor) -> nn.Module:
     return nn.Sequential(nn.Flatten(), lin).eval()
 
 
+def _centre_pixels() -> torch.Tensor:
+    """The synthetic digits' pixels (inside the square's hollow) in both halves, 56×28."""
+    m = torch.zeros(2 * BLOCK, BLOCK)
+    m[CENTRE, CENTRE] = 1
+    m[BLOCK + 11: BLOCK + 17, CENTRE] = 1
+    return m
+
+
 def test_leakage_metric_on_hand_made_models():
     data = synthetic_block_data()
     splits = split_indices(len(data.y_train), 0, 0.5)
     defect = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.1, ig_samples=40, ig_steps=8))
     square_pixels = SQUARE[0].repeat(2, 1)                 # the outline in both halves
-    centre_pixels = torch.zeros(2 * BLOCK, BLOCK)
-    centre_pixels[CENTRE, CENTRE] = 1
-    centre_pixels[BLOCK + 11: BLOCK + 17, CENTRE] = 1
+    centre_pixels = _centre_pixels()
     leaky, honest = _linear_model(square_pixels), _linear_model(centre_pixels)
     assert defect.leakage(leaky) == pytest.approx(1.0, abs=1e-5)
     assert defect.leakage(honest) == pytest.approx(0.0, abs=1e-5)
@@ -93,12 +99,9 @@ def test_net_leakage_keeps_signs_and_abs_share_does_not():
     square = SQUARE[0].repeat(2, 1)
     signed = square.clone()
     signed[:, BLOCK // 2:] *= -1                           # the outline is symmetric: equal pixel counts
-    centre = torch.zeros(2 * BLOCK, BLOCK)
-    centre[CENTRE, CENTRE] = 1
-    centre[BLOCK + 11: BLOCK + 17, CENTRE] = 1
     lin = nn.Linear(2 * BLOCK * BLOCK, 4, bias=False)
     with torch.no_grad():
-        lin.weight.copy_((signed + centre).flatten().expand(4, -1))
+        lin.weight.copy_((signed + _centre_pixels()).flatten().expand(4, -1))
     cancelling = nn.Sequential(nn.Flatten(), lin).eval()
     both = defect.leakages(cancelling)
     assert both["leakage"] > 0.5 and both["net_leakage"] == pytest.approx(0.0, abs=1e-4)
