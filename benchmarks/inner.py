@@ -1,6 +1,7 @@
 """Benchmark: INNER (probe + masked_tune) against fine-tuning (and rectify / care when present) on
 Fashion-MNIST small-cnn: BadNets, Blended and WaNet backdoors (10% poisoning, target 0), targeted
-FGSM adversarial examples and wrong predictions (on a clean model), plus the exchange rows
+FGSM (`adversarial`) and PGD (`pgd`, 10 steps) adversarial examples and wrong predictions (on a clean model), plus
+the exchange rows
 (INNER's fault weights driving `finetune`, CARE's neurons driving `masked_tune`).
 
     python benchmarks/inner.py                       # everything, CPU
@@ -76,7 +77,8 @@ def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["badnets", "blended", "wanet", "adversarial", "wrong-predictions"])
+    ap.add_argument("--cases", nargs="+", default=["badnets", "blended", "wanet", "adversarial", "pgd",
+                                                     "wrong-predictions"])
     ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/inner"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 (the JPEG copy) | mnist ...")
@@ -104,9 +106,10 @@ def main(argv=None) -> None:
                 causal = METHODS.get("care").localiser
                 runs += [("causal -> masked_tune (exchange)", {"localiser": causal, "repairer": "masked_tune"}),
                          ("causal -> finetune (exchange)", {"localiser": causal, "repairer": "finetune"})]
-        elif case == "adversarial":
+        elif case in ("adversarial", "pgd"):
             model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset)
-            defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed),
+            attack = "pgd" if case == "pgd" else "fgsm"
+            defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed, attack=attack),
                                            data_dir=a.data_dir, model=model)
             runs = [("inner", {"method": "inner"}), inner_code,
                     ("inner, evidence not refreshed", {"method": "inner", "repair_options": {"refresh": False}}),
