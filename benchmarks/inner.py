@@ -1,8 +1,8 @@
 """Benchmark: INNER (probe + masked_tune) against fine-tuning (and rectify / care when present) on
 Fashion-MNIST small-cnn: BadNets, Blended and WaNet backdoors (10% poisoning, target 0), targeted
-FGSM (`adversarial`) and PGD (`pgd`, 10 steps) adversarial examples and wrong predictions (on a clean model), plus
-the exchange rows
-(INNER's fault weights driving `finetune`, CARE's neurons driving `masked_tune`).
+FGSM (`adversarial`) and PGD (`pgd`, 10 steps) adversarial examples and wrong predictions (on a clean
+model), plus the exchange rows (INNER's fault weights driving `finetune`, CARE's neurons driving
+`masked_tune`).
 
     python benchmarks/inner.py                       # everything, CPU
     python benchmarks/inner.py --cases badnets --device cuda

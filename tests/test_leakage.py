@@ -8,7 +8,7 @@ from torch import nn
 from netmend.data.blockmnist import (BLOCK, BlockLayout, blank_null, draw_positions, make_blockmnist, null_block,
                                      stack_blocks)
 from netmend.data.datasets import ImageData, split_indices
-from netmend.defects.leakage import LeakageDefect, LeakageOptions, infer_digit_top, null_share
+from netmend.defects.leakage import LeakageDefect, LeakageOptions, infer_digit_top, null_attribution
 from netmend.errors import NetmendError
 
 SQUARE = null_block("square")
@@ -81,10 +81,10 @@ def test_leakage_metric_on_hand_made_models():
     square_pixels = SQUARE[0].repeat(2, 1)                 # the outline in both halves
     centre_pixels = _centre_pixels()
     leaky, honest = _linear_model(square_pixels), _linear_model(centre_pixels)
-    assert defect.leakage(leaky) == pytest.approx(1.0, abs=1e-5)
-    assert defect.leakage(honest) == pytest.approx(0.0, abs=1e-5)
+    assert defect.leakages(leaky)["leakage"] == pytest.approx(1.0, abs=1e-5)
+    assert defect.leakages(honest)["leakage"] == pytest.approx(0.0, abs=1e-5)
     mixed = _linear_model(square_pixels + centre_pixels)
-    share = null_share(mixed, defect.x_test, defect.y_test, defect.top_test, steps=8)
+    share = null_attribution(mixed, defect.x_test, defect.y_test, defect.top_test, steps=8)["abs_share"]
     assert ((share > 0) & (share < 1)).all()
     m = defect.metrics(honest)
     assert 0 <= m["clean_accuracy"] <= 1 and m["leakage"] == pytest.approx(0.0, abs=1e-5) and m["n_leakage"] == 40

@@ -60,12 +60,6 @@ class LeakageOptions:
     fill: float = 0.0                 # value of the blanked null block in cleansed twins
 
 
-def null_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, digit_top: torch.Tensor, steps: int = 32,
-               batch: int = 2048, chunk: int = 128) -> torch.Tensor:
-    """Per-image share of |IG| mass (true-class logit, black baseline) on the null block."""
-    return null_attribution(model, x, y, digit_top, steps, batch, chunk)["abs_share"]
-
-
 def null_attribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, digit_top: torch.Tensor, steps: int = 32,
                      batch: int = 2048, chunk: int = 128) -> dict[str, torch.Tensor]:
     """Per image, from one IG map (true-class logit, black baseline): the |IG| share on the null block
@@ -131,9 +125,6 @@ class LeakageDefect(Defect):
         both = model(torch.cat([x, self.cleanse(x)]))
         p = F.softmax(both, 1).gather(1, torch.cat([y, y]).view(-1, 1)).squeeze(1)
         return (p[: len(x)] - p[len(x):]).abs()
-
-    def leakage(self, model: nn.Module) -> float:
-        return self.leakages(model)["leakage"]
 
     def leakages(self, model: nn.Module) -> dict[str, float]:
         """Both leakage numbers (module docstring) from one IG pass over the first `ig_samples` test images."""
