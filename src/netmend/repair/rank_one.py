@@ -285,7 +285,7 @@ def _lambda_closed(mod: nn.Module, d: torch.Tensor, k_bad: torch.Tensor, target:
             Z, Rm = Z * w, Rm * w
         ZZ = torch.einsum("npl,nql->pq", Z, Z)
         RZ = torch.einsum("nol,npl->op", Rm, Z)
-        lam = torch.linalg.solve(ZZ + mu * (torch.trace(ZZ) / len(ZZ) + 1e-30) * torch.eye(len(ZZ), dtype=ZZ.dtype), RZ.T).T
+        lam = torch.linalg.solve(ZZ + mu * (torch.trace(ZZ) / len(ZZ) + 1e-30) * torch.eye(len(ZZ), dtype=ZZ.dtype, device=ZZ.device), RZ.T).T
         return lam.reshape(W.shape[0], kh, kw)
     s = flat_keys(mod, k_bad).double() @ d                                                           # (N,)
     Rf = R.reshape(-1, R.shape[-1])
@@ -404,7 +404,7 @@ def _rank_r_edit(mod, layer, value, C, k_bad, k_cln, W, cfg, t0, n_pairs) -> Edi
     R = (flat_keys(mod, k_cln).double() - K.T) @ W.double().T                    # (r, m): W(k_c − k̃)
     D, sinfo = solve(C, K, cfg.rho)
     G = D.T @ K
-    G = G + cfg.mu * torch.trace(G) / len(G) * torch.eye(len(G), dtype=G.dtype)
+    G = G + cfg.mu * torch.trace(G) / len(G) * torch.eye(len(G), dtype=G.dtype, device=G.device)
     dW = torch.linalg.solve(G, R).T @ D.T                                          # R.T G⁻¹ Dᵀ (G symmetric)
     rel = float(dW.norm() / W.double().norm())
     clamped = rel > cfg.clamp
