@@ -38,18 +38,21 @@ TRIGGERS = {"badnets": TriggerSpec(kind="badnets", size=3), "blended": TriggerSp
 CODE = {"clean_weight": 0.0, "momentum": 0.0, "augment": True, "asr_threshold": None, "epochs": 20}  # INNER's code
 
 
-def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir, dataset: str = "fashion-mnist"):
-    folder = cache / f"{dataset}-small-cnn-{trigger}-s{seed}"
+def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir, dataset: str = "fashion-mnist",
+                 arch: str = "small-cnn", epochs: int | None = None):
+    folder = cache / f"{dataset}-{arch}-{trigger}-s{seed}"
     if not (folder / "model.json").is_file():
-        cfg = TrainConfig(epochs=default_epochs("small-cnn", dataset), seed=seed)
-        model, info = train_backdoored(dataset, "small-cnn", TRIGGERS[trigger], target=0, poison_rate=0.1,
+        cfg = TrainConfig(epochs=epochs or default_epochs(arch, dataset), seed=seed)
+        model, info = train_backdoored(dataset, arch, TRIGGERS[trigger], target=0, poison_rate=0.1,
                                        cfg=cfg, device=device, data_dir=data_dir)
         print(f"trained {folder.name}: {info['metrics']}", flush=True)
         save_model_folder(folder, model, info)
     return load_model_folder(folder)
 
 
-def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str, seed: int) -> list[dict]:
+def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str, seed: int,
+             done=lambda row: None) -> list[dict]:
+    """One row per (label, api.repair options); `done(row)` after each, so a cut-off run keeps what it measured."""
     before = defect.metrics(model)
     out = []
     for label, kw in runs:
@@ -60,6 +63,7 @@ def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str
             row = {"case": case, "method": label, "error": str(e)}
             print(row, flush=True)
             out.append(row)
+            done(row)
             continue
         det = r.sites.details if r.sites is not None else {}
         row = {"case": case, "method": label, "seconds": round(time.perf_counter() - t0, 2),
@@ -72,6 +76,7 @@ def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str
                 row[f"{k}_before"], row[f"{k}_after"] = round(before[k], 4), round(r.after[k], 4)
         print(row, flush=True)
         out.append(row)
+        done(row)
     return out
 
 
@@ -82,6 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/inner"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 (the JPEG copy) | mnist ...")
+    ap.add_argument("--arch", default="small-cnn", help="small-cnn | preact-resnet18 | vgg11 (the last two: GPU)")
+    ap.add_argument("--epochs", type=int, help="training epochs of a model not yet cached (default: by arch)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-others", dest="others", action="store_false", help="skip rectify / care rows")
@@ -91,10 +98,15 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(1 if a.device == "cpu" else torch.get_num_threads())
     rows: list[dict] = []
+
+    def record(row: dict) -> None:           # after every row: a cut-off run keeps what it measured
+        rows.append(row)
+        write(a.out, merged(a.out, rows) if a.merge else rows, a)
+
     inner_code = ("inner (code loss)", {"method": "inner", "repair_options": CODE})
     for case in a.cases:
         if case in ("badnets", "blended", "wanet"):
-            model, info = cached_model(a.cache, case, a.seed, a.device, a.data_dir, a.dataset)
+            model, info = cached_model(a.cache, case, a.seed, a.device, a.data_dir, a.dataset, a.arch, a.epochs)
             defect = backdoor_from_info(info, BackdoorOptions(pairs=1, seed=a.seed), data_dir=a.data_dir)
             runs = [("inner", {"method": "inner"}), inner_code,
                     ("inner + INNER's augmentation", {"method": "inner", "repair_options": {"augment": True}}),
@@ -107,7 +119,8 @@ def main(argv=None) -> None:
                 runs += [("causal -> masked_tune (exchange)", {"localiser": causal, "repairer": "masked_tune"}),
                          ("causal -> finetune (exchange)", {"localiser": causal, "repairer": "finetune"})]
         elif case in ("adversarial", "pgd"):
-            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset)
+            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset, a.arch,
+                                       a.epochs)
             attack = "pgd" if case == "pgd" else "fgsm"
             defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed, attack=attack),
                                            data_dir=a.data_dir, model=model)
@@ -115,7 +128,8 @@ def main(argv=None) -> None:
                     ("inner, evidence not refreshed", {"method": "inner", "repair_options": {"refresh": False}}),
                     ("finetune", {"method": "finetune"})]
         elif case == "wrong-predictions":
-            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset)
+            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset, a.arch,
+                                       a.epochs)
             defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed), data_dir=a.data_dir,
                                                  model=model)
             runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
@@ -123,8 +137,7 @@ def main(argv=None) -> None:
             sys.exit(f"unknown case {case!r}")
         if a.methods:
             runs = [r for r in runs if r[0] in a.methods]
-        rows += rows_for(case, model, defect, runs, a.device, a.seed)
-        write(a.out, merged(a.out, rows) if a.merge else rows, a)    # after every case: a cut-off run keeps its rows
+        rows_for(case, model, defect, runs, a.device, a.seed, done=record)
 
 
 def merged(out: Path, rows: list[dict]) -> list[dict]:
@@ -161,7 +174,7 @@ def write(out: Path, rows: list[dict], a) -> None:
         w.writeheader()
         w.writerows(rows)
     dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, 1 thread"
-    lines = [f"# INNER benchmark ({a.dataset} small-cnn, seed {a.seed}, device: {dev})", "",
+    lines = [f"# INNER benchmark ({a.dataset} {a.arch}, seed {a.seed}, device: {dev})", "",
              "Backdoors: 10% poisoning, target 0, repair data 5% of the training set (clean held-out samples, "
              "20% of them validation), 1 pair. Metrics on the 10k test set; rates in %.", "",
              f"Last command: `{' '.join(['python benchmarks/inner.py'] + sys.argv[1:])}`"
