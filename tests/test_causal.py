@@ -218,3 +218,32 @@ def test_bad_steps_is_user_error(toy):
     model, d = toy
     with pytest.raises(NetmendError):
         locate_causal(model, d, CausalConfig(steps=1))
+
+
+def test_specific_prefers_a_neuron_silent_where_behaviour_must_stay():
+    """`specific` weights a score by the share of keep rows where the unit is zero: scaling it cannot touch them."""
+    fc1, out = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        fc1.weight.copy_(torch.eye(2)), fc1.bias.zero_()        # h0 = relu(x0), h1 = relu(x1)
+        out.weight.copy_(torch.tensor([[0.0, 0.0], [5.0, 4.0]])), out.bias.zero_()
+    model = nn.Sequential(OrderedDict([("fc1", fc1), ("relu1", nn.ReLU()), ("out", out)])).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 2, generator=g) + 0.1                   # both units active
+    keep = torch.rand(32, 2, generator=g) * torch.tensor([1.0, -1.0]) + torch.tensor([0.1, -0.1])   # only h0 active
+
+    class D(Defect):
+        kind = "specific-toy"
+        repair = RepairData(x, torch.zeros(32, dtype=torch.long), x[:4], torch.zeros(4, dtype=torch.long))
+
+        def objective(self, model):
+            return Objective(x, lambda z: z.argmax(-1) == 1, keep, torch.zeros(32, dtype=torch.long))
+
+    from netmend.locate.causal import CausalOutput, Probe
+
+    if "specific-toy" not in CAUSAL_OUTPUTS:
+        CAUSAL_OUTPUTS.add("specific-toy", CausalOutput(
+            lambda m, d, c: Probe(x, x[:0], lambda z: z[..., 1].mean(-1, keepdim=True), ["y1"], keep), steps=3, keep=2))
+    plain = locate_causal(model, D(), CausalConfig(layers=["relu1"]))
+    spec = locate_causal(model, D(), CausalConfig(layers=["relu1"], specific=1.0))
+    assert [s.index for s in plain] == [0, 1]                 # the larger effect first ...
+    assert spec[0].index == 1 and spec[1].score == pytest.approx(0.0)   # ... unless it is active on every keep row

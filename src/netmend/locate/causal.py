@@ -115,6 +115,7 @@ class Probe:
     x_range: torch.Tensor
     reduce: Callable[[torch.Tensor], torch.Tensor]
     curves: list[str] = field(default_factory=lambda: ["y"])
+    x_keep: torch.Tensor | None = None    # rows whose behaviour must not change (CausalConfig.specific)
 
 
 @dataclass
@@ -153,7 +154,8 @@ def _safety_probe(model, defect, cfg) -> Probe:
     pool = rep.x_fit if (cfg.box_only and rep is not None and len(rep.x_fit)) else obj.x_good
     x = _sample(pool, cfg.samples, cfg.seed + 123)
     idx = torch.tensor(outs)
-    return Probe(x, obj.x_bad, lambda z: z[..., idx.to(z.device)].mean(-2), [f"score_{o}" for o in outs])
+    keep = obj.x_good[~defect.prop.in_box(obj.x_good)] if hasattr(defect, "prop") else None
+    return Probe(x, obj.x_bad, lambda z: z[..., idx.to(z.device)].mean(-2), [f"score_{o}" for o in outs], keep)
 
 
 def _generic_probe(model, defect, cfg) -> Probe:
@@ -321,6 +323,9 @@ class CausalConfig:
                                       # weight layer, e.g. the MLP's `norm`) as neurons (netmend option)
     box_only: bool = False            # safety: take the expectation over the drawndown box samples only (CARE), not
                                       # the objective's whole keep set (which includes outside-box samples)
+    specific: float = 0.0             # weight each score by (1 − a)^specific, a = the share of the probe's keep rows
+                                      # (safety: the objective's outside-box samples) on which the neuron is non-zero:
+                                      # scaling a neuron cannot change a row where it is zero (netmend option)
     seed: int = 0
     device: str = "cpu"
 
@@ -384,6 +389,11 @@ def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
             score = y0 - curves.amin(1)
         else:
             score = (curves.amax(1) - curves.amin(1)) if score_kind == "range" else curves.mean(1)
+        if cfg.specific and probe.x_keep is not None and len(probe.x_keep):
+            with torch.no_grad():
+                hk = cut.prefix(probe.x_keep.to(dev))
+                active = hk.reshape(len(hk), len(score), -1).ne(0).any(-1).float().mean(0).cpu()
+            score = score * (1 - active)[:, None] ** cfg.specific
         all_scores.append(score)
         owners += [(layer, i) for i in range(len(score))]
         curves_by_layer[layer], values_by_layer[layer] = curves, values.cpu()
