@@ -107,6 +107,10 @@ def test_bad_inputs_give_one_line_and_exit_2(model_dir, tmp_path):
     assert_user_error(run("repair", model_dir, "--method", "rectify", "-R", "probe_cost=nope", "--out", tmp_path / "r3",
                           check=False), "probe_cost")
     assert not (tmp_path / "r3" / "model.safetensors").exists()
+    # an option value of the wrong type
+    assert_user_error(run("repair", model_dir, "--method", "fine-pruning", "-R", "max_acc_drop=lots", "--out",
+                          tmp_path / "r4", check=False), "max_acc_drop")
+    assert not (tmp_path / "r4" / "model.safetensors").exists()
 
 
 def test_out_that_holds_a_model_is_never_overwritten(model_dir):

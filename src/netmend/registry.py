@@ -5,6 +5,7 @@ One factory per kind, no if/elif chains: `ARCHITECTURES.create("small-cnn", **kw
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
@@ -75,7 +76,30 @@ def make_config(config_cls: type | None, overrides: dict[str, Any] | None):
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise NetmendError(f"unknown option(s) {unknown} for {config_cls.__name__}; valid: {sorted(names)}")
-    return config_cls(**overrides)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: _checked(config_cls.__name__, k, str(fields[k].type), v) for k, v in overrides.items()})
+
+
+_SCALARS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,)}
+
+
+def _checked(owner: str, name: str, annotation: str, value: Any) -> Any:
+    """A user's option value against the field's annotation: a single value where a list is expected becomes a
+    one-element list (`-L outputs=0`); a number for a text field becomes text; a value that is not of a number /
+    flag field's type is a one-line error, not a traceback later (text fields take anything, e.g. a torch.device)."""
+    kinds = [t.strip() for t in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return value
+    if any(t.startswith(("list", "tuple", "Sequence")) for t in kinds):
+        return value if isinstance(value, (list, tuple)) else [value]
+    if "str" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)                  # `-L layer=0` (a Sequential's child) was read as JSON
+    plain = [_SCALARS[t] for t in kinds if t in _SCALARS]
+    if plain and len(plain) == len([t for t in kinds if t != "None"]):
+        ok = any(isinstance(value, tp) and not (isinstance(value, bool) and bool not in tp) for tp in plain)
+        if not ok:
+            raise NetmendError(f"option {name}={value!r} for {owner}: expected {annotation}")
+    return value
 
 
 ARCHITECTURES: Registry[Callable] = Registry("architecture")
