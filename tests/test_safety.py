@@ -211,3 +211,30 @@ def test_care_rounds_on_toy():
     assert res.after["violation_rate"] <= res.before["violation_rate"]
     res0 = netmend.api.repair(net, d, method="care", locate_options={"keep": 2}, repair_options={"rounds": 0})
     assert len(res0.edit.meta["rounds"]) == 1
+
+
+def test_finetune_follows_the_argmin_advisory_and_argmax_methods_refuse():
+    """ACAS networks decide by the LOWEST output: fine-tuning must push the advisory's score down, not up
+    (cross-entropy on the raw outputs turned every advisory around), and methods that read argmax say so."""
+    import netmend
+    from netmend.registry import METHODS
+
+    p = parse_vnnlib(TOY, "toy")
+    net = acasxu([2], 2, hidden=[8])
+    torch.manual_seed(0)
+    with torch.no_grad():                                # a hidden layer that passes x0 and the threshold through
+        net.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]] + [[0.0, 0.0]] * 6))
+        net.fc1.bias.copy_(torch.tensor([0.0, 0.0, 1.0] + [0.0] * 5))
+        net.fc2.weight.copy_(torch.tensor([[1.0, -1.0, 0.0] + [0.0] * 5, [0.0, 0.0, -0.8] + [0.0] * 5]))
+        net.fc2.bias.zero_()
+    d = SafetyDefect(net, p, SafetyOptions(**SMALL))
+    assert d.metrics(net)["violation_rate"] > 0.05
+    x, y = d.tuning_set()
+    assert (y[-len(d.objective(net).x_bad):] == 1).all()     # counterexamples labelled with the allowed advisory
+    r = netmend.api.repair(net, d, method="finetune", repair_options={"epochs": 30, "lr": 0.05})
+    assert r.after["violation_rate"] < r.before["violation_rate"]
+    assert d.validation_score(r.model) > 0.9      # advisories on the satisfying samples kept (the sign bug: ~0)
+    for method in ("inner", "fine-pruning"):
+        assert method in METHODS
+        with pytest.raises(NetmendError, match="argmin"):
+            netmend.api.repair(net, d, method=method)

@@ -28,8 +28,9 @@ class TrainConfig:
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: str = "cpu",
-        desc: str = "training", params=None, grad_mask: dict | None = None) -> nn.Module:
-    """Mini-batch cross-entropy training (also used by fine-tuning). Deterministic for a seed."""
+        desc: str = "training", params=None, grad_mask: dict | None = None, output=None) -> nn.Module:
+    """Mini-batch cross-entropy training (also used by fine-tuning). Deterministic for a seed. `output` maps the
+    model's outputs to the logits the loss reads (a defect's `decision_logits`: negated for argmin networks)."""
     require(len(x) > 0, "no training data")
     model.to(device).train()
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -45,7 +46,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, de
             for i in range(0, len(x), cfg.batch_size):
                 b = perm[i: i + cfg.batch_size]
                 xb, yb = x[b].to(device), y[b].to(device)
-                loss = F.cross_entropy(model(xb), yb)
+                out = model(xb)
+                loss = F.cross_entropy(output(out) if output is not None else out, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_mask:

@@ -113,8 +113,29 @@ class Defect:
                                       # stamp pulls to (a backdoor) or be "invariant" to the stamp (a spurious cue)
     violation_measure: str = "target"  # INNER's violation rate on evidence: share sent to the defect's target ("target")
                                       # or share still misclassified ("misclassified", when correctness is the metric)
+    decision: str = "argmax"          # how outputs become a decision: "argmax" (classifiers) or "argmin" (ACAS Xu
+                                      # advisories: the lowest score wins)
     num_classes: int = 0
     in_shape: list[int] = []
+
+    def decision_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Outputs turned into logits whose argmax is the decision (negated for argmin networks), so
+        cross-entropy pushes the decided class up whichever way the network decides."""
+        return -logits if self.decision == "argmin" else logits
+
+    def tuning_set(self, use_pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """What gradient repairers (fine-tuning, fine-pruning, A-ClArC) train on: the clean repair fit data and,
+        with `use_pairs`, the evidence pairs' cleansed twins with their true labels."""
+        x, y = self.repair.x_fit, self.repair.y_fit
+        if use_pairs and self.pairs is not None and len(self.pairs):
+            x, y = torch.cat([x, self.pairs.clean]), torch.cat([y, self.pairs.labels])
+        return x, y
+
+    def require_argmax(self, method: str) -> None:
+        """One-line error for methods that read decisions as the argmax of the outputs."""
+        if self.decision != "argmax":
+            raise NetmendError(f"{method} reads the network's decision as the largest output; the {self.kind} defect "
+                               f"decides by {self.decision}: use care or finetune")
 
     def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample differentiable measure of the misbehaviour on evidence inputs x (true labels y)."""

@@ -212,6 +212,7 @@ def _domain(model_norm: dict | None, prop: Property) -> tuple[torch.Tensor, torc
 
 class SafetyDefect(Defect):
     kind = "safety"
+    decision = "argmin"
 
     def __init__(self, model: nn.Module, prop: Property, options: SafetyOptions | None = None,
                  normalisation: dict | None = None):
@@ -378,6 +379,14 @@ class SafetyDefect(Defect):
         xo, yo = self.outside_samples(self.options.outside // 2, self.options.seed + 6)
         return Objective(x_bad, self._violated_obj, torch.cat([self.repair.x_val, xo]), torch.cat([self.repair.y_val, yo]),
                          decide=advisory)
+
+    def tuning_set(self, use_pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient repairers fit the objective's data: the keep rows with the original advisories and (with
+        `use_pairs`) the fit counterexamples with the allowed advisory the original network scores lowest."""
+        obj = self.objective(self.original)
+        if not use_pairs:
+            return obj.x_good, obj.y_good
+        return torch.cat([obj.x_good, obj.x_bad]), torch.cat([obj.y_good, self._safe_labels(obj.x_bad)])
 
     def validation_score(self, model: nn.Module) -> float:
         """Share of the drawndown validation samples whose advisory is unchanged (argmin, not argmax)."""

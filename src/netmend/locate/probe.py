@@ -318,6 +318,7 @@ def fault_mask(counts: torch.Tensor, top: float | None) -> torch.Tensor:
 def locate_probe(model: nn.Module, defect: Defect, cfg: ProbeConfig) -> Sites:
     require(cfg.routing_grad in ("routing", "weight"), f"routing_grad must be 'routing' or 'weight', got {cfg.routing_grad!r}")
     require(cfg.rep_layer_num >= 1, f"rep_layer_num must be ≥ 1, got {cfg.rep_layer_num}")
+    defect.require_argmax("INNER's probe localiser")
     model = model.to(cfg.device).eval()
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

@@ -28,7 +28,7 @@ from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
 from ..train import TrainConfig, fit
-from .finetune import _freeze_batchnorm, training_set
+from .finetune import _freeze_batchnorm
 
 CLARC_PAPER = "Anders et al., Finding and removing Clever Hans (ClArC), Information Fusion 2022"
 
@@ -151,11 +151,11 @@ def a_clarc(model: nn.Module, defect: Defect, sites: Sites | None, cfg: AClarcCo
 
     handle = get_layer(work, layer).register_forward_pre_hook(add_artefact)
     _freeze_batchnorm(work)
-    x, y = training_set(defect, cfg.use_pairs)
+    x, y = defect.tuning_set(cfg.use_pairs)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, seed=cfg.seed)
     try:
-        fit(work, x, y, tc, cfg.device, desc="a-clarc", params=params)
+        fit(work, x, y, tc, cfg.device, desc="a-clarc", params=params, output=defect.decision_logits)
     finally:
         handle.remove()
     work.cpu()

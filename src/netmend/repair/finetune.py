@@ -33,14 +33,6 @@ class FinetuneConfig:
     device: str = "cpu"
 
 
-def training_set(defect: Defect, use_pairs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = defect.repair.x_fit, defect.repair.y_fit
-    if use_pairs and defect.pairs is not None and len(defect.pairs):
-        x = torch.cat([x, defect.pairs.clean])
-        y = torch.cat([y, defect.pairs.labels])
-    return x, y
-
-
 def site_parameters(model: nn.Module, sites: Sites | None, example: torch.Tensor | None = None
                     ) -> tuple[list[nn.Parameter] | None, dict | None]:
     """Parameters of the sites' layers (None = all) and gradient masks for weight sites. Neuron sites on a
@@ -88,12 +80,12 @@ def site_parameters(model: nn.Module, sites: Sites | None, example: torch.Tensor
 def finetune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: FinetuneConfig) -> Edit:
     work = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in work.state_dict().items()}
-    x, y = training_set(defect, cfg.use_pairs)
+    x, y = defect.tuning_set(cfg.use_pairs)
     params, masks = site_parameters(work, sites, defect.repair.x_fit)
     _freeze_batchnorm(work)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, seed=cfg.seed)
-    fit(work, x, y, tc, cfg.device, desc="fine-tune", params=params, grad_mask=masks)
+    fit(work, x, y, tc, cfg.device, desc="fine-tune", params=params, grad_mask=masks, output=defect.decision_logits)
     work.cpu()
     names = [n for n, _ in work.named_parameters()]
     return Edit.between(before, work, {"repairer": "finetune", "samples": len(y)}, names=names)

@@ -288,6 +288,7 @@ class _Tuner:
 @REPAIRERS.register("masked_tune", "INNER: gradient-masked fine-tuning of the localised weights (probe loss + output CE)",
                     config=MaskedTuneConfig)
 def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: MaskedTuneConfig) -> Edit:
+    defect.require_argmax("masked_tune")
     work = copy.deepcopy(model).to(cfg.device).eval()      # eval throughout: BN statistics never move
     masks = site_masks(work, sites, defect.repair.x_fit)
     probes = getattr(sites, "probes", None)

@@ -16,7 +16,7 @@ from ..metrics import accuracy, predict
 from ..registry import REPAIRERS
 from ..sites import Sites
 from ..train import TrainConfig, fit
-from .finetune import _freeze_batchnorm, training_set
+from .finetune import _freeze_batchnorm
 
 
 @dataclass
@@ -43,6 +43,7 @@ def _prune_columns(layer: nn.Module, units: list[int]) -> None:
 
 @REPAIRERS.register("prune", "prune dormant units feeding a layer, then fine-tune (fine-pruning)", config=FinePruneConfig)
 def fine_prune(model: nn.Module, defect: Defect, sites: Sites, cfg: FinePruneConfig) -> Edit:
+    defect.require_argmax("fine-pruning")
     if sites is None or not sites.neurons():
         raise NetmendError("fine-pruning needs neuron sites (use the 'dormant' localiser)")
     layer_name = sites.neurons()[0].layer
@@ -68,7 +69,7 @@ def fine_prune(model: nn.Module, defect: Defect, sites: Sites, cfg: FinePruneCon
     if pruned:
         mask[:, pruned] = 0
     if cfg.finetune_epochs > 0:
-        x, y = training_set(defect, True)
+        x, y = defect.tuning_set(True)
         _freeze_batchnorm(work)
         fit(work, x, y, TrainConfig(cfg.finetune_epochs, cfg.batch_size, cfg.lr, 5e-4, "sgd", cfg.seed), cfg.device,
             desc="fine-pruning: tune", grad_mask={layer.weight: mask})
