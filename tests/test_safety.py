@@ -238,3 +238,6 @@ def test_finetune_follows_the_argmin_advisory_and_argmax_methods_refuse():
         assert method in METHODS
         with pytest.raises(NetmendError, match="argmin"):
             netmend.api.repair(net, d, method=method)
+    for method in ("rectify", "rectify-static", "p-clarc"):      # no pairs here, and no --pairs to ask for
+        with pytest.raises(NetmendError, match="has none"):
+            netmend.api.repair(net, d, method=method)

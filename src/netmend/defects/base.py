@@ -131,6 +131,15 @@ class Defect:
             x, y = torch.cat([x, self.pairs.clean]), torch.cat([y, self.pairs.labels])
         return x, y
 
+    def require_pairs(self, method: str) -> "Pairs":
+        """The evidence pairs, or a one-line error that says how to get them (or that this defect has none)."""
+        if self.pairs is not None and len(self.pairs):
+            return self.pairs
+        if hasattr(getattr(self, "options", None), "pairs"):
+            raise NetmendError(f"{method} needs evidence pairs x̃ → x (use --pairs N with N ≥ 1)")
+        raise NetmendError(f"{method} needs evidence pairs x̃ → x (an input and its cleansed twin); a {self.kind} "
+                           f"defect has none: use care or finetune")
+
     def require_argmax(self, method: str) -> None:
         """One-line error for methods that read decisions as the argmax of the outputs."""
         if self.decision != "argmax":

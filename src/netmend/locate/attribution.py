@@ -18,7 +18,7 @@ from captum.attr import LayerConductance, LayerIntegratedGradients
 from torch import nn
 
 from ..defects.base import Defect
-from ..errors import NetmendError, require
+from ..errors import require
 from ..hooks import capture, get_layer, weight_layers
 from ..registry import LOCALISERS
 from ..repair.rank_one import _key_mask, _pairs, cached_moment, check_editable, flat_keys, solve, statistics_inputs
@@ -205,6 +205,5 @@ def attribution_sites(model: nn.Module, defect: Defect, cfg: AttributionConfig) 
 @LOCALISERS.register("attribution", "layer IG along x̃ → x times the rank-one direction norm: editability per layer "
                                     "(Yang et al.)", config=AttributionConfig)
 def locate_attribution(model: nn.Module, defect: Defect, cfg: AttributionConfig) -> Sites:
-    if defect.pairs is None:
-        raise NetmendError("attribution localisation needs pairs x̃ → x (use --pairs N with N ≥ 1)")
+    defect.require_pairs("attribution localisation")
     return attribution_sites(model, defect, cfg)

@@ -57,9 +57,8 @@ def _layer(model: nn.Module, name: str | None) -> str:
 
 def artefact_cav(model: nn.Module, defect: Defect, layer: str, n: int | None = None) -> tuple[torch.Tensor, dict]:
     """Unit CAV from the pairs' activation differences at the input of `layer`, and its statistics."""
-    if defect.pairs is None or not len(defect.pairs):
-        raise NetmendError("ClArC needs evidence pairs x̃ → x (use --pairs N with N ≥ 1)")
-    pairs = defect.pairs if n is None else defect.pairs.subset(int(n))
+    pairs = defect.require_pairs("ClArC")
+    pairs = pairs if n is None else pairs.subset(int(n))
     hb, hc = _inputs(model, layer, pairs.corrupted), _inputs(model, layer, pairs.clean)
     d = (hb - hc).mean(0)
     norm = float(d.norm())

@@ -239,9 +239,8 @@ class RankOneConfig:
 
 
 def _pairs(defect: Defect, n: int | None) -> Pairs:
-    if defect.pairs is None or not len(defect.pairs):
-        raise NetmendError("rank-one editing needs at least one pair x̃ → x (use --pairs N with N ≥ 1)")
-    p = defect.pairs if n is None else defect.pairs.subset(int(n))
+    p = defect.require_pairs("rank-one editing")
+    p = p if n is None else p.subset(int(n))
     shape = tuple(defect.repair.x_fit.shape[1:])
     if tuple(p.corrupted.shape[1:]) != shape:
         raise NetmendError(f"pairs have sample shape {tuple(p.corrupted.shape[1:])} but the model's inputs "
