@@ -122,3 +122,19 @@ def test_out_that_holds_a_model_is_never_overwritten(model_dir):
 
 def test_usage_errors_are_one_line_too():
     assert_user_error(run("repair", check=False))
+
+
+ACAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "acasxu"
+
+
+@pytest.mark.skipif(not (ACAS / "nnet").is_dir(), reason="ACAS Xu files not found under ../shared/data/acasxu")
+def test_defect_seed_option_is_not_overridden_by_the_default_seed(tmp_path):
+    """`-d seed=N` picks the defect's seeds (evidence, metrics); the command's own --seed (default 0) must not
+    silently replace it. Fine-tuning an argmin network through the console script, small metric budgets."""
+    net = ACAS / "nnet" / "ACASXU_run2a_2_9_batch_2000.nnet"
+    small = ["-d", "eval_samples=2000", "-d", "fidelity_samples=2000", "-d", "counterexamples=100", "-d", "satisfying=100",
+             "-d", "heldout_counterexamples=100", "-R", "epochs=2"]
+    run("repair", net, "--property", ACAS / "vnnlib" / "prop_8.vnnlib", "--method", "finetune", "-d", "seed=5", *small,
+        "--out", tmp_path / "r", "--json")
+    seeds = json.loads((tmp_path / "r" / "config.json").read_text())["defect"]["seeds"]
+    assert seeds["repair"] == 5 and seeds["fidelity"] == 9

@@ -196,8 +196,9 @@ def repair(
     if repairer:
         REPAIRERS.entry(repairer)
     net, info = load_any_model(model)
-    d = build_defect(info, defect, data_dir, {**_defect_options(pairs, repair_fraction, None, prop, protected, defect_opt),
-                                              **({"seed": seed} if _has_field(info, defect, "seed") else {})}, model=net)
+    d = build_defect(info, defect, data_dir, {**({"seed": seed} if _has_field(info, defect, "seed") else {}),   # -d seed=N wins
+                                              **_defect_options(pairs, repair_fraction, None, prop, protected, defect_opt)},
+                     model=net)
     result = api.repair(net, d, method=method, localiser=locate, repairer=repairer, locate_options=_kv(locate_opt, "-L"),
                         repair_options=_kv(repair_opt, "-R"), seed=seed, device=device)
     write_run(out, info, result, source=str(model))
