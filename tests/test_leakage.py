@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from netmend.data.blockmnist import (BLOCK, BlockLayout, blank_null, draw_positions, make_blockmnist, null_block,
-                                     stack_blocks)
+                                     stack_blocks, swap_blocks)
 from netmend.data.datasets import ImageData, split_indices
 from netmend.defects.leakage import LeakageDefect, LeakageOptions, infer_digit_top, null_attribution
 from netmend.errors import NetmendError
@@ -114,7 +114,8 @@ def test_pairs_are_images_and_their_blanked_twins():
     data = synthetic_block_data()
     splits = split_indices(len(data.y_train), 0, 0.5)
     pool = splits["repair_pool"]
-    defect = LeakageDefect(data, splits, LeakageOptions(pairs=3, repair_fraction=0.1), candidates=list(reversed(pool)))
+    defect = LeakageDefect(data, splits, LeakageOptions(pairs=3, repair_fraction=0.1, both_layouts=False),
+                           candidates=list(reversed(pool)))
     p = defect.pairs
     assert len(p) == 3 and p.masks.shape == (3, 2 * BLOCK, BLOCK)
     top = data.info["digit_top_train"][p.indices]
@@ -129,6 +130,35 @@ def test_pairs_are_images_and_their_blanked_twins():
     assert p.indices == [i for i in reversed(pool) if i not in used][:3], "recorded candidates come first"
     v = defect.violation(_linear_model(SQUARE[0].repeat(2, 1)), p.corrupted, p.labels)
     assert v.shape == (3,) and (v >= 0).all()
+
+
+def test_both_layouts_adds_each_evidence_image_with_its_blocks_swapped():
+    """Default: pair 2i is evidence image i, pair 2i + 1 the same image with digit and null block exchanged; both
+    twins blank exactly their own null block."""
+    data = synthetic_block_data()
+    splits = split_indices(len(data.y_train), 0, 0.5)
+    one = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.1, both_layouts=False)).pairs
+    p = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.1)).pairs
+    assert len(p) == 4 and p.indices == [one.indices[0]] * 2 + [one.indices[1]] * 2
+    assert torch.equal(p.corrupted[0::2], one.corrupted) and torch.equal(p.corrupted[1::2], swap_blocks(one.corrupted))
+    assert torch.equal(swap_blocks(p.corrupted[1::2]), one.corrupted)
+    assert torch.equal(p.masks[1::2], 1 - one.masks) and torch.equal(p.labels[1::2], one.labels)
+    assert not ((p.corrupted != p.clean)[:, 0] & (p.masks == 0)).any()       # twins differ in the null block only
+    assert (p.clean[:, 0] * p.masks).abs().sum() == 0
+
+
+def test_pair_groups_split_by_null_position_first_pair_first():
+    """Dynamic rectification fits one layout's pairs, then the other's: groups by null-block position."""
+    data = synthetic_block_data()
+    splits = split_indices(len(data.y_train), 0, 0.5)
+    d = LeakageDefect(data, splits, LeakageOptions(pairs=3, repair_fraction=0.1))
+    groups = d.pair_groups()
+    assert len(groups) == 2 and sum(len(g) for g in groups) == len(d.pairs) == 6
+    first_null_top = bool(d.pairs.masks[0, 0, 0])
+    for g, null_top in zip(groups, (first_null_top, not first_null_top)):
+        assert (g.masks[:, 0, 0].bool() == null_top).all() and (g.masks[:, -1, 0].bool() != null_top).all()
+    one = LeakageDefect(data, splits, LeakageOptions(pairs=1, repair_fraction=0.1, both_layouts=False))
+    assert len(one.pair_groups()) == 1
 
 
 def test_real_blockmnist(shared_data):

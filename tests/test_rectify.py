@@ -112,3 +112,30 @@ def test_rectify_probe_cost_follows_the_defect_and_can_be_chosen(digits_model):
     assert res.edit.meta["probe_cost"] == "stamped"
     with pytest.raises(NetmendError, match="probe_cost"):
         repair(model, defect, method="rectify", repair_options={"probe_cost": "nope"})
+
+
+def test_pair_groups_are_fitted_one_after_another(digits_model):
+    """A defect that splits its pairs into groups gets one dynamic run per group, each on the model the earlier
+    ones left; the Edit is their sum and the defect's pairs are restored afterwards."""
+    model, info = digits_model
+    defect = defect_for(info, pairs=4, repair_fraction=0.25)
+    everything = defect.pairs
+    defect.pair_groups = lambda: [everything.subset(2), everything.select(torch.arange(4) >= 2)]
+    opts = {"n_steps": 16, "transplant": 0}
+    res = repair(model, defect, method="rectify", locate_options={"n_steps": 16}, repair_options=opts)
+    assert defect.pairs is everything and len(res.edit.meta["groups"]) == 2
+    assert res.edit.meta["layers"] == [l for g in res.edit.meta["groups"] for l in g["layers"]]
+    first = _only(defect, everything.subset(2), lambda: repair(model, defect, method="rectify",
+                                                               locate_options={"n_steps": 16}, repair_options=opts))
+    assert res.edit.meta["groups"][0]["layers"] == first.edit.meta["layers"]
+    for k, d in first.edit.deltas.items():             # the second group adds to the first group's edit
+        assert k in res.edit.deltas
+
+
+def _only(defect, pairs, fn):
+    old, defect.pairs = defect.pairs, pairs
+    del defect.pair_groups                             # back to the class's single group
+    try:
+        return fn()
+    finally:
+        defect.pairs = old

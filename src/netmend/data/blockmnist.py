@@ -75,6 +75,13 @@ def blank_null(x: torch.Tensor, digit_top: torch.Tensor, fill: float = 0.0) -> t
     return x * (1 - m) + fill * m
 
 
+def swap_blocks(x: torch.Tensor) -> torch.Tensor:
+    """The same BlockMNIST images in the other layout: top and bottom blocks exchanged (N×C×2s×s)."""
+    s = x.shape[-1]
+    require(x.shape[-2] == 2 * s, f"BlockMNIST images are 2s×s, got {tuple(x.shape[-2:])}")
+    return torch.cat([x[..., s:, :], x[..., :s, :]], dim=-2)
+
+
 def make_blockmnist(base: ImageData, seed: int = 0, null: str = "square") -> ImageData:
     """BlockMNIST from any 28×28 single-channel digit set (train and test positions drawn separately)."""
     require(base.in_shape == [1, BLOCK, BLOCK], f"BlockMNIST needs 1×28×28 digits, {base.name} has {base.in_shape}")

@@ -37,6 +37,12 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def select(self, keep: torch.Tensor) -> "Pairs":
+        """The pairs where `keep` (bool, one per pair) is True."""
+        ids = [i for i, k in zip(self.indices, keep.tolist()) if k] if self.indices else []
+        return Pairs(self.corrupted[keep], self.clean[keep], self.labels[keep],
+                     self.masks[keep] if self.masks is not None else None, ids)
+
     def subset(self, n: int) -> "Pairs":
         masks = self.masks[:n] if self.masks is not None else None
         return Pairs(self.corrupted[:n], self.clean[:n], self.labels[:n], masks, self.indices[:n])
@@ -130,6 +136,12 @@ class Defect:
         if use_pairs and self.pairs is not None and len(self.pairs):
             x, y = torch.cat([x, self.pairs.clean]), torch.cat([y, self.pairs.labels])
         return x, y
+
+    def pair_groups(self) -> list["Pairs"]:
+        """The evidence pairs in groups that dynamic rectification fits one after another (default: one group).
+        A defect whose pairs show the corruption in layouts that one rank-one edit cannot serve together splits
+        them (leakage: by null-block position)."""
+        return [self.pairs] if self.pairs is not None and len(self.pairs) else []
 
     def require_pairs(self, method: str) -> "Pairs":
         """The evidence pairs, or a one-line error that says how to get them (or that this defect has none)."""

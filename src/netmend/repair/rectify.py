@@ -19,6 +19,9 @@ netmend extensions (both on by default for `rectify`, off for `rectify-static`, 
   The cost follows the defect's `stamp_goal` (`PROBE_COSTS`): a backdoor's target is *denied* (clean error +
   pull rate: lowest ASR, but stamped inputs of the target class lose it), a spurious cue is made *irrelevant*
   (clean error + error on all stamped samples).
+- **Pair groups.** A defect may split its pairs into groups fitted one after another (`Defect.pair_groups`): on
+  BlockMNIST an edit fitted to pairs with the null block on top removes that layout's leakage and worsens the
+  other's, so the leakage defect groups its pairs by layout (and offers each evidence image in both layouts).
 """
 from __future__ import annotations
 
@@ -216,6 +219,26 @@ def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyC
                                "stop at gap < δ or R edits, roll back an edit costing > ε validation accuracy",
                     config=RectifyConfig)
 def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
+    groups = defect.pair_groups()
+    if len(groups) <= 1:
+        return _rectify_group(model, defect, sites, cfg)
+    work, total, t0 = copy.deepcopy(model).eval(), Edit({}, {}), time.perf_counter()
+    everything = defect.pairs
+    try:
+        for g in groups:               # each group on the model the previous ones left; sites re-localised per group
+            defect.pairs = g
+            part = _rectify_group(work, defect, None, cfg)
+            part.apply(work)
+            total = total.merge(part)
+    finally:
+        defect.pairs = everything
+    parts = total.meta.pop("parts", [])
+    total.meta.update({"repairer": "rectify", "groups": parts, "layers": [l for m in parts for l in m["layers"]],
+                       "seconds": time.perf_counter() - t0})
+    return total
+
+
+def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
     require(cfg.rounds >= 1, f"rounds must be ≥ 1, got {cfg.rounds}")
     if cfg.probe_cost is None:
         cfg = dataclasses.replace(cfg, probe_cost=COST_FOR_GOAL.get(getattr(defect, "stamp_goal", "deny"), "pull"))
