@@ -156,7 +156,9 @@ def markdown(rows: list[dict], args, gen_rows: list[dict]) -> str:
                     f"Leakage = mean share of |IG| (true-class logit, black baseline, {args.ig_samples} test images) "
                     "on the null block — a share, not on the paper's 2.4–3.6 scale. Net = mean |signed IG sum on the "
                     "null block| / mean |signed IG sum| (the null block's part of f_y(x) − f_y(0), signs kept; same IG "
-                    "maps). Blank-null acc = accuracy with the null block blanked.", ""]
+                    "maps). Blank-null acc = accuracy with the null block blanked. n = evidence images; each also "
+                    "comes with its blocks swapped (LeakageOptions.both_layouts), and dynamic rectify fits the "
+                    "null-on-top pairs and the null-at-bottom pairs one after the other (Defect.pair_groups).", ""]
             head = ["method", "n", "Accuracy", "Leakage (|IG| share)", "Net leakage", "Blank-null acc", "repair s"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         order = []
