@@ -50,34 +50,30 @@ def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir, da
     return load_model_folder(folder)
 
 
-def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str, seed: int,
-             done=lambda row: None) -> list[dict]:
-    """One row per (label, api.repair options); `done(row)` after each, so a cut-off run keeps what it measured."""
+def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str, seed: int, done) -> None:
+    """One row per (label, api.repair options), handed to `done(row)` as soon as it is measured, so a cut-off run
+    keeps what it measured."""
     before = defect.metrics(model)
-    out = []
     for label, kw in runs:
         t0 = time.perf_counter()
         try:
             r = api.repair(model, defect, before=before, device=device, seed=seed, **kw)
         except NetmendError as e:             # a combination that does not apply: say so in the table
             row = {"case": case, "method": label, "error": str(e)}
-            print(row, flush=True)
-            out.append(row)
-            done(row)
-            continue
-        det = r.sites.details if r.sites is not None else {}
-        row = {"case": case, "method": label, "seconds": round(time.perf_counter() - t0, 2),
-               "locate_s": round(r.locate_seconds, 2), "repair_s": round(r.repair_seconds, 2),
-               "probe_s": round(det.get("probe_seconds", float("nan")), 2),
-               "routing_s": round(det.get("routing_seconds", float("nan")), 2),
-               "changed_weights": r.edit.num_changed(), "layers": " ".join(r.sites.layers()) if r.sites else "all"}
-        for k in ("clean_accuracy", "asr", "robust_accuracy", "class_fairness_gap", "evidence_fixed", "heldout_fixed"):
-            if k in r.after:
-                row[f"{k}_before"], row[f"{k}_after"] = round(before[k], 4), round(r.after[k], 4)
+        else:
+            det = r.sites.details if r.sites is not None else {}
+            row = {"case": case, "method": label, "seconds": round(time.perf_counter() - t0, 2),
+                   "locate_s": round(r.locate_seconds, 2), "repair_s": round(r.repair_seconds, 2),
+                   "probe_s": round(det.get("probe_seconds", float("nan")), 2),
+                   "routing_s": round(det.get("routing_seconds", float("nan")), 2),
+                   "changed_weights": r.edit.num_changed(),
+                   "layers": " ".join(r.sites.layers()) if r.sites else "all"}
+            for k in ("clean_accuracy", "asr", "robust_accuracy", "class_fairness_gap", "evidence_fixed",
+                      "heldout_fixed"):
+                if k in r.after:
+                    row[f"{k}_before"], row[f"{k}_after"] = round(before[k], 4), round(r.after[k], 4)
         print(row, flush=True)
-        out.append(row)
         done(row)
-    return out
 
 
 def main(argv=None) -> None:
@@ -103,10 +99,13 @@ def main(argv=None) -> None:
         rows.append(row)
         write(a.out, merged(a.out, rows) if a.merge else rows, a)
 
+    def model_for(trigger: str):
+        return cached_model(a.cache, trigger, a.seed, a.device, a.data_dir, a.dataset, a.arch, a.epochs)
+
     inner_code = ("inner (code loss)", {"method": "inner", "repair_options": CODE})
     for case in a.cases:
         if case in ("badnets", "blended", "wanet"):
-            model, info = cached_model(a.cache, case, a.seed, a.device, a.data_dir, a.dataset, a.arch, a.epochs)
+            model, info = model_for(case)
             defect = backdoor_from_info(info, BackdoorOptions(pairs=1, seed=a.seed), data_dir=a.data_dir)
             runs = [("inner", {"method": "inner"}), inner_code,
                     ("inner + INNER's augmentation", {"method": "inner", "repair_options": {"augment": True}}),
@@ -119,8 +118,7 @@ def main(argv=None) -> None:
                 runs += [("causal -> masked_tune (exchange)", {"localiser": causal, "repairer": "masked_tune"}),
                          ("causal -> finetune (exchange)", {"localiser": causal, "repairer": "finetune"})]
         elif case in ("adversarial", "pgd"):
-            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset, a.arch,
-                                       a.epochs)
+            model, info = model_for("clean")
             attack = "pgd" if case == "pgd" else "fgsm"
             defect = adversarial_from_info(info, AdversarialOptions(pairs=1000, eps=0.1, seed=a.seed, attack=attack),
                                            data_dir=a.data_dir, model=model)
@@ -128,8 +126,7 @@ def main(argv=None) -> None:
                     ("inner, evidence not refreshed", {"method": "inner", "repair_options": {"refresh": False}}),
                     ("finetune", {"method": "finetune"})]
         elif case == "wrong-predictions":
-            model, info = cached_model(a.cache, "clean", a.seed, a.device, a.data_dir, a.dataset, a.arch,
-                                       a.epochs)
+            model, info = model_for("clean")
             defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed), data_dir=a.data_dir,
                                                  model=model)
             runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
@@ -137,7 +134,7 @@ def main(argv=None) -> None:
             sys.exit(f"unknown case {case!r}")
         if a.methods:
             runs = [r for r in runs if r[0] in a.methods]
-        rows_for(case, model, defect, runs, a.device, a.seed, done=record)
+        rows_for(case, model, defect, runs, a.device, a.seed, record)
 
 
 def merged(out: Path, rows: list[dict]) -> list[dict]:
