@@ -154,7 +154,7 @@ def _safety_probe(model, defect, cfg) -> Probe:
     pool = rep.x_fit if (cfg.box_only and rep is not None and len(rep.x_fit)) else obj.x_good
     x = _sample(pool, cfg.samples, cfg.seed + 123)
     idx = torch.tensor(outs)
-    keep = obj.x_good[~defect.prop.in_box(obj.x_good)] if hasattr(defect, "prop") else None
+    keep = obj.x_good[~defect.prop.in_box(obj.x_good)] if cfg.specific and hasattr(defect, "prop") else None
     return Probe(x, obj.x_bad, lambda z: z[..., idx.to(z.device)].mean(-2), [f"score_{o}" for o in outs], keep)
 
 
