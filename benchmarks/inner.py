@@ -190,8 +190,19 @@ def write(out: Path, rows: list[dict], a) -> None:
                      f"{pair(r, 'robust_accuracy')} | {pair(r, 'class_fairness_gap')} | {pair(r, 'evidence_fixed')} | "
                      f"{pair(r, 'heldout_fixed')} | {r['seconds']} | {r['locate_s']} ({r['probe_s']} / {r['routing_s']}) | "
                      f"{r['repair_s']} | {r['changed_weights']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    notes = notes_after_table(out.with_suffix(".md")) if a.merge else []
+    out.with_suffix(".md").write_text("\n".join(lines + notes) + "\n")
     print(f"wrote {out.with_suffix('.md')}")
+
+
+def notes_after_table(md: Path) -> list[str]:
+    """The prose after an existing table (notes written by hand about the rows): a merge keeps it."""
+    if not md.is_file():
+        return []
+    lines = md.read_text().splitlines()
+    rows = [i for i, l in enumerate(lines) if l.startswith("|")]
+    rest = lines[rows[-1] + 1:] if rows else []
+    return rest if any(l.strip() for l in rest) else []
 
 
 if __name__ == "__main__":

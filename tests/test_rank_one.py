@@ -224,3 +224,23 @@ def test_moment_cache_is_keyed_by_content_not_by_tensor_identity():
     with torch.no_grad():
         model.fc1.weight.mul_(2)
     assert torch.allclose(cached_moment(model, "fc2", x.clone()), second_moment(model, "fc2", x)[0])
+
+
+def test_moment_cache_hits_again_after_an_upstream_edit_is_reverted():
+    """Dynamic rectification tries edits and reverts them to the exact weights: the moments downstream are
+    valid again and must not be recomputed (they were, with a version-counter fingerprint: half its time)."""
+    from netmend.edit import Edit
+    from netmend.repair.rank_one import cached_moment
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("relu", nn.ReLU()), ("fc2", nn.Linear(6, 3))]))
+    x = torch.randn(50, 4)
+    c1 = cached_moment(model, "fc2", x)
+    edit = Edit({"fc1.weight": torch.randn(6, 4)}, {})
+    edit.apply(model)                        # an edit tried upstream and measured ...
+    assert not torch.allclose(second_moment(model, "fc2", x)[0], c1)
+    edit.revert(model)                       # ... then taken back: the weights are the same bytes again
+    assert cached_moment(model, "fc2", x) is c1
+    edit.apply(model)                        # kept this time: the moment is stale and recomputed
+    c2 = cached_moment(model, "fc2", x)
+    assert c2 is not c1 and torch.allclose(c2, second_moment(model, "fc2", x)[0])

@@ -139,3 +139,19 @@ def _only(defect, pairs, fn):
         return fn()
     finally:
         defect.pairs = old
+
+
+def test_recorded_probe_rates_are_those_of_the_edited_model(digits_model):
+    """The loop reuses the rates `choose_overshoot` measured for the chosen γ instead of probing again: they
+    must be the rates of the model the edit leaves (up to a near-tie flipped by rounding)."""
+    from netmend.repair.rectify import RectifyConfig, make_probe, probe_rates
+
+    model, info = digits_model
+    defect = defect_for(info, pairs=1, repair_fraction=0.25)
+    res = repair(model, defect, method="rectify", repair_options={"n_steps": 16, "rounds": 1})
+    r1 = res.edit.meta["rounds"][1]
+    assert res.edit.meta["layers"] == [r1["layer"]]
+    probe = make_probe(model, defect, RectifyConfig())
+    measured = probe_rates(res.model, probe)
+    for k in ("probe_pull_rate", "probe_accuracy", "probe_flip_rate", "probe_stamped_accuracy"):
+        assert measured[k] == pytest.approx(r1[k], abs=2 / len(probe.pairs)), k

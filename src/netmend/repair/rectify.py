@@ -206,11 +206,13 @@ def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: flo
     return edit, {"overshoot": 1.0}
 
 
-def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyConfig) -> dict[str, float]:
-    """What drives the loop: `gap` is the probe's pull rate when there is a probe, else the pairs' gap δ*."""
+def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyConfig,
+             known: dict[str, float] | None = None) -> dict[str, float]:
+    """What drives the loop: `gap` is the probe's pull rate when there is a probe, else the pairs' gap δ*.
+    `known`: probe rates already measured for the model as it stands (by `choose_overshoot`), not run again."""
     out = {"pair_gap": pair_gap(work, defect, cfg.pairs, cfg.device)}
     if probe is not None:
-        out.update(probe_rates(work, probe, cfg.device))
+        out.update(known if known is not None and "probe_accuracy" in known else probe_rates(work, probe, cfg.device))
     out["gap"] = out["probe_pull_rate"] if probe is not None else out["pair_gap"]
     return out
 
@@ -267,7 +269,7 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
             edit = rank_one_edit(work, defect, site.layer, rcfg, value=site.info.get("value_point"))
             edit, over = choose_overshoot(work, edit, probe, acc0, cfg)
             edit.apply(work)
-            m = _measure(work, defect, probe, cfg)
+            m = _measure(work, defect, probe, cfg, known={k: v for k, v in over.items() if k.startswith("probe_")})
             acc = accuracy(m)
             rec = {"layer": site.layer, "score": site.score, **m, **over, "val_accuracy": acc,
                    "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
