@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     model, info = load_nnet(DATA / "acasxu" / "nnet" / f"ACASXU_run2a_{a.net}_batch_2000.nnet")
     defect = safety_from_info(info, SafetyOptions(property=a.property, seed=a.seed, outside=a.outside), model=model)
     obj = defect.objective(model)
-    safe = defect._safe_labels(obj.x_bad)         # the advisory each counterexample should take
+    safe = defect.safe_labels(obj.x_bad)         # the advisory each counterexample should take
     for p in model.parameters():
         p.requires_grad_(False)
     units = [m for m in model.modules() if isinstance(m, nn.ReLU)]

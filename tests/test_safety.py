@@ -35,6 +35,17 @@ def toy_net(threshold: float = -0.8):
     return net.eval()
 
 
+def hidden_toy_net():
+    """toy_net(−0.8) through a hidden ReLU layer of 8 (5 of them idle): something for gradient repairs to tune."""
+    net = acasxu([2], 2, hidden=[8])
+    with torch.no_grad():                                # a hidden layer that passes x0 and the threshold through
+        net.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]] + [[0.0, 0.0]] * 6))
+        net.fc1.bias.copy_(torch.tensor([0.0, 0.0, 1.0] + [0.0] * 5))
+        net.fc2.weight.copy_(torch.tensor([[1.0, -1.0, 0.0] + [0.0] * 5, [0.0, 0.0, -0.8] + [0.0] * 5]))
+        net.fc2.bias.zero_()
+    return net.eval()
+
+
 SMALL = dict(counterexamples=64, satisfying=200, heldout_counterexamples=64, falsify_starts=256, falsify_steps=20,
              eval_samples=20000, eval_falsify_starts=128, fidelity_samples=5000)
 
@@ -219,14 +230,7 @@ def test_finetune_follows_the_argmin_advisory_and_argmax_methods_refuse():
     import netmend
     from netmend.registry import METHODS
 
-    p = parse_vnnlib(TOY, "toy")
-    net = acasxu([2], 2, hidden=[8])
-    torch.manual_seed(0)
-    with torch.no_grad():                                # a hidden layer that passes x0 and the threshold through
-        net.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]] + [[0.0, 0.0]] * 6))
-        net.fc1.bias.copy_(torch.tensor([0.0, 0.0, 1.0] + [0.0] * 5))
-        net.fc2.weight.copy_(torch.tensor([[1.0, -1.0, 0.0] + [0.0] * 5, [0.0, 0.0, -0.8] + [0.0] * 5]))
-        net.fc2.bias.zero_()
+    p, net = parse_vnnlib(TOY, "toy"), hidden_toy_net()
     d = SafetyDefect(net, p, SafetyOptions(**SMALL))
     assert d.metrics(net)["violation_rate"] > 0.05
     x, y = d.tuning_set()
@@ -241,3 +245,24 @@ def test_finetune_follows_the_argmin_advisory_and_argmax_methods_refuse():
     for method in ("rectify", "rectify-static", "p-clarc"):      # no pairs here, and no --pairs to ask for
         with pytest.raises(NetmendError, match="has none"):
             netmend.api.repair(net, d, method=method)
+
+
+def test_property_tune_removes_violations_keeps_advisories_and_refuses_other_defects():
+    """Fresh box samples must end safe by the margin, fresh outside samples keep the original advisory; the edit
+    is an ordinary weight delta; a defect without a property to sample gets a one-line error."""
+    from types import SimpleNamespace
+
+    import netmend
+    from netmend.repair.property_tune import PropertyTuneConfig, property_tune
+
+    p, net = parse_vnnlib(TOY, "toy"), hidden_toy_net()
+    d = SafetyDefect(net, p, SafetyOptions(**SMALL))
+    before = d.metrics(net)
+    assert before["violation_rate"] > 0.05
+    r = netmend.api.repair(net, d, method="property-tune",
+                           repair_options={"steps": 300, "box_batch": 512, "keep_batch": 1024, "lr": 0.01})
+    assert r.after["violation_rate"] == 0 and r.after["counterexamples_found"] == 0
+    assert r.after["fidelity"] > 0.9
+    assert set(r.edit.deltas) <= {n for n, _ in net.named_parameters()} and r.edit.meta["repairer"] == "property_tune"
+    with pytest.raises(NetmendError, match="use finetune"):
+        property_tune(net, SimpleNamespace(kind="backdoor"), None, PropertyTuneConfig())

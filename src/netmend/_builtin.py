@@ -15,4 +15,5 @@ from .repair import clarc  # noqa: F401
 from .repair import masked_tune  # noqa: F401
 from .repair import pso  # noqa: F401  (CARE; imports locate.causal, which registers the causal localiser)
 from .repair import rank_one, rectify  # noqa: F401  (rectify imports locate.attribution)
+from .repair import property_tune  # noqa: F401
 from . import methods  # noqa: F401

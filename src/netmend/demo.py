@@ -30,7 +30,7 @@ def run_demo(out: str | Path, seed: int = 0, methods: list[str] | None = None, q
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise NetmendError(f"demo folder {out} is not empty; choose a new --out")
-    names = methods or METHODS.names()
+    names = methods or [n for n in METHODS.names() if METHODS.get(n).applies_to("backdoor")]
     for n in names:
         METHODS.entry(n)
     t_start = time.perf_counter()

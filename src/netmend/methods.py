@@ -19,6 +19,10 @@ class MethodPreset:
     repair_options: dict[str, Any] = field(default_factory=dict)
     uses_pairs: bool = True        # does the method read the evidence pairs?
     paper: str = ""
+    defects: tuple[str, ...] | None = None   # the defect kinds it applies to (None: any)
+
+    def applies_to(self, kind: str) -> bool:
+        return self.defects is None or kind in self.defects
 
 
 METHODS.add("finetune", MethodPreset(None, "finetune", paper="baseline"),

@@ -236,7 +236,7 @@ class SafetyDefect(Defect):
         self.falsifier_stats = {"starts_hit": ev.starts_hit, "starts": ev.starts, "found": len(ev.counterexamples),
                                 "seconds": round(ev.seconds, 3)}
         self.x_bad = ev.counterexamples
-        self.y_bad = self._safe_labels(self.x_bad)
+        self.y_bad = self.safe_labels(self.x_bad)
         self.x_rounds: list[torch.Tensor] = []     # counterexamples found on repair candidates (more_evidence)
         ho = falsify(self.original, prop, o.seed + 1, want=o.heldout_counterexamples, **fal)
         self.x_heldout = ho.counterexamples
@@ -247,7 +247,7 @@ class SafetyDefect(Defect):
         self.fidelity_region = ""
 
     # ------------------------------------------------------------ data
-    def _safe_labels(self, x: torch.Tensor) -> torch.Tensor:
+    def safe_labels(self, x: torch.Tensor) -> torch.Tensor:
         """For each counterexample, the allowed advisory the original network scores lowest (its own
         advisory where the property does not restrict the argmin)."""
         y = _outputs(self.original, x)
@@ -314,6 +314,28 @@ class SafetyDefect(Defect):
             out.append(torch.cat(got)[:want])
         x = torch.cat(out)
         return x, advisory(_outputs(self.original, x))
+
+    def sample_fresh(self, n_box: int, n_keep: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fresh draw for sampling repairers (repair/property_tune.py), from the caller's repair-only stream:
+        `n_box` points of the box(es), and the points of `n_keep` uniform domain draws that lie outside them —
+        the fidelity metric's region (where the box covers the domain, as for φ7: satisfying in-box points
+        instead, as `_fidelity_points`) — with the original network's advisories."""
+        lo, hi = _domain(self.normalisation, self.prop)
+        x = lo + torch.rand(n_keep, len(lo), generator=g) * (hi - lo)
+        keep = x[~self.prop.in_box(x)]
+        if len(keep) < max(1, n_keep // 100):
+            xb = self.prop.sample(n_keep, g)
+            keep = xb[~self.prop.violated(_outputs(self.original, xb))]
+        return self.prop.sample(n_box, g), keep, advisory(_outputs(self.original, keep))
+
+    def property_margin(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Differentiable: ≥ 0 where the outputs violate the property."""
+        return self.prop.margin(outputs)
+
+    def fit_counterexamples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evidence counterexamples of the fit split, with the advisory each should take (`safe_labels`)."""
+        x = self._split_bad()[0] if self.options.outside > 0 else torch.cat([self.evidence()[0]] + self.x_rounds)
+        return x, self.safe_labels(x)
 
     def _split_bad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Evidence counterexamples split fit / validation (val_fraction, when there are ≥ 5 of them); each
@@ -386,7 +408,7 @@ class SafetyDefect(Defect):
         obj = self.objective(self.original)
         if not use_pairs:
             return obj.x_good, obj.y_good
-        return torch.cat([obj.x_good, obj.x_bad]), torch.cat([obj.y_good, self._safe_labels(obj.x_bad)])
+        return torch.cat([obj.x_good, obj.x_bad]), torch.cat([obj.y_good, self.safe_labels(obj.x_bad)])
 
     def validation_score(self, model: nn.Module) -> float:
         """Share of the drawndown validation samples whose advisory is unchanged (argmin, not argmax)."""

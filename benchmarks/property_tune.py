@@ -1,0 +1,75 @@
+"""Benchmark: `property-tune` (netmend's sampling-based safety fine-tuning) on CARE's two ACAS Xu cases.
+
+    python benchmarks/property_tune.py                       # N2,9 φ8 and N3,3 strengthened φ2, seed 0
+    python benchmarks/property_tune.py --seeds 0 1 2 --cases n33-phi2s
+
+The same networks, properties, defect options and metrics as benchmarks/care.py (violation rate on 10⁶ uniform box
+samples, the metric falsifier's hits with its own seed, held-out counterexamples, fidelity outside the box), so the
+rows sit beside CARE's in benchmarks/results/care.md. Writes <out>.csv and <out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import netmend
+from care import DATA, safety_case
+
+CASES = {"n29-phi8": safety_case("2_9", "8"), "n33-phi2s": safety_case("3_3", "phi2-strengthened")}
+METRICS = ["violation_rate", "counterexamples_found", "heldout_violation_rate", "fidelity"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "property_tune")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not DATA.is_dir():
+        raise SystemExit(f"benchmark data not found at {DATA}")
+    rows = []
+    for seed in args.seeds:
+        for name in args.cases:
+            t0 = time.perf_counter()
+            model, defect = CASES[name](args, seed)
+            setup = time.perf_counter() - t0
+            res = netmend.api.repair(model, defect, method="property-tune", seed=seed, device=args.device)
+            row = {"case": name, "seed": seed, "setup_s": round(setup, 1), "repair_s": round(res.repair_seconds, 1),
+                   "steps": res.edit.meta["steps"], "changed_weights": res.edit.num_changed()}
+            for k in METRICS:
+                row[f"{k}_before"], row[f"{k}_after"] = res.before[k], res.after[k]
+            rows.append(row)
+            print(row, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    pct = lambda v: f"{100 * v:.4g}"   # noqa: E731
+    lines = ["# property-tune on ACAS Xu (netmend's sampling-based safety fine-tuning)", "",
+             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, {args.threads} thread(s), "
+             f"device {args.device}; seeds {args.seeds}; preset defaults. Command: "
+             f"`python benchmarks/property_tune.py {' '.join(sys.argv[1:])}`. Rates in %.", "",
+             "| case | seed | violation rate (10⁶ uniform) | falsifier hits | held-out violations | fidelity outside the box "
+             "| repair s | steps | changed weights |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['seed']} | {pct(r['violation_rate_before'])} → {pct(r['violation_rate_after'])} | "
+                     f"{r['counterexamples_found_before']} → {r['counterexamples_found_after']} | "
+                     f"{pct(r['heldout_violation_rate_before'])} → {pct(r['heldout_violation_rate_after'])} | "
+                     f"{pct(r['fidelity_before'])} → {pct(r['fidelity_after'])} | {r['repair_s']} | {r['steps']} | "
+                     f"{r['changed_weights']} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
