@@ -27,6 +27,23 @@ class TrainConfig:
     seed: int = 0
 
 
+def masked_step(opt: torch.optim.Optimizer, loss: torch.Tensor, grad_mask: dict | None = None,
+                frozen: dict | None = None) -> None:
+    """One optimiser step that moves only the entries a mask allows: gradients are masked, and the entries weight
+    decay or momentum moved anyway are put back to `frozen` (their values before tuning)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_mask:
+        for p, m in grad_mask.items():
+            if p.grad is not None:
+                p.grad.mul_(m)
+    opt.step()
+    if grad_mask and frozen:
+        with torch.no_grad():
+            for p, m in grad_mask.items():
+                p.copy_(torch.where(m.bool(), p, frozen[p]))
+
+
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: str = "cpu",
         desc: str = "training", params=None, grad_mask: dict | None = None, output=None) -> nn.Module:
     """Mini-batch cross-entropy training (also used by fine-tuning). Deterministic for a seed. `output` maps the
@@ -48,17 +65,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, de
                 xb, yb = x[b].to(device), y[b].to(device)
                 out = model(xb)
                 loss = F.cross_entropy(output(out) if output is not None else out, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_mask:
-                    for p, m in grad_mask.items():
-                        if p.grad is not None:
-                            p.grad.mul_(m)
-                opt.step()
-                if grad_mask:           # weight decay and momentum move every entry: put the masked-out ones back
-                    with torch.no_grad():
-                        for p, m in grad_mask.items():
-                            p.copy_(torch.where(m.bool(), p, frozen[p]))
+                masked_step(opt, loss, grad_mask, frozen)
                 bar.advance()
     return model.eval()
 

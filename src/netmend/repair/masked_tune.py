@@ -28,6 +28,7 @@ from ..metrics import accuracy, predict
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
+from ..train import masked_step
 
 TAU = {"badnets": 0.15, "blended": 0.25, "wanet": 0.22, "adversarial": 0.22}   # §5.4, by scenario
 EPOCH2 = {"blended": 1, "wanet": 4}                                           # §5.4, default 2
@@ -218,12 +219,7 @@ class _Tuner:
         return ok_acc and (math.isnan(rate) or rate < self.tau)
 
     def _step(self, params: list[torch.Tensor], loss: torch.Tensor, opt) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for n, w in self.weights.items():
-            if w.grad is not None:
-                w.grad.mul_(self.gmask[n])
-        opt.step()
+        masked_step(opt, loss, {w: self.gmask[n] for n, w in self.weights.items()})
         self.steps += 1
 
     def _opt(self, names: list[str]):

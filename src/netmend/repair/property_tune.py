@@ -24,6 +24,7 @@ from ..errors import NetmendError, require
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
+from ..train import masked_step
 from .finetune import site_parameters
 
 
@@ -82,6 +83,8 @@ def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Pr
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    masks = {p: m.to(p.device, p.dtype) for p, m in masks.items()} if masks else None
+    frozen = {p: p.detach().clone() for p in masks} if masks else None
     g = torch.Generator().manual_seed(int(cfg.seed) + 777)      # repair-only stream
     last = {}
     for _ in range(cfg.steps):
@@ -91,13 +94,7 @@ def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Pr
         keep = decision_hinge(defect.decision_logits(work(xk)), yk, cfg.keep_margin)
         ev = decision_hinge(defect.decision_logits(work(x_ev)), y_ev, 0.01)
         loss = cfg.box_weight * box + cfg.keep_weight * keep + cfg.evidence_weight * ev
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if masks:
-            for p, m in masks.items():
-                if p.grad is not None:
-                    p.grad.mul_(m)
-        opt.step()
+        masked_step(opt, loss, masks, frozen)
         last = {"box_loss": box.item(), "keep_loss": keep.item(), "evidence_loss": ev.item()}
     deltas = {}
     with torch.no_grad():
