@@ -84,7 +84,7 @@ def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Pr
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     masks = {p: m.to(p.device, p.dtype) for p, m in masks.items()} if masks else None
-    frozen = {p: p.detach().clone() for p in masks} if masks else None
+    frozen = {p: before[names[id(p)]] for p in masks} if masks else None
     g = torch.Generator().manual_seed(int(cfg.seed) + 777)      # repair-only stream
     last = {}
     for _ in range(cfg.steps):
@@ -103,6 +103,7 @@ def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Pr
             if torch.any(d != 0):
                 deltas[names[id(p)]] = d
     return Edit(deltas, {"repairer": "property_tune", "steps": cfg.steps, **last,
+                         "fresh_draws": cfg.steps * (cfg.box_batch + cfg.keep_batch),   # beyond the defect's samples
                          "evidence": int(len(y_ev)), "seconds": time.perf_counter() - t0})
 
 
