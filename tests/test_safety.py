@@ -266,3 +266,10 @@ def test_property_tune_removes_violations_keeps_advisories_and_refuses_other_def
     assert set(r.edit.deltas) <= {n for n, _ in net.named_parameters()} and r.edit.meta["repairer"] == "property_tune"
     with pytest.raises(NetmendError, match="use finetune"):
         property_tune(net, SimpleNamespace(kind="backdoor"), None, PropertyTuneConfig())
+    # sites restrict it: two neurons of fc1 → only their rows of fc1 (and biases) move
+    from netmend.sites import Site, Sites
+    sites = Sites([Site("fc1", "neuron", index=0), Site("fc1", "neuron", index=2)], "test")
+    e = property_tune(net, d, sites, PropertyTuneConfig(steps=20, box_batch=256, keep_batch=256))
+    assert set(e.deltas) <= {"fc1.weight", "fc1.bias"} and e.deltas
+    moved = (e.deltas["fc1.weight"] != 0).any(1) if "fc1.weight" in e.deltas else torch.zeros(8, dtype=torch.bool)
+    assert set(torch.nonzero(moved).flatten().tolist()) <= {0, 2}
