@@ -130,15 +130,16 @@ def test_pair_groups_are_fitted_one_after_another(digits_model):
     assert res.edit.meta["groups"][0]["layers"] == first.edit.meta["layers"]
     for k, d in first.edit.deltas.items():             # the second group adds to the first group's edit
         assert k in res.edit.deltas
+    with pytest.raises(RuntimeError):                  # a group's pairs never outlive its block, even on an error
+        with defect.using_pairs(everything.subset(1)):
+            raise RuntimeError
+    assert defect.pairs is everything
 
 
 def _only(defect, pairs, fn):
-    old, defect.pairs = defect.pairs, pairs
     del defect.pair_groups                             # back to the class's single group
-    try:
+    with defect.using_pairs(pairs):
         return fn()
-    finally:
-        defect.pairs = old
 
 
 def test_recorded_probe_rates_are_those_of_the_edited_model(digits_model):

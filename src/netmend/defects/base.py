@@ -6,8 +6,9 @@ answers `violation(model, x, y)` (differentiable, per sample) and `metrics(model
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -142,6 +143,16 @@ class Defect:
         A defect whose pairs show the corruption in layouts that one rank-one edit cannot serve together splits
         them (leakage: by null-block position)."""
         return [self.pairs] if self.pairs is not None and len(self.pairs) else []
+
+    @contextmanager
+    def using_pairs(self, pairs: "Pairs") -> Iterator["Defect"]:
+        """Every reader of `self.pairs` (localisers, editors, probes) sees `pairs` — one of `pair_groups()` —
+        until the block ends, even on an error."""
+        saved, self.pairs = self.pairs, pairs
+        try:
+            yield self
+        finally:
+            self.pairs = saved
 
     def require_pairs(self, method: str) -> "Pairs":
         """The evidence pairs, or a one-line error that says how to get them (or that this defect has none)."""

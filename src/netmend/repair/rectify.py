@@ -225,15 +225,11 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     if len(groups) <= 1:
         return _rectify_group(model, defect, sites, cfg)
     work, total, t0 = copy.deepcopy(model).eval(), Edit({}, {}), time.perf_counter()
-    everything = defect.pairs
-    try:
-        for g in groups:               # each group on the model the previous ones left; sites re-localised per group
-            defect.pairs = g
+    for g in groups:                   # each group on the model the previous ones left; sites re-localised per group
+        with defect.using_pairs(g):
             part = _rectify_group(work, defect, None, cfg)
-            part.apply(work)
-            total = total.merge(part)
-    finally:
-        defect.pairs = everything
+        part.apply(work)
+        total = total.merge(part)
     parts = total.meta.pop("parts", [])
     total.meta.update({"repairer": "rectify", "groups": parts, "layers": [l for m in parts for l in m["layers"]],
                        "seconds": time.perf_counter() - t0})
