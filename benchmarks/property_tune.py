@@ -25,6 +25,40 @@ CASES = {"n29-phi8": safety_case("2_9", "8"), "n33-phi2s": safety_case("3_3", "p
 METRICS = ["violation_rate", "counterexamples_found", "heldout_violation_rate", "fidelity"]
 
 
+def _number(v: str):
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+def write_markdown(rows: list[dict], args) -> None:
+    pct = lambda v: f"{100 * v:.4g}"   # noqa: E731
+    lines = ["# property-tune on ACAS Xu (netmend's sampling-based safety fine-tuning)", "",
+             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, {args.threads} thread(s), "
+             f"device {args.device}; seeds {sorted({r['seed'] for r in rows})}; preset defaults. Last command: "
+             f"`python benchmarks/property_tune.py {' '.join(sys.argv[1:])}`. Rates in %.", "",
+             "| case | seed | violation rate (10⁶ uniform) | falsifier hits | held-out violations | fidelity outside the box "
+             "| repair s | steps | changed weights |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['seed']} | {pct(r['violation_rate_before'])} → {pct(r['violation_rate_after'])} | "
+                     f"{r['counterexamples_found_before']} → {r['counterexamples_found_after']} | "
+                     f"{pct(r['heldout_violation_rate_before'])} → {pct(r['heldout_violation_rate_after'])} | "
+                     f"{pct(r['fidelity_before'])} → {pct(r['fidelity_after'])} | {r['repair_s']} | {r['steps']} | "
+                     f"{r['changed_weights']} |")
+    lines.append("")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        sub = [r for r in rows if r["case"] == case]
+        met = [r["seed"] for r in sub if r["violation_rate_after"] == 0 and r["counterexamples_found_after"] == 0
+               and r["heldout_violation_rate_after"] < 0.01 and r["fidelity_after"] >= 0.99]
+        lines.append(f"- {case}: the issue's floors (0 in 10⁶, no falsifier hit, held-out < 1 %, fidelity ≥ 99 %) met "
+                     f"on seeds {met} of {[r['seed'] for r in sub]}")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
@@ -32,6 +66,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "property_tune")
+    ap.add_argument("--merge", action="store_true", help="keep the (case, seed) rows of the existing <out>.csv not rerun")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not DATA.is_dir():
@@ -50,25 +85,17 @@ def main(argv=None) -> None:
             rows.append(row)
             print(row, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and args.out.with_suffix(".csv").is_file():
+        done = {(r["case"], r["seed"]) for r in rows}
+        with open(args.out.with_suffix(".csv"), newline="") as f:
+            old = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = sorted([r for r in old if (r["case"], r["seed"]) not in done] + rows,
+                      key=lambda r: (list(CASES).index(r["case"]), r["seed"]))
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    pct = lambda v: f"{100 * v:.4g}"   # noqa: E731
-    lines = ["# property-tune on ACAS Xu (netmend's sampling-based safety fine-tuning)", "",
-             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, {args.threads} thread(s), "
-             f"device {args.device}; seeds {args.seeds}; preset defaults. Command: "
-             f"`python benchmarks/property_tune.py {' '.join(sys.argv[1:])}`. Rates in %.", "",
-             "| case | seed | violation rate (10⁶ uniform) | falsifier hits | held-out violations | fidelity outside the box "
-             "| repair s | steps | changed weights |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['seed']} | {pct(r['violation_rate_before'])} → {pct(r['violation_rate_after'])} | "
-                     f"{r['counterexamples_found_before']} → {r['counterexamples_found_after']} | "
-                     f"{pct(r['heldout_violation_rate_before'])} → {pct(r['heldout_violation_rate_after'])} | "
-                     f"{pct(r['fidelity_before'])} → {pct(r['fidelity_after'])} | {r['repair_s']} | {r['steps']} | "
-                     f"{r['changed_weights']} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(rows, args)
 
 
 if __name__ == "__main__":
