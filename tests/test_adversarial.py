@@ -115,3 +115,21 @@ def test_adversarial_repair_measures_misclassification_with_a_two_point_budget(m
     masks = site_masks(mlp, Sites([Site(layer="out")], localiser="test"))
     assert _Tuner(copy.deepcopy(mlp), d, masks, None, MaskedTuneConfig()).tol == 0.02
     assert _Tuner(copy.deepcopy(mlp), d, masks, None, MaskedTuneConfig(acc_tolerance=0.005)).tol == 0.005
+
+
+def test_finetune_with_refresh_is_adversarial_training(mlp, digits):
+    """`-R refresh=true`: every epoch the evidence's clean twins are attacked afresh against the model being tuned
+    and trained on with their true labels — robust accuracy rises where plain fine-tuning on clean data does not
+    help; a defect that cannot regenerate its evidence is told so."""
+    import netmend
+
+    d = adversarial_from_info(INFO, AdversarialOptions(pairs=100, eps=0.2, repair_fraction=0.2), data=digits, model=mlp)
+    calls = []
+    regenerate = d.regenerate
+    d.regenerate = lambda model, x: calls.append(len(x)) or regenerate(model, x)
+    r = netmend.api.repair(mlp, d, method="finetune", repair_options={"refresh": True, "epochs": 5})
+    assert calls == [len(d.pairs)] * 5
+    assert r.after["robust_accuracy"] > r.before["robust_accuracy"] + 0.1
+    w = wrong_predictions_from_info(INFO, WrongPredictionsOptions(), data=digits, model=mlp)
+    with pytest.raises(NetmendError, match="cannot regenerate"):
+        netmend.api.repair(mlp, w, method="finetune", repair_options={"refresh": True})

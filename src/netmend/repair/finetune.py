@@ -7,6 +7,7 @@ weightless layer tunes the columns of the next weight layer that read it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..defects.base import Defect
 from ..edit import Edit
+from ..errors import require
 from ..hooks import get_layer
 from ..registry import REPAIRERS
 from .masked_tune import on_weightless_layer, site_masks
@@ -29,6 +31,9 @@ class FinetuneConfig:
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     use_pairs: bool = True        # add the cleansed twins of the evidence pairs, with their true labels
+    refresh: bool = False         # adversarial training: every epoch, the evidence inputs the defect can regenerate
+                                  # (adversarial examples of the pairs' clean twins) are made afresh against the model
+                                  # under repair and tuned on with their true labels
     seed: int = 0
     device: str = "cpu"
 
@@ -85,7 +90,16 @@ def finetune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Finetun
     _freeze_batchnorm(work)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, seed=cfg.seed)
-    fit(work, x, y, tc, cfg.device, desc="fine-tune", params=params, grad_mask=masks, output=defect.decision_logits)
+    if cfg.refresh:
+        require(hasattr(defect, "regenerate"), f"refresh: the {defect.kind} defect cannot regenerate its evidence "
+                                               "(adversarial defects can)")
+        pairs = defect.require_pairs("finetune with refresh")
+        for epoch in range(cfg.epochs):
+            fresh = defect.regenerate(work, pairs.clean)
+            fit(work, torch.cat([x, fresh]), torch.cat([y, pairs.labels]), dataclasses.replace(tc, epochs=1, seed=cfg.seed + epoch),
+                cfg.device, desc="fine-tune", params=params, grad_mask=masks, output=defect.decision_logits)
+    else:
+        fit(work, x, y, tc, cfg.device, desc="fine-tune", params=params, grad_mask=masks, output=defect.decision_logits)
     work.cpu()
     names = [n for n, _ in work.named_parameters()]
     return Edit.between(before, work, {"repairer": "finetune", "samples": len(y)}, names=names)
