@@ -125,7 +125,9 @@ def main(argv=None) -> None:
             runs = [("inner", {"method": "inner"}), inner_code,
                     ("inner, evidence not refreshed", {"method": "inner", "repair_options": {"refresh": False}}),
                     ("finetune", {"method": "finetune"}),
-                    ("finetune, evidence refreshed", {"method": "finetune", "repair_options": {"refresh": True}})]
+                    ("finetune, evidence refreshed", {"method": "finetune", "repair_options": {"refresh": True}}),
+                    ("probe -> finetune, evidence refreshed (exchange)",
+                     {"localiser": "probe", "repairer": "finetune", "repair_options": {"refresh": True}})]
         elif case == "wrong-predictions":
             model, info = model_for("clean")
             defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed), data_dir=a.data_dir,
