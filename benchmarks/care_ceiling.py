@@ -20,19 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from netmend.defects.safety import SafetyOptions, advisory, safety_from_info
+from netmend.repair.property_tune import decision_hinge
 from netmend.zoo.acasxu import load_nnet
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def hinge(z: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
-    """Mean amount by which output y is not the ARGMIN (the ACAS advisory) by `margin`."""
-    others = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("inf")).amin(1)
-    return torch.relu(z.gather(1, y[:, None]).squeeze(1) - others + margin).mean()
 
 
 def main(argv=None) -> None:
@@ -76,7 +70,8 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for step in range(1, a.iterations + 1):
-        loss = hinge(model(obj.x_bad), safe, 0.01) + a.keep_weight * hinge(model(obj.x_good), obj.y_good, 0.001)
+        loss = (decision_hinge(defect.decision_logits(model(obj.x_bad)), safe, 0.01)        # argmin: the advisory
+                + a.keep_weight * decision_hinge(defect.decision_logits(model(obj.x_good)), obj.y_good, 0.001))
         opt.zero_grad()
         loss.backward()
         opt.step()

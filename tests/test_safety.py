@@ -266,6 +266,9 @@ def test_property_tune_removes_violations_keeps_advisories_and_refuses_other_def
     assert set(r.edit.deltas) <= {n for n, _ in net.named_parameters()} and r.edit.meta["repairer"] == "property_tune"
     with pytest.raises(NetmendError, match="use finetune"):
         property_tune(net, SimpleNamespace(kind="backdoor"), None, PropertyTuneConfig())
+    for bad in ({"steps": 0}, {"keep_batch": 0}, {"lr": 0.0}):
+        with pytest.raises(NetmendError, match="property_tune"):
+            property_tune(net, d, None, PropertyTuneConfig(**bad))
     # sites restrict it: two neurons of fc1 → only their rows of fc1 (and biases) move
     from netmend.sites import Site, Sites
     sites = Sites([Site("fc1", "neuron", index=0), Site("fc1", "neuron", index=2)], "test")

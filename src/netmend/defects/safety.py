@@ -308,21 +308,23 @@ class SafetyDefect(Defect):
         for k, (lo, hi) in enumerate(regions):
             want, got, tries = n // 2 + (n % 2 if k == 0 else 0), [], 0
             while sum(len(t) for t in got) < want and tries < 100:
-                x = lo + torch.rand(4 * want + 16, len(lo), generator=g) * (hi - lo)
-                got.append(x[~self.prop.in_box(x)])
+                got.append(self._draw_outside(lo, hi, 4 * want + 16, g))
                 tries += 1
             out.append(torch.cat(got)[:want])
         x = torch.cat(out)
         return x, advisory(_outputs(self.original, x))
+
+    def _draw_outside(self, lo: torch.Tensor, hi: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+        """Of n uniform draws in [lo, hi], those outside the property's box(es)."""
+        x = lo + torch.rand(n, len(lo), generator=g) * (hi - lo)
+        return x[~self.prop.in_box(x)]
 
     def sample_fresh(self, n_box: int, n_keep: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A fresh draw for sampling repairers (repair/property_tune.py), from the caller's repair-only stream:
         `n_box` points of the box(es), and the points of `n_keep` uniform domain draws that lie outside them —
         the fidelity metric's region (where the box covers the domain, as for φ7: satisfying in-box points
         instead, as `_fidelity_points`) — with the original network's advisories."""
-        lo, hi = _domain(self.normalisation, self.prop)
-        x = lo + torch.rand(n_keep, len(lo), generator=g) * (hi - lo)
-        keep = x[~self.prop.in_box(x)]
+        keep = self._draw_outside(*_domain(self.normalisation, self.prop), n_keep, g)
         if len(keep) < max(1, n_keep // 100):
             xb = self.prop.sample(n_keep, g)
             keep = xb[~self.prop.violated(_outputs(self.original, xb))]
@@ -430,12 +432,10 @@ class SafetyDefect(Defect):
             g = torch.Generator().manual_seed(self.options.seed + 4)
             lo, hi = _domain(self.normalisation, self.prop)
             n = self.options.fidelity_samples
-            x = lo + torch.rand(n, len(lo), generator=g) * (hi - lo)
-            x = x[~self.prop.in_box(x)]
+            x = self._draw_outside(lo, hi, n, g)
             if len(x) >= max(1, n // 100):
                 while len(x) < n:
-                    more = lo + torch.rand(2 * (n - len(x)) * n // len(x) + 16, len(lo), generator=g) * (hi - lo)
-                    x = torch.cat([x, more[~self.prop.in_box(more)]])
+                    x = torch.cat([x, self._draw_outside(lo, hi, 2 * (n - len(x)) * n // len(x) + 16, g)])
                 self._fid_x, self.fidelity_region = x[:n], "outside-box"
             else:
                 rd = self._drawndown(n, 0.5, self.options.seed + 4)

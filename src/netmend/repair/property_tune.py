@@ -96,15 +96,10 @@ def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Pr
         loss = cfg.box_weight * box + cfg.keep_weight * keep + cfg.evidence_weight * ev
         masked_step(opt, loss, masks, frozen)
         last = {"box_loss": box.item(), "keep_loss": keep.item(), "evidence_loss": ev.item()}
-    deltas = {}
-    with torch.no_grad():
-        for p in params:
-            d = (p.detach() - before[names[id(p)]]).cpu()
-            if torch.any(d != 0):
-                deltas[names[id(p)]] = d
-    return Edit(deltas, {"repairer": "property_tune", "steps": cfg.steps, **last,
-                         "fresh_draws": cfg.steps * (cfg.box_batch + cfg.keep_batch),   # beyond the defect's samples
-                         "evidence": int(len(y_ev)), "seconds": time.perf_counter() - t0})
+    return Edit.between(before, work, {"repairer": "property_tune", "steps": cfg.steps, **last,
+                                       "fresh_draws": cfg.steps * (cfg.box_batch + cfg.keep_batch),  # beyond the defect's
+                                       "evidence": int(len(y_ev)), "seconds": time.perf_counter() - t0},
+                        names=list(before))
 
 
 METHODS.add("property-tune", MethodPreset(None, "property_tune", uses_pairs=False, defects=("safety",),
