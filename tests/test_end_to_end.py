@@ -60,3 +60,20 @@ def test_no_trigger_asr_is_the_same_rate_on_clean_images(backdoored, defect):
     direct = attack_success_rate(predict(model, defect.x_test), defect.y_test, defect.target)
     assert m["asr_clean"] == pytest.approx(direct)
     assert m["asr_clean"] < 0.1 < 0.9 < m["asr"]
+
+
+def test_image_mlp_is_wide_enough_and_reloads_as_saved(tmp_path):
+    """The tabular mlp default (64-32-16-8-4) cannot separate ten image classes; image training widens it and
+    records the widths in model.json, so loading rebuilds the same net (and old files still load the old one)."""
+    from netmend.modelio import build_model
+    from netmend.train import TrainConfig, train_backdoored
+
+    model, info = train_backdoored("digits", "mlp", None, cfg=TrainConfig(epochs=10, seed=0))
+    assert info["metrics"]["clean_accuracy"] > 0.85
+    assert info["arch_args"]["hidden"] == [256, 128]
+    save_model_folder(tmp_path / "m", model, info)
+    again, _ = load_model_folder(tmp_path / "m")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    legacy = {**info, "arch_args": {k: v for k, v in info["arch_args"].items() if k != "hidden"}}
+    assert build_model(legacy).fc5.out_features == 4

@@ -48,7 +48,7 @@ def test_rectify_static_edits_last_feature_layer(digits_model):
     model, info = digits_model
     defect = defect_for(info, pairs=5, repair_fraction=0.25)
     res = repair(model, defect, method="rectify-static")
-    assert res.edit.parameters == ["fc5.weight"]                # mlp: fc1..fc5 then the head `out`
+    assert res.edit.parameters == ["fc2.weight"]                # image mlp: fc1, fc2 then the head `out`
     assert res.after["asr"] < res.before["asr"]
 
 
