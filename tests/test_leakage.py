@@ -170,3 +170,26 @@ def test_real_blockmnist(shared_data):
     top = data.info["digit_top_train"][:20]
     digit = torch.where(top.view(-1, 1, 1, 1), data.x_train[:20, :, :BLOCK], data.x_train[:20, :, BLOCK:])
     assert torch.equal(digit, base.x_train[:20])
+
+
+def test_repair_estimate_is_net_leakage_on_the_repair_images_of_the_pairs_layout():
+    """A model that reads the null square of the TOP half only leaks on images whose null block is on top: the
+    estimate is 1 for that layout's pairs, 0 for the other's, and ignores the test images."""
+    data = synthetic_block_data()
+    splits = split_indices(len(data.y_train), 0, 0.5)
+    d = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.2, ig_steps=8))
+    top_square = SQUARE[0].repeat(2, 1)
+    top_square[BLOCK:] = 0
+    model = _linear_model(top_square + _centre_pixels())
+    null_top, null_bottom = sorted(d.pair_groups(), key=lambda g: -float(g.masks[0, 0, 0]))
+    with d.using_pairs(null_top):
+        leaking = d.repair_estimate(model)
+    with d.using_pairs(null_bottom):
+        assert d.repair_estimate(model) == pytest.approx(0.0, abs=1e-5)
+    r = d.repair
+    top = data.info["digit_top_train"][torch.tensor(r.indices["fit"] + r.indices["val"])]
+    x, y = torch.cat([r.x_fit, r.x_val])[~top], torch.cat([r.y_fit, r.y_val])[~top]
+    a = null_attribution(model, x, y, top[~top], steps=8)
+    assert leaking == pytest.approx(float(a["null_sum"].abs().mean() / a["total_sum"].abs().mean()), rel=1e-5)
+    assert 0 < leaking <= 1
+    assert d.repair_estimate(_linear_model(_centre_pixels())) == pytest.approx(0.0, abs=1e-5)

@@ -156,3 +156,37 @@ def test_recorded_probe_rates_are_those_of_the_edited_model(digits_model):
     measured = probe_rates(res.model, probe)
     for k in ("probe_pull_rate", "probe_accuracy", "probe_flip_rate", "probe_stamped_accuracy"):
         assert measured[k] == pytest.approx(r1[k], abs=2 / len(probe.pairs)), k
+
+
+def test_a_repair_data_estimate_drives_the_loop_without_a_probe(digits_model):
+    """Without a transplant probe, a defect that estimates its metric on the repair data drives site choice,
+    overshoot and stopping by it, and ε is judged on all repair samples; `estimate=False` is Algorithm 1 again."""
+    from netmend.data.triggers import stamp_batched
+    from netmend.metrics import predict
+    from netmend.repair.rectify import repair_accuracy
+
+    model, info = digits_model
+    defect = defect_for(info, pairs=5, repair_fraction=0.25)
+    r = defect.repair
+    others = r.y_fit != defect.target
+    stamped = stamp_batched(defect.trigger, r.x_fit[others])
+    calls = []
+
+    def asr_on_repair_data(m):                         # the backdoor's ASR, on repair samples only
+        calls.append(1)
+        return float((predict(m, stamped) == defect.target).float().mean())
+
+    defect.repair_estimate = asr_on_repair_data
+    opts = {"n_steps": 16, "transplant": 0}
+    res = repair(model, defect, method="rectify", repair_options=opts)
+    rounds = res.edit.meta["rounds"]
+    assert res.edit.meta["driven_by"] == "estimate" and calls
+    assert rounds[0]["gap"] == rounds[0]["estimate"] == pytest.approx(asr_on_repair_data(model))
+    assert rounds[0]["val_accuracy"] == pytest.approx(repair_accuracy(model, defect))
+    assert asr_on_repair_data(res.model) == pytest.approx(res.edit.meta["gap_after"])
+    assert res.edit.meta["gap_after"] < 0.5 * rounds[0]["estimate"]
+    for rec in rounds[1:]:
+        for t in rec.get("tried", []):
+            assert t["cost"] == t["estimate"] and t["overshoot"] in (1.0, 1.25, 1.5, 2.0, 3.0)
+    plain = repair(model, defect, method="rectify", repair_options={**opts, "estimate": False})
+    assert plain.edit.meta["driven_by"] == "pairs" and "estimate" not in plain.edit.meta["rounds"][0]

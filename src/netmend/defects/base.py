@@ -130,6 +130,12 @@ class Defect:
         cross-entropy pushes the decided class up whichever way the network decides."""
         return -logits if self.decision == "argmin" else logits
 
+    def repair_estimate(self, model: nn.Module) -> float | None:
+        """The defect's own metric (lower is better) estimated on the REPAIR data only, for the pairs in use, or
+        None when the defect has no such estimate. Rectification drives its loop by it where no transplant probe
+        applies: an edit that closes the evidence pairs' gap need not lower the metric elsewhere."""
+        return None
+
     def tuning_set(self, use_pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """What gradient repairers (fine-tuning, fine-pruning, A-ClArC) train on: the clean repair fit data and,
         with `use_pairs`, the evidence pairs' cleansed twins with their true labels."""

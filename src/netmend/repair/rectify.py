@@ -19,6 +19,10 @@ netmend extensions (both on by default for `rectify`, off for `rectify-static`, 
   The cost follows the defect's `stamp_goal` (`PROBE_COSTS`): a backdoor's target is *denied* (clean error +
   pull rate: lowest ASR, but stamped inputs of the target class lose it), a spurious cue is made *irrelevant*
   (clean error + error on all stamped samples).
+- **Repair-data estimate.** Where no probe applies but the defect can estimate its own metric on the repair data
+  (`Defect.repair_estimate`: feature leakage's net leakage on the repair images), that estimate drives the loop
+  instead of the pairs' gap — site choice, overshoot γ and stopping (≤ `delta_estimate`) — and ε is measured on all
+  repair samples. With one pair the gap closes after an edit that removes that image's leakage only.
 - **Pair groups.** A defect may split its pairs into groups fitted one after another (`Defect.pair_groups`): on
   BlockMNIST an edit fitted to pairs with the null block on top removes that layout's leakage and worsens the
   other's, so the leakage defect groups its pairs by layout (and offers each evidence image in both layouts).
@@ -57,6 +61,9 @@ class RectifyConfig:
     lookahead: int = 3                # edit the top-k ranked sites in turn and keep the one leaving the smallest gap
                                       # within ε (k = 1 is Algorithm 1 literally: the top site, stop on rollback)
     transplant: int = 3000            # probe pairs stamped on this many repair samples (0 = judge on the pairs)
+    estimate: bool = True             # without a probe, drive the loop by the defect's own metric estimated on the
+                                      # repair data (`Defect.repair_estimate`), where the defect has one
+    delta_estimate: float = 0.02      # with such an estimate: stop when it is at most this
     overshoot: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])  # Λ scales tried
     probe_cost: str | None = None     # what the probe prices edits by: a key of PROBE_COSTS (None: the defect's
                                       # stamp_goal — "pull" to deny a backdoor's target, "stamped" for invariance)
@@ -192,12 +199,23 @@ def _scaled(edit: Edit, g: float) -> Edit:
 
 
 def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: float,
-                     cfg: RectifyConfig) -> tuple[Edit, dict[str, Any]]:
+                     cfg: RectifyConfig, defect: Defect | None = None) -> tuple[Edit, dict[str, Any]]:
     """Scale Λ by the γ minimising the probe's cost (`PROBE_COSTS[cfg.probe_cost]`), costing at most ε of the
-    probe's clean accuracy `acc0` (γ = 1 without a probe)."""
+    probe's clean accuracy `acc0`; without a probe but with a `defect` to estimate on, the γ minimising its
+    repair-data estimate within ε of the repair accuracy `acc0`; else γ = 1."""
+    gammas = sorted(set(cfg.overshoot) | {1.0})
+    if probe is None and defect is not None:
+        best: tuple[float, dict[str, float]] | None = None
+        for g in gammas:                 # the estimate is not linear in the edit: apply each scale in turn
+            e = _scaled(edit, g)
+            e.apply(work)
+            m = estimated(work, defect, cfg)
+            e.revert(work)
+            if acc0 - m["repair_accuracy"] <= cfg.epsilon and (best is None or m["estimate"] < best[1]["estimate"]):
+                best = (g, m)
+        return (_scaled(edit, best[0]), {"overshoot": best[0], **best[1]}) if best else (edit, {"overshoot": 1.0})
     if probe is None:
         return edit, {"overshoot": 1.0}
-    gammas = sorted(set(cfg.overshoot) | {1.0})
     all_rates = probe_rates_scaled(work, edit, gammas, probe, cfg.device)
     cost = PROBE_COSTS[cfg.probe_cost]    # resolved from the defect by rectify_dynamic
     for g, rates in sorted(zip(gammas, all_rates), key=lambda t: cost(t[1])):
@@ -206,14 +224,34 @@ def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: flo
     return edit, {"overshoot": 1.0}
 
 
+@torch.no_grad()
+def repair_accuracy(model: nn.Module, defect: Defect, device: str = "cpu") -> float:
+    """Clean accuracy on all repair samples (fit and validation): what ε is judged on when the loop is driven by
+    a probe or an estimate (a small validation split cannot resolve a one-point budget)."""
+    r = defect.repair
+    y = torch.cat([r.y_val, r.y_fit])
+    return float((predict(model, torch.cat([r.x_val, r.x_fit]), device=device) == y).float().mean())
+
+
+def estimated(work: nn.Module, defect: Defect, cfg: RectifyConfig) -> dict[str, float]:
+    return {"estimate": float(defect.repair_estimate(work)), "repair_accuracy": repair_accuracy(work, defect, cfg.device)}
+
+
 def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyConfig,
-             known: dict[str, float] | None = None) -> dict[str, float]:
-    """What drives the loop: `gap` is the probe's pull rate when there is a probe, else the pairs' gap δ*.
-    `known`: probe rates already measured for the model as it stands (by `choose_overshoot`), not run again."""
+             known: dict[str, float] | None = None, estimate: bool = False) -> dict[str, float]:
+    """What drives the loop: `gap` is the probe's pull rate when there is a probe, else the defect's repair-data
+    estimate when `estimate`, else the pairs' gap δ*. `known`: rates or the estimate already measured for the model
+    as it stands (by `choose_overshoot`), not run again."""
+    known = known or {}
     out = {"pair_gap": pair_gap(work, defect, cfg.pairs, cfg.device)}
     if probe is not None:
-        out.update(known if known is not None and "probe_accuracy" in known else probe_rates(work, probe, cfg.device))
-    out["gap"] = out["probe_pull_rate"] if probe is not None else out["pair_gap"]
+        out.update(known if "probe_accuracy" in known else probe_rates(work, probe, cfg.device))
+        out["gap"] = out["probe_pull_rate"]
+    elif estimate:
+        out.update(known if "estimate" in known else estimated(work, defect, cfg))
+        out["gap"] = out["estimate"]
+    else:
+        out["gap"] = out["pair_gap"]
     return out
 
 
@@ -245,11 +283,13 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
     work = copy.deepcopy(model).eval()
     acfg, rcfg = _sub(cfg, AttributionConfig), _sub(cfg, RankOneConfig)
     probe = make_probe(work, defect, cfg)
-    delta = cfg.delta if probe is None else cfg.delta_probe
-    m0 = _measure(work, defect, probe, cfg)
-    # the accuracy ε is measured on: the validation split (Algorithm 1), or with a probe all repair samples
-    # (a 50-image validation split cannot resolve a 1-point budget)
-    accuracy = (lambda m: m["probe_accuracy"]) if probe is not None else (lambda _m: defect.validation_score(work))
+    estimate = probe is None and cfg.estimate and defect.repair_estimate(work) is not None
+    delta = cfg.delta_probe if probe is not None else cfg.delta_estimate if estimate else cfg.delta
+    m0 = _measure(work, defect, probe, cfg, estimate=estimate)
+    # the accuracy ε is measured on: the validation split (Algorithm 1), or with a probe or an estimate all repair
+    # samples (a 50-image validation split cannot resolve a 1-point budget)
+    accuracy = ((lambda m: m["probe_accuracy"]) if probe is not None else (lambda m: m["repair_accuracy"]) if estimate
+                else (lambda _m: defect.validation_score(work)))
     acc0 = accuracy(m0)
     gap = m0["gap"]
     history = [{"round": 0, **m0, "val_accuracy": acc0, "probe": 0 if probe is None else len(probe.pairs)}]
@@ -263,9 +303,10 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
         tried, choice = [], None
         for site in list(ranked)[: max(1, cfg.lookahead)]:
             edit = rank_one_edit(work, defect, site.layer, rcfg, value=site.info.get("value_point"))
-            edit, over = choose_overshoot(work, edit, probe, acc0, cfg)
+            edit, over = choose_overshoot(work, edit, probe, acc0, cfg, defect if estimate else None)
             edit.apply(work)
-            m = _measure(work, defect, probe, cfg, known={k: v for k, v in over.items() if k.startswith("probe_")})
+            m = _measure(work, defect, probe, cfg, known={k: v for k, v in over.items() if k != "overshoot"},
+                         estimate=estimate)
             acc = accuracy(m)
             rec = {"layer": site.layer, "score": site.score, **m, **over, "val_accuracy": acc,
                    "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
@@ -295,6 +336,7 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
     for e in accepted[:best_n]:
         total = total.merge(e)
     total.meta.update({"repairer": "rectify", "probe_cost": cfg.probe_cost if probe is not None else None,
+                       "driven_by": "probe" if probe is not None else "estimate" if estimate else "pairs",
                        "rounds": history, "layers": [e.meta["layer"] for e in accepted[:best_n]],
                        "gap_before": history[0]["gap"], "gap_after": best_gap, "val_accuracy_before": acc0,
                        "seconds": time.perf_counter() - t0})
