@@ -95,7 +95,7 @@ def test_pairs_are_other_class_images_with_and_without_the_pattern():
     d2 = SpuriousDefect(data, split_indices(len(data.y_train), 0, 0.5), d.trigger, C,
                         SpuriousOptions(pairs=2, repair_fraction=0.1), candidates=ranked)
     assert (d2.pairs.labels == 3).all() and d2.pair_rule == "recorded pull ranking"
-    assert d.transplantable and d.stamp_goal == "invariant"     # rectify prices stamped errors, not the pull
+    assert d.transplantable and d.stamp_goal == "invariant"     # rectify prices flips and the own-class gain
 
 
 def test_moved_pattern_keeps_content():
@@ -174,3 +174,46 @@ def test_a_clarc_tunes_only_from_its_layer_and_needs_pairs():
     d0 = make_defect(synthetic(), pairs=0)
     with pytest.raises(NetmendError):
         netmend.repair(model, d0, method="p-clarc")
+
+
+def test_own_class_group_carries_the_stamp_onto_the_pulled_class_repair_samples():
+    """rectify's extra pair group for an invariant cue: the evidence's stamp on repair FIT samples of the class the
+    stamp pulls to (read off the model), their clean twins those samples; none for a backdoor or when switched off."""
+    from netmend.repair.rectify import RectifyConfig, own_class_group
+
+    d = make_defect(synthetic())
+    g = own_class_group(Reader(bias=10.0), d, RectifyConfig(own_class_pairs=5))
+    own = d.repair.x_fit[d.repair.y_fit == C]
+    assert len(g) == min(5, len(own)) and (g.labels == C).all()
+    assert torch.equal(g.clean, own[: len(g)]) and torch.equal(g.corrupted, d.trigger.apply(g.clean))
+    assert own_class_group(Reader(bias=10.0), d, RectifyConfig(own_class_pairs=0)) is None
+    backdoor_like = copy.copy(d)
+    backdoor_like.stamp_goal = "deny"
+    assert own_class_group(Reader(bias=10.0), backdoor_like, RectifyConfig()) is None
+
+
+def test_invariant_gap_counts_the_gain_a_cue_gives_its_own_class():
+    """The pull rate is blind to a cue that only rescues its own class's hard samples; the invariant gap is not."""
+    from netmend.repair.rectify import GAP_FOR_GOAL, _rates
+
+    y = torch.tensor([C, C, 0, 1])
+    clean = torch.tensor([C + 1, C, 0, 1])                 # one hard sample of class C misread
+    rescued = _rates(clean, torch.tensor([C, C, 0, 1]), y, pulled=C)
+    assert rescued["probe_pull_rate"] == 0.0 and rescued["probe_own_gain"] == pytest.approx(0.5)
+    assert GAP_FOR_GOAL["deny"](rescued) == 0.0 and GAP_FOR_GOAL["invariant"](rescued) == pytest.approx(0.5)
+    hurt = _rates(clean, torch.tensor([C + 1, 0, 0, 1]), y, pulled=C)   # a cue against its class counts as 0
+    assert GAP_FOR_GOAL["invariant"](hurt) == 0.0
+
+
+def test_rectify_fits_the_own_class_group_after_the_evidence(digits):
+    """Dynamic rectify on a digits model biased by a patch: the evidence group, then the own-class group (the stamp
+    on repair samples of the spurious class); the bias and the pull fall."""
+    model, info = train_spurious("digits", "small-cnn", TriggerSpec(kind="badnets", size=2), spurious_class=1,
+                                 fraction=0.5, cfg=TrainConfig(epochs=5, seed=0), data=digits)
+    d = spurious_from_info(info, SpuriousOptions(pairs=3, repair_fraction=0.05), data=digits)
+    res = netmend.repair(model, d, method="rectify", repair_options={"n_steps": 8})
+    groups = res.edit.meta["groups"]
+    assert len(groups) == 2 and "probe_own_gain" in groups[1]["rounds"][0]
+    assert res.edit.meta["layers"] == groups[0]["layers"] + groups[1]["layers"]
+    assert res.before["pattern_pull_rate"] > 0.15 and res.after["pattern_pull_rate"] < 0.5 * res.before["pattern_pull_rate"]
+    assert res.after["spur"] <= res.before["spur"] + 0.02

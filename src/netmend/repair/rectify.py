@@ -18,7 +18,10 @@ netmend extensions (both on by default for `rectify`, off for `rectify-static`, 
   the probe's cost within ε (ties go to the smaller γ; γ = 1 is the exact edit; without a probe γ = 1).
   The cost follows the defect's `stamp_goal` (`PROBE_COSTS`): a backdoor's target is *denied* (clean error +
   pull rate: lowest ASR, but stamped inputs of the target class lose it), a spurious cue is made *irrelevant*
-  (clean error + error on all stamped samples).
+  (clean error + share of predictions the stamp changes). For an irrelevant cue the loop's gap is the pull rate
+  plus the gain the stamp still gives its own class (`GAP_FOR_GOAL`), and after the evidence the stamp transplanted
+  onto repair samples of that class is fitted as one more pair group (`own_class_group`): pairs of other classes
+  stop the pull but leave the bias on the class's own borderline samples.
 - **Repair-data estimate.** Where no probe applies but the defect can estimate its own metric on the repair data
   (`Defect.repair_estimate`: feature leakage's net leakage on the repair images), that estimate drives the loop
   instead of the pairs' gap — site choice, overshoot γ and stopping (≤ `delta_estimate`) — and ε is measured on all
@@ -66,7 +69,9 @@ class RectifyConfig:
     delta_estimate: float = 0.02      # with such an estimate: stop when it is at most this
     overshoot: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])  # Λ scales tried
     probe_cost: str | None = None     # what the probe prices edits by: a key of PROBE_COSTS (None: the defect's
-                                      # stamp_goal — "pull" to deny a backdoor's target, "stamped" for invariance)
+                                      # stamp_goal — "pull" to deny a backdoor's target, "flip" for invariance)
+    own_class_pairs: int = 20         # invariant stamps: after the evidence, fit the stamp transplanted onto this many
+                                      # repair fit samples of the class it pulls to (0 = off; see own_class_group)
     # localisation (each round); see AttributionConfig
     layers: list[str] | None = None
     variant: str = "A"
@@ -133,7 +138,9 @@ def _rates(pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int) -> 
     pull = (pb == pulled)[other].float().mean() if other.any() else torch.zeros(())
     own = ~other
     kept = (pb == pulled)[own].float().mean() if own.any() else torch.ones(())
+    gain = ((pb == pulled)[own].float().mean() - (pc == pulled)[own].float().mean()) if own.any() else torch.zeros(())
     return {"probe_pull_rate": float(pull), "probe_flip_rate": float((pc != pb).float().mean()),
+            "probe_own_gain": float(gain),
             "probe_accuracy": float((pc == y).float().mean()),
             "probe_stamped_accuracy": float((pb == y).float().mean()), "probe_kept_rate": float(kept)}
 
@@ -149,7 +156,12 @@ PROBE_COSTS = {
     "stamped": lambda r: (1 - r["probe_accuracy"]) + (1 - r["probe_stamped_accuracy"]),
     "flip": lambda r: (1 - r["probe_accuracy"]) + r["probe_flip_rate"],
 }
-COST_FOR_GOAL = {"deny": "pull", "invariant": "stamped"}
+COST_FOR_GOAL = {"deny": "pull", "invariant": "flip"}
+# What the loop drives down and stops on, by the defect's stamp_goal: a backdoor's pull rate; for a cue that must be
+# irrelevant also the gain it still gives its own class (the spurious bias: stamped samples of the pulled class
+# classified right more often than their clean twins), which the pull rate cannot see.
+GAP_FOR_GOAL = {"deny": lambda r: r["probe_pull_rate"],
+                "invariant": lambda r: r["probe_pull_rate"] + max(0.0, r["probe_own_gain"])}
 
 
 @torch.no_grad()
@@ -246,7 +258,7 @@ def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyC
     out = {"pair_gap": pair_gap(work, defect, cfg.pairs, cfg.device)}
     if probe is not None:
         out.update(known if "probe_accuracy" in known else probe_rates(work, probe, cfg.device))
-        out["gap"] = out["probe_pull_rate"]
+        out["gap"] = GAP_FOR_GOAL[getattr(defect, "stamp_goal", "deny")](out)
     elif estimate:
         out.update(known if "estimate" in known else estimated(work, defect, cfg))
         out["gap"] = out["estimate"]
@@ -260,6 +272,9 @@ def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyC
                     config=RectifyConfig)
 def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
     groups = defect.pair_groups()
+    own = own_class_group(model, defect, cfg)
+    if own is not None:
+        groups = groups + [own]
     if len(groups) <= 1:
         return _rectify_group(model, defect, sites, cfg)
     work, total, t0 = copy.deepcopy(model).eval(), Edit({}, {}), time.perf_counter()
@@ -272,6 +287,24 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     total.meta.update({"repairer": "rectify", "groups": parts, "layers": [l for m in parts for l in m["layers"]],
                        "seconds": time.perf_counter() - t0})
     return total
+
+
+def own_class_group(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Pairs | None:
+    """For a stamp that must be irrelevant (`stamp_goal` "invariant", e.g. a spurious cue): the evidence's stamp
+    transplanted onto the first `own_class_pairs` repair fit samples of the class it pulls to, as one more pair
+    group. The evidence (other classes' images pulled by the stamp) teaches the edit to stop the pull; the stamp
+    can still help its own class's borderline samples, which only pairs from that class show. Made from the
+    evidence and the repair data, so the evidence count n is unchanged; None when it does not apply."""
+    if (getattr(defect, "stamp_goal", "deny") != "invariant" or not defect.transplantable or cfg.own_class_pairs <= 0
+            or cfg.transplant <= 0 or defect.pairs is None or not len(defect.pairs)):
+        return None
+    pairs = _pairs(defect, cfg.pairs)
+    with torch.no_grad():
+        pulled = int(model(pairs.corrupted.to(cfg.device)).argmax(1).mode().values)
+    own = defect.repair.y_fit == pulled
+    if not own.any():
+        return None
+    return pairs.transplant(defect.repair.x_fit[own][: cfg.own_class_pairs], defect.repair.y_fit[own][: cfg.own_class_pairs])
 
 
 def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
