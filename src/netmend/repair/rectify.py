@@ -221,9 +221,12 @@ def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: flo
         for g in gammas:                 # the estimate is not linear in the edit: apply each scale in turn
             e = _scaled(edit, g)
             e.apply(work)
-            m = estimated(work, defect, cfg)
+            acc = repair_accuracy(work, defect, cfg.device)
+            # a scale over budget is never chosen: skip its estimate (an IG pass for leakage)
+            m = {"estimate": float(defect.repair_estimate(work)), "repair_accuracy": acc} \
+                if acc0 - acc <= cfg.epsilon else None
             e.revert(work)
-            if acc0 - m["repair_accuracy"] <= cfg.epsilon and (best is None or m["estimate"] < best[1]["estimate"]):
+            if m is not None and (best is None or m["estimate"] < best[1]["estimate"]):
                 best = (g, m)
         return (_scaled(edit, best[0]), {"overshoot": best[0], **best[1]}) if best else (edit, {"overshoot": 1.0})
     if probe is None:
