@@ -249,7 +249,9 @@ def repair_accuracy(model: nn.Module, defect: Defect, device: str = "cpu") -> fl
 
 
 def estimated(work: nn.Module, defect: Defect, cfg: RectifyConfig) -> dict[str, float]:
-    return {"estimate": float(defect.repair_estimate(work)), "repair_accuracy": repair_accuracy(work, defect, cfg.device)}
+    """The defect's repair-data estimate and the repair accuracy of the model as it stands."""
+    return {"estimate": float(defect.repair_estimate(work)),
+            "repair_accuracy": repair_accuracy(work, defect, cfg.device)}
 
 
 def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyConfig,
@@ -307,7 +309,8 @@ def own_class_group(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Pai
     own = defect.repair.y_fit == pulled
     if not own.any():
         return None
-    return pairs.transplant(defect.repair.x_fit[own][: cfg.own_class_pairs], defect.repair.y_fit[own][: cfg.own_class_pairs])
+    k = cfg.own_class_pairs
+    return pairs.transplant(defect.repair.x_fit[own][:k], defect.repair.y_fit[own][:k])
 
 
 def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
@@ -319,9 +322,11 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
     work = copy.deepcopy(model).eval()
     acfg, rcfg = _sub(cfg, AttributionConfig), _sub(cfg, RankOneConfig)
     probe = make_probe(work, defect, cfg)
-    estimate = probe is None and cfg.estimate and defect.repair_estimate(work) is not None
+    e0 = defect.repair_estimate(work) if probe is None and cfg.estimate else None     # None: the defect has none
+    estimate = e0 is not None
     delta = cfg.delta_probe if probe is not None else cfg.delta_estimate if estimate else cfg.delta
-    m0 = _measure(work, defect, probe, cfg, estimate=estimate)
+    known0 = {"estimate": float(e0), "repair_accuracy": repair_accuracy(work, defect, cfg.device)} if estimate else None
+    m0 = _measure(work, defect, probe, cfg, known=known0, estimate=estimate)
     # the accuracy ε is measured on: the validation split (Algorithm 1), or with a probe or an estimate all repair
     # samples (a 50-image validation split cannot resolve a 1-point budget)
     accuracy = ((lambda m: m["probe_accuracy"]) if probe is not None else (lambda m: m["repair_accuracy"]) if estimate
