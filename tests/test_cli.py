@@ -138,3 +138,31 @@ def test_defect_seed_option_is_not_overridden_by_the_default_seed(tmp_path):
         "--out", tmp_path / "r", "--json")
     seeds = json.loads((tmp_path / "r" / "config.json").read_text())["defect"]["seeds"]
     assert seeds["repair"] == 5 and seeds["fidelity"] == 9
+
+
+def test_train_a_spurious_model_and_repair_it(tmp_path):
+    """--spurious-class stamps the trigger on part of one class's images, labels kept; repair reads the recorded
+    defect. Bad combinations are one-line errors that write nothing."""
+    out = tmp_path / "spur"
+    p = run("train", "--dataset", "digits", "--arch", "small-cnn", "--trigger-size", "2", "--spurious-class", "1",
+            "--epochs", "3", "--out", out, "--json")
+    assert {"spur", "pattern_pull_rate", "overall_accuracy"} <= set(json.loads(p.stdout)["metrics"])
+    assert json.loads((out / "model.json").read_text())["defect"]["kind"] == "spurious"
+    res = json.loads(run("repair", out, "--method", "p-clarc", "--pairs", "3", "--out", tmp_path / "r", "--json").stdout)
+    assert {"spur", "pattern_pull_rate"} <= set(res["after"])
+    assert_user_error(run("train", "--dataset", "digits", "--arch", "small-cnn", "--trigger", "none",
+                          "--spurious-class", "1", "--out", tmp_path / "x", check=False), "--spurious-class")
+    assert_user_error(run("train", "--dataset", "digits", "--arch", "small-cnn", "--spurious-class", "10",
+                          "--out", tmp_path / "y", check=False), "spurious class 10")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_train_blockmnist_records_the_leakage_defect(shared_data, tmp_path):
+    out = tmp_path / "block"
+    run("train", "--dataset", "blockmnist", "--arch", "small-cnn", "--epochs", "1", "--data-dir", shared_data,
+        "--out", out)
+    info = json.loads((out / "model.json").read_text())
+    assert info["defect"]["kind"] == "leakage" and info["defect"]["pair_candidates"]
+    res = json.loads(run("repair", out, "--method", "p-clarc", "--data-dir", shared_data, "-d", "ig_samples=20",
+                         "--out", tmp_path / "r", "--json").stdout)
+    assert {"leakage", "net_leakage"} <= set(res["after"])

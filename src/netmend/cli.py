@@ -127,9 +127,12 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="default: 8 for mlp/small-cnn, 30 otherwise"),
     seed: int = typer.Option(0), device: str = typer.Option("cpu"),
     protected: Optional[str] = typer.Option(None, help="tabular datasets: protected attribute(s)"),
+    spurious_class: Optional[int] = typer.Option(None, help="spurious correlation instead of a backdoor: stamp the "
+                                                 "trigger on part of this class's images, labels kept"),
+    spurious_fraction: float = typer.Option(0.5, help="with --spurious-class: share of that class's images stamped"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Train a (backdoored) model reproducibly and save a model folder."""
+    """Train a (backdoored, biased or, for blockmnist, leaking) model reproducibly and save a model folder."""
     from .data.triggers import TriggerSpec
     from .modelio import check_fresh_out, save_model_folder
     from .registry import DATASETS
@@ -138,6 +141,8 @@ def train(
     check_fresh_out(out)
     entry = DATASETS.entry(dataset)
     if entry.extra.get("trainer"):
+        if spurious_class is not None:
+            raise NetmendError(f"--spurious-class applies to image datasets with a trigger, not {dataset}")
         extra = {"protected": protected} if protected else {}
         model, info = entry.extra["trainer"](dataset=dataset, arch=arch, seed=seed, epochs=epochs, device=device,
                                              data_dir=data_dir, **extra)
@@ -147,7 +152,14 @@ def train(
         spec = None if trigger == "none" else TriggerSpec(kind=trigger, size=trigger_size, position=trigger_position,
                                                           pattern=trigger_pattern, alpha=blend_alpha, seed=seed)
         cfg = TrainConfig(epochs=epochs or default_epochs(arch, dataset), seed=seed)
-        model, info = train_backdoored(dataset, arch, spec, target, poison_rate, cfg, device, data_dir)
+        if spurious_class is not None:
+            from .defects.spurious import train_spurious
+
+            if spec is None:
+                raise NetmendError("--spurious-class needs a pattern: give --trigger badnets, blended or wanet")
+            model, info = train_spurious(dataset, arch, spec, spurious_class, spurious_fraction, cfg, device, data_dir)
+        else:
+            model, info = train_backdoored(dataset, arch, spec, target, poison_rate, cfg, device, data_dir)
     save_model_folder(out, model, info)
     if json_out:
         print(json.dumps({"out": str(out), "metrics": info.get("metrics", {}), "seconds": info.get("training", {}).get("seconds")}))

@@ -44,7 +44,7 @@ from ..data.blockmnist import BLOCK, BlockLayout, blank_null, make_blockmnist, n
 from ..data.datasets import ImageData, load_dataset, split_indices
 from ..errors import NetmendError, require
 from ..metrics import per_class_accuracy, predict
-from ..registry import DEFECTS
+from ..registry import DATASETS, DEFECTS
 from ..train import TrainConfig, default_epochs, train_backdoored
 from .backdoor import make_repair_data
 from .base import Defect, Pairs
@@ -234,6 +234,17 @@ def train_leakage(arch: str = "small-cnn", cfg: TrainConfig | None = None, devic
                       "pair_candidates": pool[order[:rank_pairs]].tolist(),
                       "pair_rule": "repair-pool images by P(y | null blanked) − P(y | image), highest first"}
     return model, info
+
+
+def train_blockmnist(dataset: str = "blockmnist", arch: str = "small-cnn", seed: int = 0, epochs: int | None = None,
+                     device: str = "cpu", data_dir=None) -> tuple[nn.Module, dict[str, Any]]:
+    """`netmend train --dataset blockmnist`: a leakage model with its recorded pair candidates."""
+    return train_leakage(arch, TrainConfig(epochs=epochs or default_epochs(arch, "mnist-5k"), seed=seed), device,
+                         data_dir)
+
+
+# BlockMNIST models are trained by the leakage defect, which records the evidence candidates the CLI's repair reads.
+DATASETS.entry("blockmnist").extra["trainer"] = train_blockmnist
 
 
 def null_cost_ranking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, digit_top: torch.Tensor,
