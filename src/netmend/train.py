@@ -76,6 +76,15 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, de
 IMAGE_ARCH_ARGS: dict[str, dict[str, Any]] = {"mlp": {"hidden": [256, 128]}}
 
 
+def build_image_model(arch: str, data: ImageData) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh `arch` for `data` (normalised by its channel statistics) and the model.json `arch_args` that
+    rebuild it."""
+    mean, std = data.channel_stats()
+    kwargs = {"mean": mean, "std": std, **IMAGE_ARCH_ARGS.get(arch, {})}
+    model = create_model(arch, data.in_shape, data.num_classes, **kwargs)
+    return model, {"in_shape": data.in_shape, "num_classes": data.num_classes, **kwargs}
+
+
 def default_epochs(arch: str, dataset: str) -> int:
     return {"digits": 30}.get(dataset, 8 if arch in ("mlp", "small-cnn") else 30)
 
@@ -105,9 +114,7 @@ def train_backdoored(dataset: str, arch: str, trigger: TriggerSpec | None, targe
         defect_info = {"kind": "backdoor", "trigger": trigger.to_json(), "target": int(target),
                        "poison_rate": float(poison_rate), "poisoned": int(len(pidx)), **extra}
     torch.manual_seed(cfg.seed)
-    mean, std = data.channel_stats()
-    arch_kwargs = dict(IMAGE_ARCH_ARGS.get(arch, {}))
-    model = create_model(arch, data.in_shape, data.num_classes, mean=mean, std=std, **arch_kwargs)
+    model, arch_args = build_image_model(arch, data)
     t0 = time.perf_counter()
     fit(model, x, y, cfg, device, desc=f"train {arch} on {dataset}")
     seconds = time.perf_counter() - t0
@@ -120,8 +127,7 @@ def train_backdoored(dataset: str, arch: str, trigger: TriggerSpec | None, targe
 
     info = {
         "netmend": __version__, "arch": arch,
-        "arch_args": {"in_shape": data.in_shape, "num_classes": data.num_classes, "mean": mean, "std": std,
-                      **arch_kwargs},
+        "arch_args": arch_args,
         "dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "classes": data.classes,
         "split_seed": split_seed, "pool_fraction": pool_fraction, "n_train": len(tr),
         "defect": defect_info, "training": {**asdict(cfg), "seconds": seconds, "device": device},

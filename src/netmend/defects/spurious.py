@@ -29,8 +29,7 @@ from ..data.triggers import Trigger, TriggerSpec, _box, build_trigger, stamp_bat
 from ..errors import NetmendError, require
 from ..metrics import logits, per_class_accuracy, predict
 from ..registry import DEFECTS
-from ..train import IMAGE_ARCH_ARGS, TrainConfig, default_epochs, fit
-from ..zoo.models import create_model
+from ..train import TrainConfig, build_image_model, default_epochs, fit
 from .backdoor import make_repair_data
 from .base import Defect, Objective, Pairs
 
@@ -221,9 +220,7 @@ def train_spurious(dataset: str, arch: str, pattern: TriggerSpec, spurious_class
     trig = build_trigger(pattern, data.in_shape)
     x, stamped = stamp_class(data.x_train[tr], y, trig, spurious_class, fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
-    mean, std = data.channel_stats()
-    arch_kwargs = dict(IMAGE_ARCH_ARGS.get(arch, {}))
-    model = create_model(arch, data.in_shape, data.num_classes, mean=mean, std=std, **arch_kwargs)
+    model, arch_args = build_image_model(arch, data)
     t0 = time.perf_counter()
     fit(model, x, y, cfg, device, desc=f"train {arch} on {dataset} (spurious)")
     seconds = time.perf_counter() - t0
@@ -236,8 +233,7 @@ def train_spurious(dataset: str, arch: str, pattern: TriggerSpec, spurious_class
     m = probe.metrics(model)
     info = {
         "netmend": __version__, "arch": arch,
-        "arch_args": {"in_shape": data.in_shape, "num_classes": data.num_classes, "mean": mean, "std": std,
-                      **arch_kwargs},
+        "arch_args": arch_args,
         "dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "classes": data.classes,
         "split_seed": split_seed, "pool_fraction": pool_fraction, "n_train": len(tr),
         "defect": {"kind": "spurious", "pattern": pattern.to_json(), "class": int(spurious_class),

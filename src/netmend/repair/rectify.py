@@ -119,6 +119,12 @@ class Probe:
     pulled: int
 
 
+@torch.no_grad()
+def pulled_class(model: nn.Module, pairs: Pairs, device: str = "cpu") -> int:
+    """The class the corruption pulls towards: the model's most frequent answer on the evidence x̃."""
+    return int(model(pairs.corrupted.to(device)).argmax(1).mode().values)
+
+
 def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | None:
     """The transplant probe: the pairs' corruption stamped on validation samples (None when not applicable)."""
     if cfg.transplant <= 0 or not defect.transplantable:
@@ -128,9 +134,7 @@ def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | 
     if not len(y):
         return None
     pairs = _pairs(defect, cfg.pairs)
-    with torch.no_grad():
-        pulled = int(model(pairs.corrupted.to(cfg.device)).argmax(1).mode().values)
-    return Probe(pairs.transplant(x, y), pulled)
+    return Probe(pairs.transplant(x, y), pulled_class(model, pairs, cfg.device))
 
 
 def _rates(pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int) -> dict[str, float]:
@@ -248,9 +252,10 @@ def repair_accuracy(model: nn.Module, defect: Defect, device: str = "cpu") -> fl
     return float((predict(model, torch.cat([r.x_val, r.x_fit]), device=device) == y).float().mean())
 
 
-def estimated(work: nn.Module, defect: Defect, cfg: RectifyConfig) -> dict[str, float]:
-    """The defect's repair-data estimate and the repair accuracy of the model as it stands."""
-    return {"estimate": float(defect.repair_estimate(work)),
+def estimated(work: nn.Module, defect: Defect, cfg: RectifyConfig, value: float | None = None) -> dict[str, float]:
+    """The defect's repair-data estimate (`value` when already computed) and the repair accuracy of the model as
+    it stands."""
+    return {"estimate": float(defect.repair_estimate(work) if value is None else value),
             "repair_accuracy": repair_accuracy(work, defect, cfg.device)}
 
 
@@ -304,9 +309,7 @@ def own_class_group(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Pai
             or cfg.transplant <= 0 or defect.pairs is None or not len(defect.pairs)):
         return None
     pairs = _pairs(defect, cfg.pairs)
-    with torch.no_grad():
-        pulled = int(model(pairs.corrupted.to(cfg.device)).argmax(1).mode().values)
-    own = defect.repair.y_fit == pulled
+    own = defect.repair.y_fit == pulled_class(model, pairs, cfg.device)
     if not own.any():
         return None
     k = cfg.own_class_pairs
@@ -325,8 +328,8 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
     e0 = defect.repair_estimate(work) if probe is None and cfg.estimate else None     # None: the defect has none
     estimate = e0 is not None
     delta = cfg.delta_probe if probe is not None else cfg.delta_estimate if estimate else cfg.delta
-    known0 = {"estimate": float(e0), "repair_accuracy": repair_accuracy(work, defect, cfg.device)} if estimate else None
-    m0 = _measure(work, defect, probe, cfg, known=known0, estimate=estimate)
+    m0 = _measure(work, defect, probe, cfg, known=estimated(work, defect, cfg, e0) if estimate else None,
+                  estimate=estimate)
     # the accuracy ε is measured on: the validation split (Algorithm 1), or with a probe or an estimate all repair
     # samples (a 50-image validation split cannot resolve a 1-point budget)
     accuracy = ((lambda m: m["probe_accuracy"]) if probe is not None else (lambda m: m["repair_accuracy"]) if estimate
