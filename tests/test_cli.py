@@ -154,7 +154,9 @@ def test_train_a_spurious_model_and_repair_it(tmp_path):
                           "--spurious-class", "1", "--out", tmp_path / "x", check=False), "--spurious-class")
     assert_user_error(run("train", "--dataset", "digits", "--arch", "small-cnn", "--spurious-class", "10",
                           "--out", tmp_path / "y", check=False), "spurious class 10")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert_user_error(run("train", "--dataset", "census", "--arch", "mlp", "--spurious-class", "0",
+                          "--out", tmp_path / "z", check=False), "--spurious-class", "census")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_train_blockmnist_records_the_leakage_defect(shared_data, tmp_path):
