@@ -215,5 +215,52 @@ def test_rectify_fits_the_own_class_group_after_the_evidence(digits):
     groups = res.edit.meta["groups"]
     assert len(groups) == 2 and "probe_own_gain" in groups[1]["rounds"][0]
     assert res.edit.meta["layers"] == groups[0]["layers"] + groups[1]["layers"]
+    restore = res.edit.meta["restore_confidence"]          # then the pulled class's clean confidence is put back
+    assert restore["applied"] and restore["parameter"] == "fc2.bias" and restore["class"] == 1
     assert res.before["pattern_pull_rate"] > 0.15 and res.after["pattern_pull_rate"] < 0.5 * res.before["pattern_pull_rate"]
     assert res.after["spur"] <= res.before["spur"] + 0.02
+
+
+def _linear_reader(patch_weight: float, bias: bool = True) -> nn.Sequential:
+    """Flatten + Linear reading the four class pixels, with `patch_weight` × each patch pixel on class C."""
+    lin = nn.Linear(64, 4, bias=bias)
+    with torch.no_grad():
+        lin.weight.zero_()
+        for k in range(4):
+            lin.weight[k, k] = 4.0
+        for r in range(5, 8):
+            for c in range(5, 8):
+                lin.weight[C, r * 8 + c] = patch_weight
+        if bias:
+            lin.bias.zero_()
+    return nn.Sequential(nn.Flatten(), lin).eval()
+
+
+def test_restore_confidence_gives_the_pulled_class_its_clean_confidence_back():
+    """After an edit that costs the pulled class confidence on its CLEAN samples, one shift of that class's output
+    bias brings their mean log-probability back to the unrepaired model's — nothing else is touched."""
+    import torch.nn.functional as F
+
+    from netmend.repair.rectify import RectifyConfig, restore_confidence
+
+    d = make_defect(synthetic())
+    model = _linear_reader(patch_weight=1.0)
+    work = copy.deepcopy(model)
+    with torch.no_grad():
+        work[1].weight[C, C] = 2.5                         # the "repair" also weakened class C's own feature
+    x = torch.cat([d.repair.x_val, d.repair.x_fit])
+    own = x[torch.cat([d.repair.y_val, d.repair.y_fit]) == C]
+
+    def mean_logp(m):
+        with torch.no_grad():
+            return float(F.log_softmax(m(own), 1)[:, C].mean())
+
+    assert mean_logp(work) < mean_logp(model) - 0.1
+    edit, info = restore_confidence(model, work, d, RectifyConfig())
+    assert info["applied"] and info["class"] == C and edit.parameters == ["1.bias"]
+    assert torch.count_nonzero(edit.deltas["1.bias"]) == 1 and edit.deltas["1.bias"][C] > 0
+    edit.apply(work)
+    assert mean_logp(work) == pytest.approx(mean_logp(model), abs=1e-4)
+    nobias = _linear_reader(patch_weight=1.0, bias=False)
+    edit, info = restore_confidence(nobias, copy.deepcopy(nobias), d, RectifyConfig())
+    assert edit is None and not info["applied"] and info["reason"] == "no output bias"

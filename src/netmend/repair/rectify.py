@@ -21,7 +21,9 @@ netmend extensions (both on by default for `rectify`, off for `rectify-static`, 
   (clean error + share of predictions the stamp changes). For an irrelevant cue the loop's gap is the pull rate
   plus the gain the stamp still gives its own class (`GAP_FOR_GOAL`), and after the evidence the stamp transplanted
   onto repair samples of that class is fitted as one more pair group (`own_class_group`): pairs of other classes
-  stop the pull but leave the bias on the class's own borderline samples.
+  stop the pull but leave the bias on the class's own borderline samples. Last, that class's output bias is shifted
+  so its clean repair samples keep the unrepaired model's mean log-probability (`restore_confidence`): the edits'
+  directions are not orthogonal to every clean sample of the class, which otherwise loses accuracy without the cue.
 - **Repair-data estimate.** Where no probe applies but the defect can estimate its own metric on the repair data
   (`Defect.repair_estimate`: feature leakage's net leakage on the repair images), that estimate drives the loop
   instead of the pairs' gap — site choice, overshoot γ and stopping (≤ `delta_estimate`) — and ε is measured on all
@@ -51,7 +53,7 @@ from ..metrics import predict
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
-from .rank_one import RankOneConfig, _pairs, rank_one_edit
+from .rank_one import RankOneConfig, _pairs, execution_order, rank_one_edit
 
 
 @dataclass
@@ -72,6 +74,8 @@ class RectifyConfig:
                                       # stamp_goal — "pull" to deny a backdoor's target, "flip" for invariance)
     own_class_pairs: int = 20         # invariant stamps: after the evidence, fit the stamp transplanted onto this many
                                       # repair fit samples of the class it pulls to (0 = off; see own_class_group)
+    restore_confidence: bool = True   # invariant stamps: finally shift the pulled class's output bias so its clean repair
+                                      # samples' mean log-probability is the unrepaired model's (see restore_confidence)
     # localisation (each round); see AttributionConfig
     layers: list[str] | None = None
     variant: str = "A"
@@ -285,18 +289,77 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     own = own_class_group(model, defect, cfg)
     if own is not None:
         groups = groups + [own]
+    t0 = time.perf_counter()
     if len(groups) <= 1:
-        return _rectify_group(model, defect, sites, cfg)
-    work, total, t0 = copy.deepcopy(model).eval(), Edit({}, {}), time.perf_counter()
-    for g in groups:                   # each group on the model the previous ones left; sites re-localised per group
-        with defect.using_pairs(g):
-            part = _rectify_group(work, defect, None, cfg)
-        part.apply(work)
-        total = total.merge(part)
-    parts = total.meta.pop("parts", [])
-    total.meta.update({"repairer": "rectify", "groups": parts, "layers": [l for m in parts for l in m["layers"]],
-                       "seconds": time.perf_counter() - t0})
+        total = _rectify_group(model, defect, sites, cfg)
+        work = total.apply(copy.deepcopy(model).eval()) if _restores(defect, cfg) else None
+    else:
+        work, total = copy.deepcopy(model).eval(), Edit({}, {})
+        for g in groups:               # each group on the model the previous ones left; sites re-localised per group
+            with defect.using_pairs(g):
+                part = _rectify_group(work, defect, None, cfg)
+            part.apply(work)
+            total = total.merge(part)
+        parts = total.meta.pop("parts", [])
+        total.meta.update({"repairer": "rectify", "groups": parts, "layers": [l for m in parts for l in m["layers"]]})
+    if work is not None and _restores(defect, cfg):
+        shift, info = restore_confidence(model, work, defect, cfg)
+        if shift is not None:
+            total = total.merge(shift)
+            total.meta.pop("parts", None)
+        total.meta["restore_confidence"] = info
+    total.meta["seconds"] = time.perf_counter() - t0
     return total
+
+
+def _restores(defect: Defect, cfg: RectifyConfig) -> bool:
+    return (cfg.restore_confidence and getattr(defect, "stamp_goal", "deny") == "invariant" and cfg.transplant > 0
+            and defect.transplantable and defect.pairs is not None and len(defect.pairs) > 0)
+
+
+def output_bias(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Dotted name of the bias that adds to the logits directly (the last Linear's, when it has one)."""
+    order = execution_order(model, x)
+    if not order:
+        return None
+    last = get_layer(model, order[-1])
+    return f"{order[-1]}.bias" if isinstance(last, nn.Linear) and last.bias is not None else None
+
+
+@torch.no_grad()
+def restore_confidence(model: nn.Module, work: nn.Module, defect: Defect,
+                       cfg: RectifyConfig) -> tuple[Edit | None, dict[str, Any]]:
+    """Edits that make a cue irrelevant are fitted on stamped inputs, but their direction is not orthogonal to
+    every clean input of the class the cue pulled to: the class's clean samples can lose confidence with the
+    cue (on dev models up to 2.6 points of its clean test accuracy). One scalar puts it back — the class's
+    output bias b, solved by bisection so that the mean log P(class | x) over the clean repair samples of that
+    class equals the unrepaired model's. Made from repair data only; (None, reason) where no logit bias exists."""
+    r = defect.repair
+    x, y = torch.cat([r.x_val, r.x_fit]), torch.cat([r.y_val, r.y_fit])
+    c = pulled_class(model, _pairs(defect, cfg.pairs), cfg.device)
+    own = x[y == c]
+    name = output_bias(work, x)
+    if name is None or not len(own):
+        return None, {"applied": False, "reason": "no output bias" if name is None else "no clean samples of the class"}
+    target = float(F.log_softmax(model(own.to(cfg.device)), 1)[:, c].mean())
+    logits = work(own.to(cfg.device))
+    unit = torch.zeros(logits.shape[1], device=logits.device)
+    unit[c] = 1
+
+    def mean_logp(b: float) -> float:
+        return float(F.log_softmax(logits + b * unit, 1)[:, c].mean())
+
+    lo, hi = -10.0, 10.0                   # mean log P(c) rises monotonically with b
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_logp(mid) < target else (lo, mid)
+    b = (lo + hi) / 2
+    bias = dict(work.named_parameters())[name]
+    delta = torch.zeros_like(bias, device="cpu")
+    delta[c] = b
+    info = {"applied": True, "parameter": name, "class": c, "shift": b, "samples": int(len(own)),
+            "mean_log_p_before": target, "mean_log_p_repaired": mean_logp(0.0)}
+    return Edit({name: delta}, {"repairer": "restore_confidence", **info}), info
 
 
 def own_class_group(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Pairs | None:
