@@ -31,6 +31,30 @@ def test_probe_localiser_gives_weight_masks_and_timings(backdoored, defect):
     assert top[0].mask.sum() <= sites[0].mask.sum()
 
 
+def test_routing_counts_do_not_depend_on_how_samples_are_chunked(backdoored, defect):
+    """Routing is per sample: one at a time, the automatic chunk and one chunk of all give the same fault set."""
+    import dataclasses
+
+    from netmend.locate.probe import route, train_probes
+
+    model, _ = backdoored
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        cfg = ProbeConfig(**{**FAST_LOCATE, "layers": ["fc1"]})
+        blocks = find_blocks(model, defect.repair.x_fit, ["fc1"])
+        ps = train_probes(model, defect, blocks, cfg)
+        x = defect.repair.x_fit[:7]
+        counts = [route(model, ps.blocks["fc1"], ps.probes["fc1"], x, dataclasses.replace(cfg, chunk=c))[0]
+                  for c in (1, None, 7)]
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    assert counts[0].sum() > 0 and all(torch.equal(counts[0], c) for c in counts[1:])
+    with pytest.raises(NetmendError, match="chunk"):
+        route(model, ps.blocks["fc1"], ps.probes["fc1"], x, dataclasses.replace(cfg, chunk=0))
+
+
 def test_masked_tune_edit_touches_only_masked_weights(backdoored, defect):
     model, _ = backdoored
     w = model.fc1.weight
