@@ -147,14 +147,27 @@ def _scenario(defect: Defect) -> str:
     return getattr(getattr(trig, "spec", None), "kind", None) or defect.kind
 
 
+class _Readout(Exception):
+    """Carries a block's output out of the forward pass: the layers after it are not run."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+
 def _readout(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    out = []
-    h = get_layer(model, name).register_forward_hook(lambda _m, _i, o: out.append(o))
+    """The output of layer `name` on `x` (with its autograd graph), stopping the forward pass there."""
+    def stop(_m, _i, o):
+        raise _Readout(o)
+
+    h = get_layer(model, name).register_forward_hook(stop)
     try:
         model(x)
+    except _Readout as r:
+        return r.output
     finally:
         h.remove()
-    return out[0]
+    raise NetmendError(f"layer {name!r} did not run in the forward pass")
 
 
 def _forward_with_readout(model: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
