@@ -186,17 +186,22 @@ def markdown(rows: list[dict], args, gen_rows: list[dict]) -> str:
 
 
 def checks(table: str, rows: list[dict]) -> list[str]:
-    """The acceptance checks of the brief, per seed, stated plainly."""
-    lines = []
+    """The acceptance checks of the brief, per seed and (spurious: the paper's Table 4 reports means) on the mean
+    over seeds, stated plainly."""
+    lines, spurious = [], []
+
+    def spurious_check(label: str, spur: float, overall_loss: float, clean_loss: float) -> str:
+        ok = spur <= 0.005 and overall_loss <= 0.005 and clean_loss <= 0.01
+        return (f"- {label}: dynamic n=20 Spur. {100 * spur:.2f} (≤ 0.5?), Overall loss {100 * overall_loss:.2f} "
+                f"(≤ 0.5?), Clean loss {100 * clean_loss:.2f} (≤ 1?) → {'PASS' if ok else 'FAIL'}")
+
     for seed in sorted({r["seed"] for r in rows}):
         b = next(r for r in rows if r["seed"] == seed and r["method"] == "benign")
         if table == "spurious":
             d = next((r for r in rows if r["seed"] == seed and r["preset"] == "rectify" and r["n"] == 20), None)
             if d:
-                ok = d["spur"] <= 0.005 and b["overall_accuracy"] - d["overall_accuracy"] <= 0.005 and b["clean"] - d["clean"] <= 0.01
-                lines.append(f"- seed {seed}: dynamic n=20 Spur. {100 * d['spur']:.2f} (≤ 0.5?), Overall loss "
-                             f"{100 * (b['overall_accuracy'] - d['overall_accuracy']):.2f} (≤ 0.5?), Clean loss "
-                             f"{100 * (b['clean'] - d['clean']):.2f} (≤ 1?) → {'PASS' if ok else 'FAIL'}")
+                spurious.append((d["spur"], b["overall_accuracy"] - d["overall_accuracy"], b["clean"] - d["clean"]))
+                lines.append(spurious_check(f"seed {seed}", *spurious[-1]))
         else:
             d = next((r for r in rows if r["seed"] == seed and r["preset"] == "rectify" and r["n"] == 1), None)
             if d:
@@ -206,6 +211,8 @@ def checks(table: str, rows: list[dict]) -> list[str]:
                     ok = drop >= 0.30 and loss <= 0.005
                     lines.append(f"- seed {seed}: dynamic n=1 lowers {name} by {100 * drop:.1f}% (≥ 30%?) at "
                                  f"{100 * loss:.2f} points accuracy loss (≤ 0.5?) → {'PASS' if ok else 'FAIL'}")
+    if len(spurious) > 1:
+        lines.append(spurious_check(f"mean of {len(spurious)} seeds", *(sum(v) / len(v) for v in zip(*spurious))))
     return lines + [""] if lines else []
 
 
