@@ -49,7 +49,7 @@ from ..edit import Edit
 from ..errors import require
 from ..hooks import capture, get_layer, run_from
 from ..locate.attribution import AttributionConfig, attribution_sites
-from ..metrics import predict
+from ..metrics import logits, predict
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
@@ -341,13 +341,13 @@ def restore_confidence(model: nn.Module, work: nn.Module, defect: Defect,
     name = output_bias(work, x)
     if name is None or not len(own):
         return None, {"applied": False, "reason": "no output bias" if name is None else "no clean samples of the class"}
-    target = float(F.log_softmax(model(own.to(cfg.device)), 1)[:, c].mean())
-    logits = work(own.to(cfg.device))
-    unit = torch.zeros(logits.shape[1], device=logits.device)
+    target = float(F.log_softmax(logits(model, own), 1)[:, c].mean())
+    z = logits(work, own)                  # batched, in eval mode, on the CPU
+    unit = torch.zeros(z.shape[1])
     unit[c] = 1
 
     def mean_logp(b: float) -> float:
-        return float(F.log_softmax(logits + b * unit, 1)[:, c].mean())
+        return float(F.log_softmax(z + b * unit, 1)[:, c].mean())
 
     lo, hi = -10.0, 10.0                   # mean log P(c) rises monotonically with b
     for _ in range(60):
