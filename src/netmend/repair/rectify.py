@@ -290,9 +290,10 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     if own is not None:
         groups = groups + [own]
     t0 = time.perf_counter()
+    restores = cfg.restore_confidence and invariant_evidence(defect, cfg)
     if len(groups) <= 1:
         total = _rectify_group(model, defect, sites, cfg)
-        work = total.apply(copy.deepcopy(model).eval()) if _restores(defect, cfg) else None
+        work = total.apply(copy.deepcopy(model).eval()) if restores else None
     else:
         work, total = copy.deepcopy(model).eval(), Edit({}, {})
         for g in groups:               # each group on the model the previous ones left; sites re-localised per group
@@ -302,7 +303,7 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
             total = total.merge(part)
         parts = total.meta.pop("parts", [])
         total.meta.update({"repairer": "rectify", "groups": parts, "layers": [l for m in parts for l in m["layers"]]})
-    if work is not None and _restores(defect, cfg):
+    if restores:
         shift, info = restore_confidence(model, work, defect, cfg)
         if shift is not None:
             total = total.merge(shift)
@@ -312,9 +313,11 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     return total
 
 
-def _restores(defect: Defect, cfg: RectifyConfig) -> bool:
-    return (cfg.restore_confidence and getattr(defect, "stamp_goal", "deny") == "invariant" and cfg.transplant > 0
-            and defect.transplantable and defect.pairs is not None and len(defect.pairs) > 0)
+def invariant_evidence(defect: Defect, cfg: RectifyConfig) -> bool:
+    """A stamp that must be irrelevant (`stamp_goal` "invariant"), with evidence pairs and the transplant probe on:
+    where the own-class group and the confidence restore apply."""
+    return (getattr(defect, "stamp_goal", "deny") == "invariant" and defect.transplantable and cfg.transplant > 0
+            and defect.pairs is not None and len(defect.pairs) > 0)
 
 
 def output_bias(model: nn.Module, x: torch.Tensor) -> str | None:
@@ -368,8 +371,7 @@ def own_class_group(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Pai
     group. The evidence (other classes' images pulled by the stamp) teaches the edit to stop the pull; the stamp
     can still help its own class's borderline samples, which only pairs from that class show. Made from the
     evidence and the repair data, so the evidence count n is unchanged; None when it does not apply."""
-    if (getattr(defect, "stamp_goal", "deny") != "invariant" or not defect.transplantable or cfg.own_class_pairs <= 0
-            or cfg.transplant <= 0 or defect.pairs is None or not len(defect.pairs)):
+    if cfg.own_class_pairs <= 0 or not invariant_evidence(defect, cfg):
         return None
     pairs = _pairs(defect, cfg.pairs)
     own = defect.repair.y_fit == pulled_class(model, pairs, cfg.device)
