@@ -1,4 +1,6 @@
 """INNER: probe localiser gives weight sites with masks; masked_tune's Edit touches only masked weights."""
+import copy
+
 import pytest
 import torch
 
@@ -68,6 +70,19 @@ def test_masked_tune_edit_touches_only_masked_weights(backdoored, defect):
         d = edit.deltas["conv2.weight"].clone()
         d[3] = 0
         assert (d == 0).all()                                  # neuron site = that channel's row only
+
+
+def test_clean_term_draws_from_every_clean_fit_image(backdoored, defect):
+    """The clean CE term's pool is the whole clean fit split, not a subset the size of the defective set."""
+    from netmend.repair.masked_tune import _Tuner, site_masks
+
+    model, _ = backdoored
+    sites = Sites([Site("fc1", "weight", 1.0, mask=torch.ones_like(model.fc1.weight))], "test")
+    work = copy.deepcopy(model).eval()
+    tuner = _Tuner(work, defect, site_masks(work, sites), None, MaskedTuneConfig(**FAST_REPAIR))
+    fit = defect.repair.y_fit
+    assert len(tuner.dd.y_fit) < len(fit) and len(tuner.y_clean) == len(fit)
+    assert torch.equal(tuner.y_clean.sort().values, fit.sort().values)
 
 
 def test_inner_preset_runs_end_to_end(backdoored, defect):

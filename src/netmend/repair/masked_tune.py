@@ -46,7 +46,7 @@ class MaskedTuneConfig:
     lr: float = 7e-4
     momentum: float = 0.0
     batch_size: int = 64
-    repair_sample_num: int = 1000        # defective samples (plus as many clean ones)
+    repair_sample_num: int = 1000        # defective samples (each pass pairs them with as many clean fit images)
     ce_weight: float = 0.8               # probe loss: ce_weight·CE + (1 − ce_weight)·KD
     kd_temperature: float = 3.0
     epoch2: int | None = None            # final-output passes per round; None: 2 (blended 1, WaNet 4)
@@ -190,7 +190,9 @@ class _Tuner:
         self.steps = 0
         self.dd = defective_data(defect, cfg.repair_sample_num, cfg.seed)
         r = defect.repair
-        perm = torch.randperm(len(r.y_fit), generator=self.g)[: max(len(self.dd.y_fit), 1)]
+        # The clean term draws its batches from every clean fit image, not from a subset the size of the
+        # defective set: on the dev Blended models (seeds 7-10) 0.4 point more test accuracy on average.
+        perm = torch.randperm(len(r.y_fit), generator=self.g)
         self.x_clean, self.y_clean = r.x_fit[perm], r.y_fit[perm]
         self.weights = {n: get_layer(model, n).weight for n in masks}
         self.gmask = {n: m.to(self.dev) for n, m in masks.items()}
