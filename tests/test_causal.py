@@ -16,8 +16,6 @@ from netmend.metrics import predict
 from netmend.train import TrainConfig, fit
 from netmend.zoo.models import create_model
 
-torch.set_num_threads(1)    # the test machine's cores are shared
-
 
 class ToyBackdoor(Defect):
     """8 features in [0, 1]; label = [x0 + x1 > 1] + 2·[x2 > 0.5]; trigger: x7 := 3 → class 0."""

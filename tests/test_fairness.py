@@ -13,7 +13,6 @@ from netmend.defects.fairness import (FairnessDefect, FairnessOptions, demograph
 from netmend.errors import NetmendError
 from netmend.registry import DATASETS, DEFECTS
 
-torch.set_num_threads(1)
 DATA = resolve_data_dir()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "fairness").is_dir(),
                                 reason="needs ../shared/data/fairness (the UCI and discretised CSV files)")

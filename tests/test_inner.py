@@ -7,7 +7,7 @@ import torch
 from netmend import api
 from netmend.errors import NetmendError
 from netmend.locate.probe import ProbeConfig, find_blocks, locate_probe
-from netmend.repair.masked_tune import MaskedTuneConfig, masked_tune
+from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, masked_tune, site_masks
 from netmend.sites import Site, Sites
 
 FAST_LOCATE = {"layers": ["conv2", "fc2"], "rep_layer_num": 2, "route_num": 8, "route_steps": 5, "probe_epochs": 5}
@@ -34,7 +34,8 @@ def test_probe_localiser_gives_weight_masks_and_timings(backdoored, defect):
 
 
 def test_routing_counts_do_not_depend_on_how_samples_are_chunked(backdoored, defect):
-    """Routing is per sample: one at a time, the automatic chunk and one chunk of all give the same fault set."""
+    """Routing is per sample: one at a time, the automatic chunk and one chunk of all give the same fault set
+    (on one thread, as conftest runs the suite: with two, batched kernels round differently and ~1.6 % of entries flip)."""
     import dataclasses
 
     from netmend.locate.probe import route, train_probes
@@ -74,8 +75,6 @@ def test_masked_tune_edit_touches_only_masked_weights(backdoored, defect):
 
 def test_clean_term_draws_from_every_clean_fit_image(backdoored, defect):
     """The clean CE term's pool is the whole clean fit split, not a subset the size of the defective set."""
-    from netmend.repair.masked_tune import _Tuner, site_masks
-
     model, _ = backdoored
     sites = Sites([Site("fc1", "weight", 1.0, mask=torch.ones_like(model.fc1.weight))], "test")
     work = copy.deepcopy(model).eval()
