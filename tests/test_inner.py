@@ -33,6 +33,18 @@ def test_probe_localiser_gives_weight_masks_and_timings(backdoored, defect):
     assert top[0].mask.sum() <= sites[0].mask.sum()
 
 
+def test_default_routing_chunk_follows_the_device():
+    """CPU chunks stay cache-sized; on a GPU the largest PreAct-ResNet18 conv (512·512·3·3 weights) still routes
+    25+ samples at once instead of one; every chunk is 1 to 50 samples."""
+    from netmend.locate.probe import route_chunk
+
+    conv = 512 * 512 * 3 * 3
+    assert route_chunk(conv, "cpu") == 1 and route_chunk(conv, "cuda") >= 25
+    assert route_chunk(784 * 512, "cpu") == 4      # fc1 of the Fashion-MNIST small CNN
+    assert route_chunk(10, "cpu") == route_chunk(10, "cuda:0") == 50
+    assert route_chunk(10**12, "cuda") == 1
+
+
 def test_routing_counts_do_not_depend_on_how_samples_are_chunked(backdoored, defect):
     """Routing is per sample: one at a time, the automatic chunk and one chunk of all give the same fault set
     (on one thread, as conftest runs the suite: with two, batched kernels round differently and ~1.6 % of entries flip)."""

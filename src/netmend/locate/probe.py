@@ -45,8 +45,8 @@ class ProbeConfig:
     route_l1: float = 0.005              # λ
     routing_grad: str = "routing"        # routing: ∂L/∂r (default) | weight: ∂L/∂W' (the released code)
     fault_top: float | None = None       # keep only this fraction of the fault set by frequency (None: full union)
-    chunk: int | None = None             # samples routed at once (memory: chunk × weight size); None: about
-                                         # ROUTE_ENTRIES weight entries per chunk, at most 50 samples
+    chunk: int | None = None             # samples routed at once (memory: chunk × weight size); None: by the
+                                         # device's entry budget (route_chunk), at most 50 samples
     seed: int = 0
     device: str = "cpu"
 
@@ -260,10 +260,20 @@ def block_logits_fn(model: nn.Module, block: Block, probe: nn.Linear):
     return f
 
 
-# Routing is memory-bound elementwise work on (chunk × weight) tensors: chunks of about 2 M entries (8 MB in float32)
-# stay in cache. On fc1 of the Fashion-MNIST small CNN (401 k weights) 5 samples at a time route 7.7× faster than 25
-# (52 → 6.8 s for 100 samples, one thread); small layers gain from larger chunks (per-call overhead). Same counts.
-ROUTE_ENTRIES = 2_000_000
+# Routing is memory-bound elementwise work on (chunk × weight) tensors. On a CPU, chunks of about 2 M entries (8 MB in
+# float32) stay in cache: on fc1 of the Fashion-MNIST small CNN (401 k weights) 5 samples at a time route 7.7× faster
+# than 25 (52 → 6.8 s for 100 samples, one thread); small layers gain from larger chunks (per-call overhead).
+# On a GPU the cost is per kernel launch, not cache: PreAct-ResNet18's 2.4 M-weight convs got 1-sample chunks by the
+# CPU rule and routed in 31.8 s (H100) where 25-sample chunks had taken 1.6 s (H200), so there the budget is 64 M
+# entries (256 MB per float32 tensor), which keeps 25+ samples per chunk for every layer of that network.
+ROUTE_ENTRIES = {"cpu": 2_000_000, "accelerator": 64_000_000}
+ROUTE_MAX_CHUNK = 50
+
+
+def route_chunk(numel: int, device: torch.device | str) -> int:
+    """Samples routed at once by default: as many as fit the device's entry budget, 1 to ROUTE_MAX_CHUNK."""
+    budget = ROUTE_ENTRIES["cpu" if torch.device(device).type == "cpu" else "accelerator"]
+    return max(1, min(ROUTE_MAX_CHUNK, budget // max(1, numel)))
 
 
 def route(model: nn.Module, block: Block, probe: nn.Linear, x: torch.Tensor, cfg) -> tuple[torch.Tensor, int]:
@@ -283,7 +293,7 @@ def route(model: nn.Module, block: Block, probe: nn.Linear, x: torch.Tensor, cfg
 
     g_w = vmap(grad(loss), in_dims=(0, 0, 0))
     counts = torch.zeros_like(w)
-    chunk = cfg.chunk if cfg.chunk is not None else max(1, min(50, ROUTE_ENTRIES // w.numel()))
+    chunk = cfg.chunk if cfg.chunk is not None else route_chunk(w.numel(), w.device)
     require(chunk >= 1, f"chunk must be ≥ 1, got {chunk}")
     for i in range(0, len(key), chunk):
         k, t = key[i: i + chunk], yhat[i: i + chunk]
