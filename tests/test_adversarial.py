@@ -61,6 +61,21 @@ def test_wrong_predictions_defect(mlp, digits):
     assert m["evidence_fixed"] == 0 and m["heldout_fixed"] == 0 and m["n_heldout"] > 0
 
 
+def test_mislabel_changes_the_asked_share_of_one_class_only_and_is_seeded():
+    from netmend.defects.wrong_predictions import mislabel
+
+    y = torch.arange(10).repeat(30)                         # 30 of each class
+    out, flipped = mislabel(y, 6, 0, 0.4, seed=3)
+    assert len(flipped) == 12 and (y[flipped] == 6).all() and (out[flipped] == 0).all()
+    changed = (out != y).nonzero().flatten()
+    assert torch.equal(changed.sort().values, flipped.sort().values)
+    assert torch.equal(mislabel(y, 6, 0, 0.4, seed=3)[0], out) and not torch.equal(mislabel(y, 6, 0, 0.4, seed=4)[0], out)
+    assert torch.equal(y, torch.arange(10).repeat(30))      # the input labels are left alone
+    for args, msg in (((6, 0, 0.0), "fraction"), ((6, 0, 1.5), "fraction"), ((6, 6, 0.4), "itself"), ((6, 0, 0.4), "no training")):
+        with pytest.raises(NetmendError, match=msg):
+            mislabel(y if msg != "no training" else y[y != 6], *args, seed=0)
+
+
 def test_bad_inputs_give_clear_errors(mlp, digits):
     with pytest.raises(NetmendError, match="eps"):
         build_attack("fgsm", 0.0, 0)

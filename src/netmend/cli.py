@@ -130,9 +130,13 @@ def train(
     spurious_class: Optional[int] = typer.Option(None, help="spurious correlation instead of a backdoor: stamp the "
                                                  "trigger on part of this class's images, labels kept"),
     spurious_fraction: float = typer.Option(0.5, help="with --spurious-class: share of that class's images stamped"),
+    mislabel_class: Optional[int] = typer.Option(None, help="wrong predictions instead of a backdoor: label part of "
+                                                 "this class's training images as --mislabel-as (no trigger)"),
+    mislabel_as: int = typer.Option(0, help="with --mislabel-class: the wrong label they get"),
+    mislabel_fraction: float = typer.Option(0.4, help="with --mislabel-class: share of that class's labels changed"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Train a (backdoored, biased or, for blockmnist, leaking) model reproducibly and save a model folder."""
+    """Train a (backdoored, biased, mislabelled or, for blockmnist, leaking) model reproducibly and save a model folder."""
     from .data.triggers import TriggerSpec
     from .modelio import check_fresh_out, save_model_folder
     from .registry import DATASETS
@@ -141,8 +145,9 @@ def train(
     check_fresh_out(out)
     entry = DATASETS.entry(dataset)
     if entry.extra.get("trainer"):
-        if spurious_class is not None:
-            raise NetmendError(f"--spurious-class applies to image datasets with a trigger, not {dataset}")
+        if spurious_class is not None or mislabel_class is not None:
+            flag = "--spurious-class" if spurious_class is not None else "--mislabel-class"
+            raise NetmendError(f"{flag} applies to image datasets, not {dataset}")
         extra = {"protected": protected} if protected else {}
         model, info = entry.extra["trainer"](dataset=dataset, arch=arch, seed=seed, epochs=epochs, device=device,
                                              data_dir=data_dir, **extra)
@@ -152,7 +157,14 @@ def train(
         spec = None if trigger == "none" else TriggerSpec(kind=trigger, size=trigger_size, position=trigger_position,
                                                           pattern=trigger_pattern, alpha=blend_alpha, seed=seed)
         cfg = TrainConfig(epochs=epochs or default_epochs(arch, dataset), seed=seed)
-        if spurious_class is not None:
+        if mislabel_class is not None:
+            from .defects.wrong_predictions import train_mislabelled
+
+            if spurious_class is not None:
+                raise NetmendError("--mislabel-class and --spurious-class train different defects: give one")
+            model, info = train_mislabelled(dataset, arch, mislabel_class, mislabel_as, mislabel_fraction, cfg, device,
+                                            data_dir)
+        elif spurious_class is not None:
             from .defects.spurious import train_spurious
 
             if spec is None:

@@ -113,24 +113,37 @@ def train_backdoored(dataset: str, arch: str, trigger: TriggerSpec | None, targe
             y[pidx] = target
         defect_info = {"kind": "backdoor", "trigger": trigger.to_json(), "target": int(target),
                        "poison_rate": float(poison_rate), "poisoned": int(len(pidx)), **extra}
-    torch.manual_seed(cfg.seed)
-    model, arch_args = build_image_model(arch, data)
-    t0 = time.perf_counter()
-    fit(model, x, y, cfg, device, desc=f"train {arch} on {dataset}")
-    seconds = time.perf_counter() - t0
-    model = model.cpu().eval()
+    model, arch_args, seconds = fit_image_model(data, arch, x, y, cfg, device, f"train {arch} on {dataset}")
     pred = predict(model, data.x_test)
     metrics = {"clean_accuracy": float((pred == data.y_test).float().mean())}
     if trig is not None:
         metrics["asr"] = attack_success_rate(predict(model, stamp_batched(trig, data.x_test)), data.y_test, target)
+    info = model_info(dataset, data, arch, arch_args, data_dir, split_seed, pool_fraction, len(tr), defect_info, cfg, seconds,
+                      device, metrics)
+    return model, info
+
+
+def fit_image_model(data: ImageData, arch: str, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: str,
+                    desc: str) -> tuple[nn.Module, dict[str, Any], float]:
+    """A fresh `arch` seeded by cfg.seed, fitted on (x, y): (model on the CPU in eval mode, arch_args, seconds)."""
+    torch.manual_seed(cfg.seed)
+    model, arch_args = build_image_model(arch, data)
+    t0 = time.perf_counter()
+    fit(model, x, y, cfg, device, desc=desc)
+    return model.cpu().eval(), arch_args, time.perf_counter() - t0
+
+
+def model_info(dataset: str, data: ImageData, arch: str, arch_args: dict[str, Any], data_dir, split_seed: int, pool_fraction: float,
+               n_train: int, defect: dict[str, Any], cfg: TrainConfig, seconds: float, device: str,
+               metrics: dict[str, Any]) -> dict[str, Any]:
+    """The model.json of a model trained here: enough to rebuild it, its data split and its defect."""
     from . import __version__
 
-    info = {
+    return {
         "netmend": __version__, "arch": arch,
         "arch_args": arch_args,
         "dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "classes": data.classes,
-        "split_seed": split_seed, "pool_fraction": pool_fraction, "n_train": len(tr),
-        "defect": defect_info, "training": {**asdict(cfg), "seconds": seconds, "device": device},
+        "split_seed": split_seed, "pool_fraction": pool_fraction, "n_train": n_train,
+        "defect": defect, "training": {**asdict(cfg), "seconds": seconds, "device": device},
         "metrics": metrics,
     }
-    return model, info

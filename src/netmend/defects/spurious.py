@@ -16,7 +16,6 @@ P(c | x̃) − P(c | x) on the repair pool at training time, recorded in model.j
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,10 +25,10 @@ from torch import nn
 
 from ..data.datasets import ImageData, load_dataset, split_indices
 from ..data.triggers import Trigger, TriggerSpec, _box, build_trigger, stamp_batched
-from ..errors import NetmendError, require
+from ..errors import require
 from ..metrics import logits, per_class_accuracy, predict
 from ..registry import DEFECTS
-from ..train import TrainConfig, build_image_model, default_epochs, fit
+from ..train import TrainConfig, default_epochs, fit_image_model, model_info
 from .backdoor import make_repair_data
 from .base import Defect, Objective, Pairs
 
@@ -219,28 +218,15 @@ def train_spurious(dataset: str, arch: str, pattern: TriggerSpec, spurious_class
     y = data.y_train[tr]
     trig = build_trigger(pattern, data.in_shape)
     x, stamped = stamp_class(data.x_train[tr], y, trig, spurious_class, fraction, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, arch_args = build_image_model(arch, data)
-    t0 = time.perf_counter()
-    fit(model, x, y, cfg, device, desc=f"train {arch} on {dataset} (spurious)")
-    seconds = time.perf_counter() - t0
-    model = model.cpu().eval()
+    model, arch_args, seconds = fit_image_model(data, arch, x, y, cfg, device, f"train {arch} on {dataset} (spurious)")
     pool = splits["repair_pool"]
     ranking, n_pulled = pull_ranking(model, data.x_train[pool], data.y_train[pool], trig, spurious_class, pool)
-    from .. import __version__
-
     probe = SpuriousDefect(data, splits, trig, spurious_class, SpuriousOptions(pairs=0))
     m = probe.metrics(model)
-    info = {
-        "netmend": __version__, "arch": arch,
-        "arch_args": arch_args,
-        "dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "classes": data.classes,
-        "split_seed": split_seed, "pool_fraction": pool_fraction, "n_train": len(tr),
-        "defect": {"kind": "spurious", "pattern": pattern.to_json(), "class": int(spurious_class),
-                   "fraction": float(fraction), "stamped": len(stamped), "pair_candidates": ranking[:rank_pairs],
-                   "pool_pulled": n_pulled,
-                   "pair_rule": "other-class repair-pool images the pattern pulls into the class first, then by rise of P(class)"},
-        "training": {**asdict(cfg), "seconds": seconds, "device": device},
-        "metrics": {k: v for k, v in m.items() if k != "per_class_accuracy"},
-    }
+    defect = {"kind": "spurious", "pattern": pattern.to_json(), "class": int(spurious_class),
+              "fraction": float(fraction), "stamped": len(stamped), "pair_candidates": ranking[:rank_pairs],
+              "pool_pulled": n_pulled,
+              "pair_rule": "other-class repair-pool images the pattern pulls into the class first, then by rise of P(class)"}
+    info = model_info(dataset, data, arch, arch_args, data_dir, split_seed, pool_fraction, len(tr), defect, cfg, seconds,
+                      device, {k: v for k, v in m.items() if k != "per_class_accuracy"})
     return model, info

@@ -1,6 +1,8 @@
 """Wrong-predictions defect (INNER's `wp` scenario, METHODS.md §5.5): clean inputs the model gets wrong.
 
 Evidence: held-out repair-pool samples the original model misclassifies, with their right labels.
+Models with systematic mistakes to repair: `train_mislabelled` (part of one class labelled as another in training,
+as annotators confuse shirts with T-shirts); the repair pool and the test set keep their right labels.
 The test-side yardstick is fixed when the defect is prepared with the original model: its
 misclassified test samples of the evidence classes. `heldout_fixed` is the share of those the
 measured model now gets right — generalisation, not memorisation of the evidence.
@@ -18,6 +20,7 @@ from ..data.datasets import ImageData, load_dataset, split_indices
 from ..errors import NetmendError, require
 from ..metrics import class_fairness_gap, per_class_accuracy, predict
 from ..registry import DEFECTS
+from ..train import TrainConfig, default_epochs, fit_image_model, model_info
 from .backdoor import make_repair_data
 from .base import Defect, Objective, Pairs
 
@@ -132,3 +135,47 @@ def wrong_predictions_from_info(info: dict, options: WrongPredictionsOptions, da
     data = data or load_dataset(info["dataset"], data_dir or info.get("data_dir"))
     splits = split_indices(len(data.y_train), info["split_seed"], info.get("pool_fraction", 0.1))
     return WrongPredictionsDefect(data, splits, options, model)
+
+
+# ----------------------------------------------------------------------------- training a mislabelled model
+
+def mislabel(y: torch.Tensor, source: int, as_class: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of labels `y` with round(fraction · #source) of the `source` labels, picked by `seed`, set to
+    `as_class`; and the positions changed."""
+    require(0 < fraction <= 1, f"mislabel fraction must be in (0, 1], got {fraction}")
+    require(source != as_class, f"mislabelling class {source} as itself changes nothing")
+    src = (y == source).nonzero().flatten()
+    require(len(src) > 0, f"no training sample of class {source} to mislabel")
+    g = torch.Generator().manual_seed(int(seed) + 303)
+    flip = src[torch.randperm(len(src), generator=g)[: int(round(fraction * len(src)))]]
+    out = y.clone()
+    out[flip] = as_class
+    return out, flip
+
+
+def train_mislabelled(dataset: str, arch: str, source: int, as_class: int, fraction: float = 0.4,
+                      cfg: TrainConfig | None = None, device: str = "cpu", data_dir=None, split_seed: int | None = None,
+                      pool_fraction: float = 0.1, data: ImageData | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train `arch` with `fraction` of class `source`'s training labels set to `as_class` (label noise with a
+    direction: the model learns a systematic mistake); return (model, model.json) recording a wrong-predictions
+    defect. Only the training split is mislabelled: the repair pool and the test set keep the right labels."""
+    cfg = cfg or TrainConfig(epochs=default_epochs(arch, dataset))
+    data = data or load_dataset(dataset, data_dir)
+    k = data.num_classes
+    require(0 <= source < k and 0 <= as_class < k, f"mislabelled classes {source}, {as_class} must be in 0..{k - 1}")
+    split_seed = cfg.seed if split_seed is None else split_seed
+    splits = split_indices(len(data.y_train), split_seed, pool_fraction)
+    tr = torch.tensor(splits["train"])
+    y, flipped = mislabel(data.y_train[tr], source, as_class, fraction, cfg.seed)
+    model, arch_args, seconds = fit_image_model(data, arch, data.x_train[tr], y, cfg, device,
+                                                f"train {arch} on {dataset} (class {source} partly labelled {as_class})")
+    pred = predict(model, data.x_test)
+    src = data.y_test == source
+    metrics = {"clean_accuracy": float((pred == data.y_test).float().mean()),
+               "source_accuracy": float((pred[src] == source).float().mean()),
+               "source_as_class": float((pred[src] == as_class).float().mean())}
+    defect = {"kind": "wrong-predictions", "mislabelled": {"class": int(source), "as": int(as_class),
+                                                           "fraction": float(fraction), "flipped": int(len(flipped))}}
+    info = model_info(dataset, data, arch, arch_args, data_dir, split_seed, pool_fraction, len(tr), defect, cfg, seconds,
+                      device, metrics)
+    return model, info
