@@ -122,6 +122,23 @@ def test_out_that_holds_a_model_is_never_overwritten(model_dir):
 
 def test_usage_errors_are_one_line_too():
     assert_user_error(run("repair", check=False))
+    assert_user_error(run("--threads", "0", "methods", check=False), "--threads")
+
+
+def test_threads_option_reaches_torch():
+    """`--threads N` (or NETMEND_THREADS) sets torch's intra-op threads before the command runs."""
+    import torch
+    from typer.testing import CliRunner
+
+    from netmend.cli import app
+
+    before = torch.get_num_threads()
+    try:
+        assert CliRunner().invoke(app, ["--threads", "1", "methods"]).exit_code == 0 and torch.get_num_threads() == 1
+        assert CliRunner().invoke(app, ["methods"], env={"NETMEND_THREADS": "2"}).exit_code == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 ACAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "acasxu"

@@ -23,6 +23,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out_console = Console(width=max(Console().width, 150))
 
 
+@app.callback()
+def options(threads: Optional[int] = typer.Option(
+        None, "--threads", envvar="NETMEND_THREADS",
+        help="CPU threads torch may use (default: torch's choice, one per core); where other jobs hold cores, 1 "
+             "keeps threads from waiting on each other and is often far faster")) -> None:
+    """Options for every command: `netmend --threads 1 repair ...`."""
+    if threads is not None:
+        if threads < 1:
+            raise NetmendError(f"--threads must be ≥ 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _kv(pairs: list[str] | None, flag: str) -> dict[str, Any]:
     """Parse repeated `key=value` options; values are read as JSON when they parse, else as strings."""
     result: dict[str, Any] = {}
