@@ -1,7 +1,8 @@
 """Benchmark: INNER (probe + masked_tune) against fine-tuning (and rectify / care when present) on
 Fashion-MNIST small-cnn: BadNets, Blended and WaNet backdoors (10% poisoning, target 0), targeted
 FGSM (`adversarial`) and PGD (`pgd`, 10 steps) adversarial examples and wrong predictions (on a clean
-model), plus the exchange rows (INNER's fault weights driving `finetune`, CARE's neurons driving
+model; `mislabelled`: on a model trained with 40 % of one class labelled as another, evidence from every class;
+`mislabelled-class`: evidence from the mislabelled class only), plus the exchange rows (INNER's fault weights driving `finetune`, CARE's neurons driving
 `masked_tune`).
 
     python benchmarks/inner.py                       # everything, CPU
@@ -27,7 +28,7 @@ from netmend.data.triggers import TriggerSpec
 from netmend.data.wanet import wanet_spec
 from netmend.defects.adversarial import AdversarialOptions, adversarial_from_info
 from netmend.defects.backdoor import BackdoorOptions, backdoor_from_info
-from netmend.defects.wrong_predictions import WrongPredictionsOptions, wrong_predictions_from_info
+from netmend.defects.wrong_predictions import WrongPredictionsOptions, train_mislabelled, wrong_predictions_from_info
 from netmend.errors import NetmendError
 from netmend.modelio import load_model_folder, save_model_folder
 from netmend.registry import METHODS
@@ -35,6 +36,9 @@ from netmend.train import TrainConfig, default_epochs, train_backdoored
 
 TRIGGERS = {"badnets": TriggerSpec(kind="badnets", size=3), "blended": TriggerSpec(kind="blended", alpha=0.2),
             "wanet": wanet_spec(), "clean": None}
+# Mislabelled models: (class, labelled as) — the pair annotators confuse most (Fashion-MNIST: shirt as T-shirt).
+MISLABEL = {"fashion-mnist": (6, 0), "cifar10": (3, 5)}
+MISLABEL_FRACTION = 0.4
 CODE = {"clean_weight": 0.0, "momentum": 0.0, "augment": True, "asr_threshold": None, "epochs": 20}  # INNER's code
 
 
@@ -43,8 +47,12 @@ def cached_model(cache: Path, trigger: str, seed: int, device: str, data_dir, da
     folder = cache / f"{dataset}-{arch}-{trigger}-s{seed}"
     if not (folder / "model.json").is_file():
         cfg = TrainConfig(epochs=epochs or default_epochs(arch, dataset), seed=seed)
-        model, info = train_backdoored(dataset, arch, TRIGGERS[trigger], target=0, poison_rate=0.1,
-                                       cfg=cfg, device=device, data_dir=data_dir)
+        if trigger == "mislabelled":
+            source, as_class = MISLABEL.get(dataset, (1, 0))
+            model, info = train_mislabelled(dataset, arch, source, as_class, MISLABEL_FRACTION, cfg, device, data_dir)
+        else:
+            model, info = train_backdoored(dataset, arch, TRIGGERS[trigger], target=0, poison_rate=0.1,
+                                           cfg=cfg, device=device, data_dir=data_dir)
         print(f"trained {folder.name}: {info['metrics']}", flush=True)
         save_model_folder(folder, model, info)
     return load_model_folder(folder)
@@ -79,7 +87,7 @@ def rows_for(case: str, model, defect, runs: list[tuple[str, dict]], device: str
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["badnets", "blended", "wanet", "adversarial", "pgd",
-                                                     "wrong-predictions"])
+                                                     "wrong-predictions", "mislabelled", "mislabelled-class"])
     ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/inner"))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | cifar10 (the JPEG copy) | mnist ...")
@@ -128,10 +136,11 @@ def main(argv=None) -> None:
                     ("finetune, evidence refreshed", {"method": "finetune", "repair_options": {"refresh": True}}),
                     ("probe -> finetune, evidence refreshed (exchange)",
                      {"localiser": "probe", "repairer": "finetune", "repair_options": {"refresh": True}})]
-        elif case == "wrong-predictions":
-            model, info = model_for("clean")
-            defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed), data_dir=a.data_dir,
-                                                 model=model)
+        elif case in ("wrong-predictions", "mislabelled", "mislabelled-class"):
+            model, info = model_for("clean" if case == "wrong-predictions" else "mislabelled")
+            classes = str(info["defect"]["mislabelled"]["class"]) if case == "mislabelled-class" else None
+            defect = wrong_predictions_from_info(info, WrongPredictionsOptions(seed=a.seed, classes=classes),
+                                                 data_dir=a.data_dir, model=model)
             runs = [("inner", {"method": "inner"}), inner_code, ("finetune", {"method": "finetune"})]
         else:
             sys.exit(f"unknown case {case!r}")
