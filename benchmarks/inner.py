@@ -1,9 +1,9 @@
 """Benchmark: INNER (probe + masked_tune) against fine-tuning (and rectify / care when present) on
 Fashion-MNIST small-cnn: BadNets, Blended and WaNet backdoors (10% poisoning, target 0), targeted
 FGSM (`adversarial`) and PGD (`pgd`, 10 steps) adversarial examples and wrong predictions (on a clean
-model; `mislabelled`: on a model trained with 40 % of one class labelled as another, evidence from every class;
-`mislabelled-class`: evidence from the mislabelled class only), plus the exchange rows (INNER's fault weights driving `finetune`, CARE's neurons driving
-`masked_tune`).
+model; `mislabelled`: on a model trained with 40 % of one class labelled as another, evidence from every
+class; `mislabelled-class`: evidence from the mislabelled class only), plus the exchange rows (INNER's
+fault weights driving `finetune`, CARE's neurons driving `masked_tune`).
 
     python benchmarks/inner.py                       # everything, CPU
     python benchmarks/inner.py --cases badnets --device cuda

@@ -118,8 +118,8 @@ def train_backdoored(dataset: str, arch: str, trigger: TriggerSpec | None, targe
     metrics = {"clean_accuracy": float((pred == data.y_test).float().mean())}
     if trig is not None:
         metrics["asr"] = attack_success_rate(predict(model, stamp_batched(trig, data.x_test)), data.y_test, target)
-    info = model_info(dataset, data, arch, arch_args, data_dir, split_seed, pool_fraction, len(tr), defect_info, cfg, seconds,
-                      device, metrics)
+    info = model_info(dataset, data, arch, arch_args, data_dir, split_seed, pool_fraction, len(tr), defect_info, cfg,
+                      seconds, device, metrics)
     return model, info
 
 
@@ -133,8 +133,8 @@ def fit_image_model(data: ImageData, arch: str, x: torch.Tensor, y: torch.Tensor
     return model.cpu().eval(), arch_args, time.perf_counter() - t0
 
 
-def model_info(dataset: str, data: ImageData, arch: str, arch_args: dict[str, Any], data_dir, split_seed: int, pool_fraction: float,
-               n_train: int, defect: dict[str, Any], cfg: TrainConfig, seconds: float, device: str,
+def model_info(dataset: str, data: ImageData, arch: str, arch_args: dict[str, Any], data_dir, split_seed: int,
+               pool_fraction: float, n_train: int, defect: dict[str, Any], cfg: TrainConfig, seconds: float, device: str,
                metrics: dict[str, Any]) -> dict[str, Any]:
     """The model.json of a model trained here: enough to rebuild it, its data split and its defect."""
     from . import __version__
