@@ -37,7 +37,10 @@ EPOCH2 = {"blended": 1, "wanet": 4}                                           # 
 # same clean accuracy (−0.91 / −0.94 pt).
 ROUNDS = {"adversarial": 40}                                                  # default 20
 # Robustness costs clean accuracy (adversarial training trades one for the other): 2 points there, 1 elsewhere.
-ACC_TOLERANCE = {"adversarial": 0.02}
+# Wrong predictions are accuracy itself, so no loss is allowed: on the dev models (mislabelled seeds 7, 8, clean 7)
+# four of five runs kept the same state or gained 0.2 pt; dev 7 with shirts-only evidence went from −0.67 pt (88.1 %
+# of held-out errors fixed) to +0.33 pt (81.5 %).
+ACC_TOLERANCE = {"adversarial": 0.02, "wrong-predictions": 0.0}
 
 
 @dataclass
@@ -50,7 +53,8 @@ class MaskedTuneConfig:
     ce_weight: float = 0.8               # probe loss: ce_weight·CE + (1 − ce_weight)·KD
     kd_temperature: float = 3.0
     epoch2: int | None = None            # final-output passes per round; None: 2 (blended 1, WaNet 4)
-    acc_tolerance: float | None = None   # stop only if val accuracy ≥ before − this; None: by scenario (1 pp, adversarial 2)
+    acc_tolerance: float | None = None   # stop only if val accuracy ≥ before − this; None: by scenario (1 pp,
+                                         # adversarial 2, wrong predictions 0)
     asr_threshold: float | None = None   # τ on the val violation rate; None: by scenario (§5.4)
     clean_weight: float = 0.0            # + this × CE of the final output on a clean batch (0: the code's loss)
     augment: bool = True                 # rotation ±30°, shift ±2 px, horizontal flip on the defective set
