@@ -180,3 +180,15 @@ def test_scenario_settings_resolve_user_value_then_table_then_default():
     assert by_scenario(None, EPOCH2, wanet, 2) == 4 and by_scenario(None, TAU, wanet, 0.22) == TAU["wanet"]
     assert by_scenario(None, ACC_TOLERANCE, adversarial, 0.01) == 0.02
     assert by_scenario(None, ACC_TOLERANCE, wanet, 0.01) == 0.01
+    assert by_scenario(None, ACC_TOLERANCE, SimpleNamespace(kind="wrong-predictions"), 0.01) == 0.0
+
+
+def test_masked_tune_says_why_it_kept_the_model_unchanged(backdoored, defect):
+    """When no tuned state keeps validation accuracy (here: a learning rate that wrecks the model, no loss allowed)
+    the Edit is empty and its metadata says why — what `netmend repair` prints under the table."""
+    model, _ = backdoored
+    sites = Sites([Site("fc1", "weight", 1.0, mask=torch.ones_like(model.fc1.weight))], "test")
+    edit = masked_tune(model, defect, sites, MaskedTuneConfig(**{**FAST_REPAIR, "lr": 50.0, "acc_tolerance": 0.0}))
+    assert edit.num_changed() == 0 and edit.meta["chosen"] == "start"
+    assert "acc_tolerance" in edit.meta["unchanged_because"]
+    assert "unchanged_because" not in masked_tune(model, defect, sites, MaskedTuneConfig(**FAST_REPAIR)).meta

@@ -245,6 +245,10 @@ def repair(
         print(json.dumps(summary, default=float))
     else:
         _print_result_table([summary], f"netmend repair → {out}")
+        if summary["changed_weights"] == 0:
+            why = result.edit.meta.get("unchanged_because")
+            out_console.print(f"note: the repair changed no weight; {out} holds the model as it was"
+                              + (f" ({why})" if why else ""))
 
 
 def _has_field(info, kind, name) -> bool:

@@ -336,11 +336,16 @@ def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Mask
         if torch.any(d != 0):
             deltas[f"{n}.weight"] = d
     hist = [{k: v for k, v in h.items() if k != "state"} for h in tuner.history]
+    why = {}
+    if chosen is tuner.history[0]:             # the unrepaired state: say why, the user sees no change
+        why["unchanged_because"] = ("the model already met the stopping rule on validation" if rounds == 0 else
+                                    f"no tuned state kept validation accuracy within acc_tolerance={tuner.tol:g} of "
+                                    f"{100 * tuner.acc0:.2f} %")
     return Edit(deltas, {"repairer": "masked_tune", "stopped": stopped, "rounds": rounds, "steps": tuner.steps,
                          "chosen": chosen["stage"], "tau": tuner.tau, "acc_tolerance": tuner.tol, "val_accuracy_before": tuner.acc0,
                          "masked_weights": {n: int(m.sum()) for n, m in masks.items()},
                          "defective_source": tuner.dd.source, "defective_samples": int(len(tuner.dd.y_fit)),
-                         "history": hist})
+                         "history": hist, **why})
 
 
 # The preset departs from INNER's released code where it measured better (dev models, seed 7, Fashion-MNIST):
