@@ -185,10 +185,15 @@ def test_scenario_settings_resolve_user_value_then_table_then_default():
 
 def test_masked_tune_says_why_it_kept_the_model_unchanged(backdoored, defect):
     """When no tuned state keeps validation accuracy (here: a learning rate that wrecks the model, no loss allowed)
-    the Edit is empty and its metadata says why — what `netmend repair` prints under the table."""
+    the Edit is empty and says why; the run summary (`--json`, the console table) and the HTML report carry it."""
+    from netmend.report.html import render_report
+
     model, _ = backdoored
+    r = api.repair(model, defect, method="inner", locate_options=FAST_LOCATE,
+                   repair_options={**FAST_REPAIR, "lr": 50.0, "acc_tolerance": 0.0})
+    assert r.edit.num_changed() == 0 and r.edit.meta["chosen"] == "start"
+    assert "acc_tolerance" in r.edit.meta["unchanged_because"]
+    note = r.summary()["note"]
+    assert "changed no weight" in note and "acc_tolerance" in note and "acc_tolerance" in render_report("t", [r.summary()])
     sites = Sites([Site("fc1", "weight", 1.0, mask=torch.ones_like(model.fc1.weight))], "test")
-    edit = masked_tune(model, defect, sites, MaskedTuneConfig(**{**FAST_REPAIR, "lr": 50.0, "acc_tolerance": 0.0}))
-    assert edit.num_changed() == 0 and edit.meta["chosen"] == "start"
-    assert "acc_tolerance" in edit.meta["unchanged_because"]
     assert "unchanged_because" not in masked_tune(model, defect, sites, MaskedTuneConfig(**FAST_REPAIR)).meta

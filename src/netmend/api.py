@@ -45,11 +45,15 @@ class RepairResult:
     config: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        """The JSON object `netmend repair --json` prints."""
-        return {"method": self.method, "before": _scalars(self.before), "after": _scalars(self.after),
-                "seconds": round(self.seconds, 3), "locate_seconds": round(self.locate_seconds, 3),
-                "repair_seconds": round(self.repair_seconds, 3), "samples_used": self.samples_used,
-                "edited_parameters": self.edit.parameters, "changed_weights": self.edit.num_changed()}
+        """The JSON object `netmend repair --json` prints (with a `note` when the repair changed no weight)."""
+        out = {"method": self.method, "before": _scalars(self.before), "after": _scalars(self.after),
+               "seconds": round(self.seconds, 3), "locate_seconds": round(self.locate_seconds, 3),
+               "repair_seconds": round(self.repair_seconds, 3), "samples_used": self.samples_used,
+               "edited_parameters": self.edit.parameters, "changed_weights": self.edit.num_changed()}
+        if out["changed_weights"] == 0:
+            why = self.edit.meta.get("unchanged_because")
+            out["note"] = "the repair changed no weight: the model is as it was" + (f" ({why})" if why else "")
+        return out
 
 
 def _scalars(m: dict[str, Any]) -> dict[str, Any]:

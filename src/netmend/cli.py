@@ -110,6 +110,9 @@ def _print_result_table(results: list[dict[str, Any]], title: str) -> None:
         table.add_row(r["method"], *[f"{fmt(r['before'].get(k))} → {fmt(r['after'].get(k))}" for k in keys],
                       f"{r['seconds']:.2f}", str(r.get("samples_used", "")))
     out_console.print(table)
+    for r in results:
+        if r.get("note"):
+            out_console.print(f"note: {r['method']}: {r['note']}")
 
 
 @app.command()
@@ -245,10 +248,6 @@ def repair(
         print(json.dumps(summary, default=float))
     else:
         _print_result_table([summary], f"netmend repair → {out}")
-        if summary["changed_weights"] == 0:
-            why = result.edit.meta.get("unchanged_because")
-            out_console.print(f"note: the repair changed no weight; {out} holds the model as it was"
-                              + (f" ({why})" if why else ""))
 
 
 def _has_field(info, kind, name) -> bool:

@@ -52,6 +52,7 @@ def render_report(title: str, results: list[dict[str, Any]], info: dict[str, Any
         cells = "".join(f"<td>{_fmt(r['before'].get(k, ''))}</td><td><b>{_fmt(r['after'].get(k, ''))}</b></td>" for k in keys)
         body += (f"<tr><td>{html.escape(r['method'])}</td>{cells}<td>{r.get('seconds', 0):.2f}</td>"
                  f"<td>{r.get('samples_used', '')}</td></tr>")
+    notes = "".join(f"<p>{html.escape(r['method'])}: {html.escape(r['note'])}</p>" for r in results if r.get("note"))
     charts = "".join(_bars(results, k) for k in keys[:4])
     meta = html.escape(json.dumps({k: v for k, v in (info or {}).items() if k in ("arch", "dataset", "defect", "training")},
                                   indent=1, default=str))
@@ -60,6 +61,6 @@ def render_report(title: str, results: list[dict[str, Any]], info: dict[str, Any
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <table><tr><th>method</th>{head}<th>seconds</th><th>samples used</th></tr>{body}</table>
-{charts}
+{notes}{charts}
 <h3>Model</h3><pre>{meta}</pre><h3>Machine</h3><pre>{mach}</pre></body></html>
 """
