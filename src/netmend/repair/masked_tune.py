@@ -338,7 +338,7 @@ def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Mask
     hist = [{k: v for k, v in h.items() if k != "state"} for h in tuner.history]
     why = {}
     if chosen is tuner.history[0]:             # the unrepaired state: say why, the user sees no change
-        why["unchanged_because"] = ("the model already met the stopping rule on validation" if rounds == 0 else
+        why["unchanged_because"] = ("the model already met the stopping rule on validation" if stopped else
                                     f"no tuned state kept validation accuracy within acc_tolerance={tuner.tol:g} of "
                                     f"{100 * tuner.acc0:.2f} %")
     return Edit(deltas, {"repairer": "masked_tune", "stopped": stopped, "rounds": rounds, "steps": tuner.steps,
