@@ -29,7 +29,8 @@ from .base import Defect, Objective, Pairs
 class WrongPredictionsOptions:
     pairs: int = 1000                 # at most this many misclassified samples as evidence
     repair_fraction: float = 0.05
-    val_fraction: float = 0.2
+    val_fraction: float = 0.5         # judged by accuracy itself: 1 500 validation images (of Fashion-MNIST's
+                                      # 3 000) see a 1-point loss that 600 miss
     seed: int = 0
     classes: str | None = None        # restrict evidence to these classes, "3,6" (default: all)
     eval_limit: int | None = None
