@@ -197,6 +197,11 @@ def test_train_a_mislabelled_model_and_repair_its_wrong_predictions(tmp_path):
         bad = tmp_path / f"bad{len(msg)}"
         assert_user_error(run("train", "--dataset", "digits", "--arch", "mlp", *flags, "--out", bad, check=False), msg)
         assert not bad.exists()
+    for v in ("1.0", "0", "-0.1"):              # the repair data must split into non-empty fit and validation parts
+        bad = tmp_path / f"bad-val{v}"
+        assert_user_error(run("repair", out, "--method", "finetune", "-d", f"val_fraction={v}", "--out", bad,
+                              check=False), "val_fraction must be in (0, 1)")
+        assert not bad.exists()
 
 
 def test_train_blockmnist_records_the_leakage_defect(shared_data, tmp_path):

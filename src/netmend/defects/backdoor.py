@@ -36,12 +36,14 @@ def make_repair_data(x: torch.Tensor, y: torch.Tensor, pool: list[int], n_train_
                      val_fraction: float, seed: int) -> tuple[RepairData, list[int]]:
     """Draw the repair subset from the held-out pool; return it and the pool indices left over."""
     require(0 < fraction <= 1, f"repair fraction must be in (0, 1], got {fraction}")
+    require(0 < val_fraction < 1, f"val_fraction must be in (0, 1): the repair data is split fit / validation, "
+                                  f"got {val_fraction}")
     n = max(2, int(round(fraction * n_train_total)))
     require(n <= len(pool), f"repair fraction {fraction} asks for {n} samples but the held-out pool has {len(pool)}")
     g = torch.Generator().manual_seed(int(seed) + 101)
     order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
     chosen, rest = order[:n], order[n:]
-    n_val = max(1, int(round(val_fraction * n)))
+    n_val = min(n - 1, max(1, int(round(val_fraction * n))))      # both splits non-empty
     fit, val = sorted(chosen[n_val:]), sorted(chosen[:n_val])
     return RepairData(x[fit], y[fit], x[val], y[val], {"fit": fit, "val": val}), rest
 
