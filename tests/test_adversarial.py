@@ -87,6 +87,10 @@ def test_bad_inputs_give_clear_errors(mlp, digits):
         adversarial_from_info(INFO, AdversarialOptions(target=12), data=digits)
     with pytest.raises(NetmendError, match="classes"):
         wrong_predictions_from_info(INFO, WrongPredictionsOptions(classes="1,x"), data=digits)
+    with pytest.raises(NetmendError, match="step_size must be > 0"):
+        build_attack("pgd", 0.1, 0, step_size=-0.01)
+    with pytest.raises(NetmendError, match="eval_limit must be ≥ 1"):
+        wrong_predictions_from_info(INFO, WrongPredictionsOptions(eval_limit=0), data=digits)
 
 
 def test_masked_tune_regenerates_adversarial_evidence_against_the_model_in_repair(mlp, digits):

@@ -197,10 +197,13 @@ def test_train_a_mislabelled_model_and_repair_its_wrong_predictions(tmp_path):
         bad = tmp_path / f"bad{len(msg)}"
         assert_user_error(run("train", "--dataset", "digits", "--arch", "mlp", *flags, "--out", bad, check=False), msg)
         assert not bad.exists()
-    for v in ("1.0", "0", "-0.1"):              # the repair data must split into non-empty fit and validation parts
-        bad = tmp_path / f"bad-val{v}"
-        assert_user_error(run("repair", out, "--method", "finetune", "-d", f"val_fraction={v}", "--out", bad,
-                              check=False), "val_fraction must be in (0, 1)")
+    # the repair data must split into non-empty fit and validation parts; a test subset needs a positive size
+    for k, (opt, msg) in enumerate((("val_fraction=1.0", "val_fraction must be in (0, 1)"),
+                                    ("val_fraction=0", "val_fraction must be in (0, 1)"),
+                                    ("val_fraction=-0.1", "val_fraction must be in (0, 1)"),
+                                    ("eval_limit=-5", "eval_limit must be ≥ 1"))):
+        bad = tmp_path / f"bad-opt{k}"
+        assert_user_error(run("repair", out, "--method", "finetune", "-d", opt, "--out", bad, check=False), msg)
         assert not bad.exists()
 
 

@@ -18,7 +18,7 @@ from ..errors import NetmendError, require
 from ..metrics import class_fairness_gap, per_class_accuracy, predict
 from ..registry import DEFECTS
 from .backdoor import make_repair_data
-from .base import Defect, Objective, Pairs
+from .base import Defect, Objective, Pairs, eval_count
 
 
 class Attack:
@@ -27,6 +27,7 @@ class Attack:
     def __init__(self, eps: float, target: int, steps: int = 10, step_size: float | None = None, seed: int = 0):
         require(0 < eps <= 1, f"attack eps must be in (0, 1] (pixel scale), got {eps}")
         require(steps >= 1, f"attack steps must be ≥ 1, got {steps}")
+        require(step_size is None or step_size > 0, f"attack step_size must be > 0, got {step_size}")
         self.eps, self.target, self.steps, self.seed = float(eps), int(target), int(steps), int(seed)
         self.step_size = float(step_size) if step_size is not None else self.eps / 4
 
@@ -108,9 +109,8 @@ class AdversarialDefect(Defect):
         self.num_classes, self.in_shape = data.num_classes, data.in_shape
         self.repair, self._rest = make_repair_data(data.x_train, data.y_train, splits["repair_pool"], len(data.y_train),
                                                    o.repair_fraction, o.val_fraction, o.seed)
-        x_te, y_te = data.x_test, data.y_test
-        if o.eval_limit:
-            x_te, y_te = x_te[: o.eval_limit], y_te[: o.eval_limit]
+        n = eval_count(o.eval_limit, len(data.y_test))
+        x_te, y_te = data.x_test[:n], data.y_test[:n]
         self.x_test, self.y_test = x_te, y_te
         self._pairs: Pairs | None = None
         if model is not None:

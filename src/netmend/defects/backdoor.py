@@ -18,7 +18,7 @@ from ..data.triggers import Trigger, TriggerSpec, build_trigger, stamp_batched
 from ..errors import NetmendError, require
 from ..metrics import (attack_success_rate, class_fairness_gap, per_class_accuracy, predict, robust_accuracy)
 from ..registry import DEFECTS
-from .base import Defect, Objective, Pairs, RepairData
+from .base import Defect, Objective, Pairs, RepairData, eval_count
 
 
 @dataclass
@@ -73,9 +73,8 @@ class BackdoorDefect(Defect):
         clean = data.x_train[idx]
         masks = trigger.mask.expand(len(idx), *trigger.mask.shape).clone()
         self.pairs = Pairs(trigger.apply(clean), clean, data.y_train[idx], masks, idx)
-        x_te, y_te = data.x_test, data.y_test
-        if o.eval_limit:
-            x_te, y_te = x_te[: o.eval_limit], y_te[: o.eval_limit]
+        n = eval_count(o.eval_limit, len(data.y_test))
+        x_te, y_te = data.x_test[:n], data.y_test[:n]
         self.x_test, self.y_test = x_te, y_te
         self._x_test_triggered = stamp_batched(trigger, x_te)
 

@@ -16,6 +16,15 @@ from torch import nn
 from ..errors import NetmendError
 
 
+def eval_count(limit: int | None, n: int) -> int:
+    """How many test samples a defect measures on: `eval_limit` (a quick look) or all n of them."""
+    if limit is None:
+        return n
+    if limit < 1:
+        raise NetmendError(f"eval_limit must be ≥ 1 (leave it out to measure on all {n} test samples), got {limit}")
+    return min(int(limit), n)
+
+
 @dataclass
 class Pairs:
     """Evidence pairs x̃ → x: corrupted inputs, their cleansed twins, true labels, optional masks (H×W)."""

@@ -24,7 +24,7 @@ from ..errors import NetmendError, require
 from ..metrics import predict
 from ..registry import DATASETS, DEFECTS
 from .backdoor import make_repair_data
-from .base import Defect, Objective, Pairs
+from .base import Defect, Objective, Pairs, eval_count
 
 
 # ----------------------------------------------------------------------------- batched discrimination check
@@ -121,7 +121,7 @@ class FairnessDefect(Defect):
         self.repair, rest = make_repair_data(data.x, data.y, splits["repair_pool"], len(splits["train"]),
                                              o.repair_fraction, o.val_fraction, o.seed)
         self._pool = sorted(self.repair.indices["fit"] + self.repair.indices["val"] + rest)
-        te = torch.tensor(splits["test"][: o.eval_limit] if o.eval_limit else splits["test"])
+        te = torch.tensor(splits["test"][: eval_count(o.eval_limit, len(splits["test"]))])
         self.x_test, self.y_test = data.x[te], data.y[te]
         self.x_uniform = data.uniform(o.uniform_samples, o.uniform_seed)
         self.pairs: Pairs | None = None

@@ -47,7 +47,7 @@ from ..metrics import per_class_accuracy, predict
 from ..registry import DATASETS, DEFECTS
 from ..train import TrainConfig, default_epochs, train_backdoored
 from .backdoor import make_repair_data
-from .base import Defect, Pairs
+from .base import Defect, Pairs, eval_count
 
 
 @dataclass
@@ -121,7 +121,7 @@ class LeakageDefect(Defect):
             idx = [i for i in idx for _ in range(2)]
         masks = BlockLayout(top).masks(data.x_train.shape[-1])[1]
         self.pairs = Pairs(bad, blank_null(bad, top, o.fill), labels, masks, idx)
-        n = o.eval_limit or len(data.y_test)
+        n = eval_count(o.eval_limit, len(data.y_test))
         self.x_test, self.y_test = data.x_test[:n], data.y_test[:n]
         self.top_test = data.info["digit_top_test"][:n]
 

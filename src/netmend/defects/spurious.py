@@ -30,7 +30,7 @@ from ..metrics import logits, per_class_accuracy, predict
 from ..registry import DEFECTS
 from ..train import TrainConfig, default_epochs, fit_image_model, model_info
 from .backdoor import make_repair_data
-from .base import Defect, Objective, Pairs
+from .base import Defect, Objective, Pairs, eval_count
 
 
 @dataclass
@@ -113,7 +113,7 @@ class SpuriousDefect(Defect):
         clean = data.x_train[idx]
         masks = trigger.mask.expand(len(idx), *trigger.mask.shape).clone()
         self.pairs = Pairs(trigger.apply(clean), clean, data.y_train[idx], masks, idx)
-        n = o.eval_limit or len(data.y_test)
+        n = eval_count(o.eval_limit, len(data.y_test))
         self.x_test, self.y_test = data.x_test[:n], data.y_test[:n]
         self._stamped_test = stamp_batched(trigger, self.x_test)
 

@@ -22,7 +22,7 @@ from ..metrics import class_fairness_gap, per_class_accuracy, predict
 from ..registry import DEFECTS
 from ..train import TrainConfig, default_epochs, fit_image_model, model_info
 from .backdoor import make_repair_data
-from .base import Defect, Objective, Pairs
+from .base import Defect, Objective, Pairs, eval_count
 
 
 @dataclass
@@ -60,9 +60,8 @@ class WrongPredictionsDefect(Defect):
         self.classes = _classes(o.classes, data.num_classes)
         self.repair, self._rest = make_repair_data(data.x_train, data.y_train, splits["repair_pool"], len(data.y_train),
                                                    o.repair_fraction, o.val_fraction, o.seed)
-        x_te, y_te = data.x_test, data.y_test
-        if o.eval_limit:
-            x_te, y_te = x_te[: o.eval_limit], y_te[: o.eval_limit]
+        n = eval_count(o.eval_limit, len(data.y_test))
+        x_te, y_te = data.x_test[:n], data.y_test[:n]
         self.x_test, self.y_test = x_te, y_te
         self._pairs: Pairs | None = None
         self.heldout: torch.Tensor | None = None
