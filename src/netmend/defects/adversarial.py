@@ -110,8 +110,7 @@ class AdversarialDefect(Defect):
         self.repair, self._rest = make_repair_data(data.x_train, data.y_train, splits["repair_pool"], len(data.y_train),
                                                    o.repair_fraction, o.val_fraction, o.seed)
         n = eval_count(o.eval_limit, len(data.y_test))
-        x_te, y_te = data.x_test[:n], data.y_test[:n]
-        self.x_test, self.y_test = x_te, y_te
+        self.x_test, self.y_test = data.x_test[:n], data.y_test[:n]
         self._pairs: Pairs | None = None
         if model is not None:
             self.prepare(model)
