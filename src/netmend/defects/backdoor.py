@@ -74,9 +74,8 @@ class BackdoorDefect(Defect):
         masks = trigger.mask.expand(len(idx), *trigger.mask.shape).clone()
         self.pairs = Pairs(trigger.apply(clean), clean, data.y_train[idx], masks, idx)
         n = eval_count(o.eval_limit, len(data.y_test))
-        x_te, y_te = data.x_test[:n], data.y_test[:n]
-        self.x_test, self.y_test = x_te, y_te
-        self._x_test_triggered = stamp_batched(trigger, x_te)
+        self.x_test, self.y_test = data.x_test[:n], data.y_test[:n]
+        self._x_test_triggered = stamp_batched(trigger, self.x_test)
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger itself (methods that use it beyond the pairs must count the samples they stamp)."""
