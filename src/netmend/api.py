@@ -23,11 +23,17 @@ from .defects.base import Defect
 from .edit import Edit
 from .errors import NetmendError
 from .methods import MethodPreset
-from .modelio import load_model_folder
+from .modelio import load_any_model
+from .progress import stage
 from .registry import DEFECTS, LOCALISERS, METHODS, REPAIRERS, make_config
 from .sites import Sites
 
-load_model = load_model_folder
+
+
+def load_model(path, weights=None) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, its info) from a model or run folder, a .nnet / .onnx / .pt2 file, or
+    `package.module:factory` with `weights` (safetensors or a state dict)."""
+    return load_any_model(path, weights)
 
 
 @dataclass
@@ -107,20 +113,24 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
     rep_opts = {**preset.repair_options, **(repair_options or {})}
     torch.manual_seed(seed)
     original = model.eval()
-    defect.prepare(original)
-    before = before if before is not None else defect.metrics(original)
+    with stage(f"measuring the {defect.kind} before the repair"):
+        defect.prepare(original)
+        before = before if before is not None else defect.metrics(original)
     work = copy.deepcopy(original).to(device).eval()
     t0 = time.perf_counter()
-    sites = locate(work, defect, loc_name, loc_opts, seed, device) if loc_name else None
+    with stage(f"locating: {loc_name}"):
+        sites = locate(work, defect, loc_name, loc_opts, seed, device) if loc_name else None
     t1 = time.perf_counter()
     rep_entry = REPAIRERS.entry(rep_name)
     rep_cfg = _config(rep_entry, rep_opts, {"seed": seed, "device": device})
-    edit = rep_entry.obj(work, defect, sites, rep_cfg)
+    with stage(f"repairing: {rep_name}"):
+        edit = rep_entry.obj(work, defect, sites, rep_cfg)
     t2 = time.perf_counter()
     repaired = copy.deepcopy(original).cpu()
     edit.apply(repaired)
     repaired.eval()
-    after = defect.metrics(repaired)
+    with stage("measuring after the repair"):
+        after = defect.metrics(repaired)
     name = method or f"{loc_name or '-'}+{rep_name}"
     edit.meta.update({"method": name, "localiser": loc_name, "repairer": rep_name})
     config = {"method": name, "localiser": loc_name, "repairer": rep_name,

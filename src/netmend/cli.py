@@ -27,8 +27,11 @@ out_console = Console(width=max(Console().width, 150))
 def options(threads: Optional[int] = typer.Option(
         None, "--threads", envvar="NETMEND_THREADS",
         help="CPU threads torch may use (default: torch's choice, one per core); where other jobs hold cores, 1 "
-             "keeps threads from waiting on each other and is often far faster")) -> None:
+             "keeps threads from waiting on each other and is often far faster"),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines on stderr")) -> None:
     """Options for every command: `netmend --threads 1 repair ...`."""
+    if quiet:
+        os.environ["NETMEND_QUIET"] = "1"
     if threads is not None:
         if threads < 1:
             raise NetmendError(f"--threads must be ≥ 1, got {threads}")
@@ -51,19 +54,43 @@ def _kv(pairs: list[str] | None, flag: str) -> dict[str, Any]:
     return result
 
 
-def load_any_model(path: str) -> tuple[Any, dict[str, Any]]:
-    """A model folder (or run folder), or a network file whose suffix has a registered loader."""
-    from .modelio import load_model_folder
-    from .registry import MODEL_FILES
+def load_any_model(path: str, weights: str | None = None, own: bool = False) -> tuple[Any, dict[str, Any]]:
+    from .modelio import load_any_model as load
 
-    p = Path(path)
-    if p.is_file():
-        suffix = p.suffix.lower()
-        if suffix not in MODEL_FILES:
-            known = ", ".join(MODEL_FILES.names()) or "none"
-            raise NetmendError(f"{p}: unknown model file type {suffix!r} (a model folder, or one of: {known})")
-        return MODEL_FILES.get(suffix)(p)
-    return load_model_folder(p)
+    return load(path, weights, own)
+
+
+def _user_defect(net, info: dict[str, Any], data: str | None, evidence: str | None, kind: str | None,
+                 label_column: str | None, protected: str | None, normalize: str | None, target: int | None,
+                 pairs: int | None, seed: int, test_fraction: float | None, options: dict[str, Any]):
+    """The defect from the user's files; a run folder of a user model remembers the files it was repaired with."""
+    from .defects.user import defect_from_files
+
+    given = {"data": data, "evidence": evidence, "label_column": label_column, "protected": protected,
+             "normalize": normalize, "target": target, "test_fraction": test_fraction}
+    remembered = info.get("user_data") or {}
+    if data is None and not remembered.get("data"):
+        raise NetmendError("this model has no data netmend knows: give --data (and --evidence or --protected)")
+    if data is None:
+        given = {**remembered, **{k: v for k, v in given.items() if v is not None}}
+        kind = kind or remembered.get("kind")
+    given = {k: (str(Path(v).resolve()) if k in ("data", "evidence") and v is not None and Path(v).exists() else v)
+             for k, v in given.items() if k not in ("kind", "pairs")}
+    if given.get("test_fraction") is None:
+        given["test_fraction"] = 0.2
+    if pairs is None and data is None:
+        pairs = remembered.get("pairs")
+    defect = defect_from_files(net, kind=kind, pairs=pairs, seed=seed, options=options, **given)
+    # what a later `netmend evaluate RUN` needs to measure the same way: the target a repair was judged against
+    # (not re-derived from the repaired model) and the evidence it held out
+    info["user_data"] = {**{k: v for k, v in given.items() if v is not None}, "kind": defect.kind,
+                         **({"pairs": pairs} if pairs is not None else {}),
+                         **({"target": defect.target} if getattr(defect, "target", None) is not None else {})}
+    return defect
+
+
+def _wants_own_data(info: dict[str, Any], data: str | None) -> bool:
+    return data is not None or "user_data" in info or info.get("model_form") is not None
 
 
 def build_defect(info: dict[str, Any], kind: str | None, data_dir: str | None, given: dict[str, Any], model=None):
@@ -116,10 +143,13 @@ def _print_result_table(results: list[dict[str, Any]], title: str) -> None:
 
 
 @app.command()
-def methods() -> None:
-    """List the registered methods (and the localisers and repairers they combine)."""
+def methods(name: Optional[str] = typer.Argument(None, help="a method, localiser or repairer: show its options")) -> None:
+    """List the registered methods; with NAME, its localiser, repairer, every option and the defects it fits."""
     from .registry import LOCALISERS, METHODS, REPAIRERS
 
+    if name is not None:
+        _describe_component(name)
+        return
     table = Table(title="methods")
     table.add_column("name")
     table.add_column("localiser → repairer")
@@ -129,6 +159,49 @@ def methods() -> None:
     out_console.print(table)
     out_console.print("localisers: " + ", ".join(LOCALISERS.names()))
     out_console.print("repairers:  " + ", ".join(REPAIRERS.names()))
+    out_console.print("netmend methods NAME shows one method's options")
+
+
+def _options_table(title: str, entry, preset_options: dict[str, Any], flag: str) -> None:
+    from .registry import config_options
+
+    docs = config_options(entry.config)
+    if not docs:
+        out_console.print(f"{title}: {entry.name} (no options)")
+        return
+    table = Table(title=f"{title}: {entry.name} — {entry.description}  ({flag} key=value)", title_justify="left")
+    for c in ("option", "type", "default", "help"):
+        table.add_column(c, overflow="fold")
+    for o in docs:
+        default = preset_options.get(o.name, o.default)
+        mark = " (preset)" if o.name in preset_options else ""
+        table.add_row(o.name, o.type, f"{default!r}{mark}", o.help)
+    out_console.print(table)
+
+
+def _describe_component(name: str) -> None:
+    from .registry import DEFECTS, LOCALISERS, METHODS, REPAIRERS
+
+    if name in METHODS:
+        e = METHODS.entry(name)
+        preset = e.obj
+        kinds = ", ".join(preset.defects) if preset.defects else "any defect kind its parts accept (" + \
+            ", ".join(DEFECTS.names()) + ")"
+        out_console.print(f"[bold]{name}[/bold] — {e.description}")
+        out_console.print(f"localiser: {preset.localiser or '-'}   repairer: {preset.repairer}   "
+                          f"reads evidence pairs: {'yes' if preset.uses_pairs else 'no'}"
+                          + (f"   paper: {preset.paper}" if preset.paper else ""))
+        out_console.print(f"defects: {kinds}")
+        if preset.localiser:
+            _options_table("localiser", LOCALISERS.entry(preset.localiser), preset.locate_options, "-L")
+        _options_table("repairer", REPAIRERS.entry(preset.repairer), preset.repair_options, "-R")
+        return
+    for reg, title, flag in ((LOCALISERS, "localiser", "-L"), (REPAIRERS, "repairer", "-R")):
+        if name in reg:
+            _options_table(title, reg.entry(name), {}, flag)
+            return
+    known = ", ".join(METHODS.names() + LOCALISERS.names() + REPAIRERS.names())
+    raise NetmendError(f"unknown method, localiser or repairer {name!r}; known: {known}")
 
 
 @app.command()
@@ -203,9 +276,50 @@ def _defect_options(pairs, repair_fraction, seed, prop, protected, defect_opts) 
     return given
 
 
+# Options shared by repair / evaluate / locate for a user's own model and data.
+WEIGHTS_OPT = typer.Option(None, "--weights", help="package.module:factory models: the weights (safetensors or a "
+                                                   "state dict, read with weights_only=True)")
+DATA_OPT = typer.Option(None, "--data", help="your clean data: FILE.npz (x, y[, x_test, y_test]), an image folder / "
+                                             "tar.gz of <class>/ folders, or FILE.csv with --label-column")
+EVIDENCE_OPT = typer.Option(None, "--evidence", help="FILE.npz with triggered + clean [+ labels] (a backdoor) or x + y "
+                                                     "(misclassified inputs, right labels); or a folder with "
+                                                     "triggered/ and clean/ images paired by name")
+LABEL_OPT = typer.Option(None, "--label-column", help="CSV data: the column holding the class")
+NORMALIZE_OPT = typer.Option(None, "--normalize", help="images: MEAN,STD (or C means then C stds) the model expects; "
+                                                       "applied to data and evidence, recorded in config.json")
+TARGET_OPT = typer.Option(None, "--target", help="backdoor target class (default: the model's majority prediction "
+                                                 "on the triggered evidence)")
+TEST_FRACTION_OPT = typer.Option(None, "--test-fraction", help="share of --data held out for evaluation when it has "
+                                                               "no x_test / y_test (default 0.2, seeded)")
+
+
+def _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target, test_fraction,
+                           pairs, repair_fraction, seed, prop, protected, defect_opt, data_dir, seed_default=True):
+    """(model, info, defect) for any model form and either netmend's recorded data or the user's files."""
+    net, info = load_any_model(model, weights, own=data is not None)
+    if _wants_own_data(info, data):
+        if repair_fraction is not None:
+            raise NetmendError("--repair-fraction applies to netmend's datasets; with --data every sample you give "
+                               "is repair data (less the held-out test share)")
+        if prop is not None:
+            raise NetmendError("--property applies to ACAS Xu networks (.nnet / .onnx) without --data")
+        d = _user_defect(net, info, data, evidence, defect, label_column, protected, normalize, target, pairs, seed,
+                         test_fraction, _kv(defect_opt, "-d"))
+        return net, info, d
+    for flag, value in (("--evidence", evidence), ("--label-column", label_column), ("--normalize", normalize),
+                        ("--target", target), ("--test-fraction", test_fraction)):
+        if value is not None:
+            raise NetmendError(f"{flag} applies with --data (your own data); this model uses netmend's recorded data")
+    seed_opt = {"seed": seed} if (seed_default and _has_field(info, defect, "seed")) else {}
+    d = build_defect(info, defect, data_dir, {**seed_opt, **_defect_options(pairs, repair_fraction, None, prop,
+                                                                             protected, defect_opt)}, model=net)
+    return net, info, d
+
+
 @app.command()
 def repair(
-    model: str = typer.Argument(..., help="model folder, run folder, or network file (.nnet, .onnx)"),
+    model: str = typer.Argument(..., help="model folder, run folder, network file (.nnet, .onnx, .pt2) or "
+                                          "package.module:factory"),
     out: Path = typer.Option(..., help="new run folder to write"),
     method: Optional[str] = typer.Option(None, help="method preset (netmend methods); default rectify"),
     locate: Optional[str] = typer.Option(None, "--locate", help="localiser (overrides the preset's)"),
@@ -216,6 +330,9 @@ def repair(
     defect: Optional[str] = typer.Option(None, help="defect kind, when not the one the model records"),
     prop: Optional[str] = typer.Option(None, "--property", help="safety property (.vnnlib)"),
     protected: Optional[str] = typer.Option(None, help="fairness: protected attribute(s)"),
+    weights: Optional[str] = WEIGHTS_OPT, data: Optional[str] = DATA_OPT, evidence: Optional[str] = EVIDENCE_OPT,
+    label_column: Optional[str] = LABEL_OPT, normalize: Optional[str] = NORMALIZE_OPT,
+    target: Optional[int] = TARGET_OPT, test_fraction: Optional[float] = TEST_FRACTION_OPT,
     defect_opt: Optional[list[str]] = typer.Option(None, "-d", help="defect option key=value (repeatable)"),
     locate_opt: Optional[list[str]] = typer.Option(None, "-L", help="localiser option key=value (repeatable)"),
     repair_opt: Optional[list[str]] = typer.Option(None, "-R", help="repairer option key=value (repeatable)"),
@@ -236,10 +353,9 @@ def repair(
         LOCALISERS.entry(locate)
     if repairer:
         REPAIRERS.entry(repairer)
-    net, info = load_any_model(model)
-    d = build_defect(info, defect, data_dir, {**({"seed": seed} if _has_field(info, defect, "seed") else {}),   # -d seed=N wins
-                                              **_defect_options(pairs, repair_fraction, None, prop, protected, defect_opt)},
-                     model=net)
+    net, info, d = _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target,
+                                          test_fraction, pairs, repair_fraction, seed, prop, protected, defect_opt,
+                                          data_dir)
     result = api.repair(net, d, method=method, localiser=locate, repairer=repairer, locate_options=_kv(locate_opt, "-L"),
                         repair_options=_kv(repair_opt, "-R"), seed=seed, device=device)
     write_run(out, info, result, source=str(model))
@@ -264,14 +380,20 @@ def _has_field(info, kind, name) -> bool:
 
 @app.command()
 def evaluate(
-    model: str = typer.Argument(..., help="model folder, run folder or network file"),
+    model: str = typer.Argument(..., help="model folder, run folder, network file or package.module:factory"),
     defect: Optional[str] = typer.Option(None), prop: Optional[str] = typer.Option(None, "--property"),
     protected: Optional[str] = typer.Option(None), defect_opt: Optional[list[str]] = typer.Option(None, "-d"),
+    weights: Optional[str] = WEIGHTS_OPT, data: Optional[str] = DATA_OPT, evidence: Optional[str] = EVIDENCE_OPT,
+    label_column: Optional[str] = LABEL_OPT, normalize: Optional[str] = NORMALIZE_OPT,
+    target: Optional[int] = TARGET_OPT, test_fraction: Optional[float] = TEST_FRACTION_OPT,
+    pairs: Optional[int] = typer.Option(None, help="with --data: evidence pairs set aside as a repair would"),
+    seed: int = typer.Option(0),
     data_dir: Optional[str] = typer.Option(None), json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Measure a model's defect metrics on the held-out evaluation data."""
-    net, info = load_any_model(model)
-    d = build_defect(info, defect, data_dir, _defect_options(None, None, None, prop, protected, defect_opt), model=net)
+    net, info, d = _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target,
+                                          test_fraction, pairs, None, seed, prop, protected, defect_opt, data_dir,
+                                          seed_default=False)
     d.prepare(net)
     t0 = time.perf_counter()
     m = d.metrics(net)
@@ -287,12 +409,30 @@ def evaluate(
         out_console.print(table)
 
 
+def _list_layers(net) -> None:
+    """Every named module with parameters or an activation: the names -L layer=... and sites use."""
+    table = Table(title="layers (dotted names, in registration order)")
+    for c in ("name", "type", "parameters"):
+        table.add_column(c)
+    for name, m in net.named_modules():
+        if not name or list(m.children()):
+            continue
+        shapes = ", ".join(f"{k} {tuple(p.shape)}" for k, p in m.named_parameters(recurse=False))
+        table.add_row(name, type(m).__name__, shapes)
+    out_console.print(table)
+
+
 @app.command("locate")
 def locate_cmd(
-    model: str = typer.Argument(...), localiser: str = typer.Option(..., "--locate", help="localiser name"),
+    model: str = typer.Argument(...),
+    localiser: Optional[str] = typer.Option(None, "--locate", help="localiser name"),
+    list_layers: bool = typer.Option(False, "--list-layers", help="only list the model's layers by name"),
     pairs: Optional[int] = typer.Option(None), repair_fraction: Optional[float] = typer.Option(None),
     defect: Optional[str] = typer.Option(None), prop: Optional[str] = typer.Option(None, "--property"),
     protected: Optional[str] = typer.Option(None), defect_opt: Optional[list[str]] = typer.Option(None, "-d"),
+    weights: Optional[str] = WEIGHTS_OPT, data: Optional[str] = DATA_OPT, evidence: Optional[str] = EVIDENCE_OPT,
+    label_column: Optional[str] = LABEL_OPT, normalize: Optional[str] = NORMALIZE_OPT,
+    target: Optional[int] = TARGET_OPT, test_fraction: Optional[float] = TEST_FRACTION_OPT,
     locate_opt: Optional[list[str]] = typer.Option(None, "-L"), seed: int = typer.Option(0),
     device: str = typer.Option("cpu"), top: int = typer.Option(10), data_dir: Optional[str] = typer.Option(None),
     json_out: bool = typer.Option(False, "--json"),
@@ -300,9 +440,23 @@ def locate_cmd(
     """Rank the layers / neurons / weights responsible for a model's defect (no edit)."""
     from . import api
 
-    net, info = load_any_model(model)
-    d = build_defect(info, defect, data_dir, _defect_options(pairs, repair_fraction, None, prop, protected, defect_opt),
-                     model=net)
+    if list_layers:
+        net, _ = load_any_model(model, weights, own=True)
+        if json_out:
+            print(json.dumps([{"name": n, "type": type(m).__name__,
+                               "parameters": {k: list(p.shape) for k, p in m.named_parameters(recurse=False)}}
+                              for n, m in net.named_modules() if n and not list(m.children())]))
+        else:
+            _list_layers(net)
+        return
+    if localiser is None:
+        raise NetmendError("name a localiser with --locate NAME (netmend methods lists them), or give --list-layers")
+    from .registry import LOCALISERS
+
+    LOCALISERS.entry(localiser)
+    net, info, d = _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target,
+                                          test_fraction, pairs, repair_fraction, seed, prop, protected, defect_opt,
+                                          data_dir, seed_default=False)
     d.prepare(net)
     sites = api.locate(net, d, localiser, _kv(locate_opt, "-L"), seed, device)
     if json_out:

@@ -44,7 +44,7 @@ def check_fresh_out(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NetmendError(f"--out {out} exists and is not a folder")
-    if (out / WEIGHTS).exists() or (out / INFO).exists():
+    if any((out / name).exists() for name in (WEIGHTS, INFO, "model.onnx", "model.pt2")):
         raise NetmendError(f"--out {out} already holds a model; choose a new folder")
     return out
 
@@ -71,7 +71,7 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NetmendError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(info, dict) or "arch" not in info:
+    if not isinstance(info, dict) or ("arch" not in info and "model_form" not in info):
         raise NetmendError(f"{path} does not describe a model (no 'arch' field)")
     return info
 
@@ -108,6 +108,44 @@ def load_model_folder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, A
     """(model in eval mode, its model.json) from a model folder or a run folder."""
     folder = Path(folder)
     info = read_info(folder)
+    if "model_form" in info:                      # a run folder of a user's own model (ONNX, .pt2, factory)
+        from .formats.user_model import load_run_model
+
+        model = load_run_model(folder, info)
+        if info["model_form"] != "factory":
+            info = {**info, "model_path": str((folder / info["model_file"]).resolve())}
+        return model, info
     model = build_model(info)
     load_state(model, folder / WEIGHTS)
     return model.eval(), info
+
+
+def load_any_model(path: str | os.PathLike, weights: str | None = None, own: bool = False) -> tuple[Any, dict[str, Any]]:
+    """A model folder or run folder, a network file with a registered loader (.nnet, ACAS Xu .onnx), or — with
+    `own` (the user gave --data) or for .pt2 / package.module:factory — the user's own model in its form."""
+    from .formats.user_model import form_of, load_user_model
+    from .registry import MODEL_FILES
+
+    path = str(path)
+    form = form_of(path)
+    if form is not None and (own or form != "onnx" or weights is not None):
+        return load_user_model(path, weights)
+    if weights is not None:
+        raise NetmendError("--weights applies to package.module:factory models")
+    p = Path(path)
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix not in MODEL_FILES:
+            known = ", ".join(MODEL_FILES.names() + [".pt2"]) or "none"
+            raise NetmendError(f"{p}: unknown model file type {suffix!r} (a model folder, package.module:factory, or "
+                               f"one of: {known})")
+        try:
+            return MODEL_FILES.get(suffix)(p)
+        except NetmendError as exc:            # not an ACAS Xu chain: any other ONNX classifier is the user's own
+            if suffix == ".onnx" and ("unsupported ONNX op" in str(exc) or "single chain" in str(exc)
+                                      or "must combine" in str(exc)):
+                return load_user_model(path, None)
+            raise
+    if form is None and ":" in path and not p.exists():
+        raise NetmendError(f"{path!r}: not a model folder, file or package.module:factory")
+    return load_model_folder(p)

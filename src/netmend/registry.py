@@ -121,3 +121,68 @@ def _load_builtins() -> None:
         return
     _LOADED = True
     from . import _builtin  # noqa: F401
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def config_options(config_cls: type | None) -> list[OptionDoc]:
+    """Every field of a typed config with its type, default and help — the comment written beside the field in
+    the source (the same text a reader of the code sees), first sentence only."""
+    if config_cls is None:
+        return []
+    comments = _field_comments(config_cls)
+    out = []
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        out.append(OptionDoc(f.name, str(f.type), default, comments.get(f.name, "")))
+    return out
+
+
+def _field_comments(config_cls: type) -> dict[str, str]:
+    import inspect
+    import io
+    import re
+    import tokenize
+
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    found: dict[str, list[str]] = {}
+    current = None
+    field_line = re.compile(r"^\s+(\w+)\s*:")
+    lines = source.splitlines()
+    comment_at: dict[int, str] = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comment_at[tok.start[0]] = tok.string.lstrip("#").strip()
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    for i, line in enumerate(lines, start=1):
+        m = field_line.match(line)
+        if m and m.group(1) in names:
+            current = m.group(1)
+            found[current] = [comment_at[i]] if i in comment_at else []
+        elif current and line.strip().startswith("#") and i in comment_at and found[current]:
+            found[current].append(comment_at[i])         # a comment continued on the next lines
+        elif line.strip():
+            current = None
+    out = {}
+    for name, parts in found.items():
+        text = " ".join(parts)
+        cut = re.search(r"(?<=[.;])\s", text)
+        out[name] = (text[: cut.start()] if cut else text).rstrip(" ;")
+    return out

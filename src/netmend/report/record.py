@@ -32,7 +32,13 @@ def repaired_info(info: dict[str, Any], result) -> dict[str, Any]:
 def write_run(out: str | Path, info: dict[str, Any], result, source: str | None = None) -> Path:
     """Write the run folder for one RepairResult (refuses a folder that already holds a model)."""
     out = check_fresh_out(out)
-    save_model_folder(out, result.model, repaired_info(info, result))
+    if "model_form" in info:                      # the user's own model goes back in the form they brought
+        from ..formats.user_model import write_user_model
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "model.json", repaired_info(write_user_model(info, result.model, out), result))
+    else:
+        save_model_folder(out, result.model, repaired_info(info, result))
     result.edit.save(out / "edit.safetensors")
     write_json(out / "sites.json", result.sites.to_json() if result.sites is not None else {"localiser": None, "sites": []})
     write_json(out / "metrics.json", {"method": result.method, "before": result.before, "after": result.after,
