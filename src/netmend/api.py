@@ -24,7 +24,9 @@ from .edit import Edit
 from .errors import NetmendError
 from .methods import MethodPreset
 from .modelio import load_any_model
-from .progress import stage
+from .gate import DEFAULT_MAX_ACCURACY_DROP
+from .gate import check as check_gate
+from .progress import log, stage
 from .registry import DEFECTS, LOCALISERS, METHODS, REPAIRERS, make_config
 from .sites import Sites
 
@@ -49,6 +51,10 @@ class RepairResult:
     repair_seconds: float
     samples_used: int
     config: dict[str, Any] = field(default_factory=dict)
+    accepted: bool = True            # passed the acceptance gate (netmend.gate); False: `model` is the input model
+    gate: dict[str, Any] | None = None
+    candidate_after: dict[str, Any] | None = None   # a rejected candidate's metrics (its edit: `candidate_edit`)
+    candidate_edit: Edit | None = None
 
     def summary(self) -> dict[str, Any]:
         """The JSON object `netmend repair --json` prints (with a `note` when the repair changed no weight)."""
@@ -56,6 +62,16 @@ class RepairResult:
                "seconds": round(self.seconds, 3), "locate_seconds": round(self.locate_seconds, 3),
                "repair_seconds": round(self.repair_seconds, 3), "samples_used": self.samples_used,
                "edited_parameters": self.edit.parameters, "changed_weights": self.edit.num_changed()}
+        out["accepted"] = self.accepted
+        if self.gate is not None:
+            out["gate"] = {"reason": self.gate["reason"], "checks": self.gate["checks"],
+                           "max_accuracy_drop": self.gate["max_accuracy_drop"]}
+        if self.candidate_after is not None:
+            out["candidate_after"] = _scalars(self.candidate_after)
+            kept = self.edit is self.candidate_edit
+            out["note"] = f"repair rejected: {self.gate['reason']}" + (
+                " (the candidate is kept, marked as rejected)" if kept else "; the model is returned unchanged")
+            return out
         if out["changed_weights"] == 0:
             why = self.edit.meta.get("unchanged_because")
             out["note"] = "the repair changed no weight: the model is as it was" + (f" ({why})" if why else "")
@@ -102,8 +118,15 @@ def evaluate(model: nn.Module, defect: Defect) -> dict[str, Any]:
 def repair(model: nn.Module, defect: Defect, method: str | None = None, localiser: str | None = None,
            repairer: str | None = None, locate_options: dict[str, Any] | None = None,
            repair_options: dict[str, Any] | None = None, seed: int = 0, device: str = "cpu",
-           before: dict[str, Any] | None = None) -> RepairResult:
-    """Localise, repair and measure. Works on a copy: the input model is never changed."""
+           before: dict[str, Any] | None = None, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+           gate: bool = True, keep_rejected: bool = False) -> RepairResult:
+    """Localise, repair, check and measure. Works on a copy: the input model is never changed.
+
+    The acceptance gate (netmend.gate) judges the candidate on repair data no method fits on: when the defect got
+    worse or accuracy fell by more than `max_accuracy_drop`, the result is rejected (`accepted` False) and its model
+    is the input model — unless `keep_rejected`, which returns the candidate marked as rejected."""
+    if not (0 <= max_accuracy_drop <= 1) or max_accuracy_drop != max_accuracy_drop:
+        raise NetmendError(f"max accuracy drop must be a share in [0, 1] (0.01 = one point), got {max_accuracy_drop}")
     if method is None and repairer is None:
         raise NetmendError("name a method, or a repairer (and optionally a localiser)")
     preset: MethodPreset = METHODS.get(method) if method else MethodPreset(localiser, repairer)
@@ -129,6 +152,10 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
     repaired = copy.deepcopy(original).cpu()
     edit.apply(repaired)
     repaired.eval()
+    verdict = None
+    if gate:
+        with stage("acceptance gate: checking the candidate on held-apart repair data"):
+            verdict = check_gate(defect, original, repaired, max_accuracy_drop)
     with stage("measuring after the repair"):
         after = defect.metrics(repaired)
     name = method or f"{loc_name or '-'}+{rep_name}"
@@ -139,7 +166,18 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
               "repair_options": dataclasses.asdict(rep_cfg) if rep_cfg is not None else {},
               "seed": seed, "device": device, "defect": defect.describe(), "versions": versions()}
     samples = int(edit.meta.get("samples_used", defect.samples_used(preset.uses_pairs)))
-    return RepairResult(name, repaired, edit, sites, before, after, t2 - t0, t1 - t0, t2 - t1, samples, config)
+    result = RepairResult(name, repaired, edit, sites, before, after, t2 - t0, t1 - t0, t2 - t1, samples, config)
+    if verdict is not None:
+        result.gate = verdict.to_json()
+        config["gate"] = {"max_accuracy_drop": max_accuracy_drop, "keep_rejected": keep_rejected}
+        if not verdict.accepted:
+            log.info("repair rejected: %s", verdict.reason)
+            result.accepted, result.candidate_after, result.candidate_edit = False, after, edit
+            if not keep_rejected:            # the output model is the input model
+                result.model = copy.deepcopy(original).cpu().eval()
+                result.edit = Edit({}, {**edit.meta, "rejected": True, "unchanged_because": "the gate rejected it"})
+                result.after = before
+    return result
 
 
 def versions() -> dict[str, str]:

@@ -30,6 +30,9 @@ def options(threads: Optional[int] = typer.Option(
              "keeps threads from waiting on each other and is often far faster"),
             quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines on stderr")) -> None:
     """Options for every command: `netmend --threads 1 repair ...`."""
+    from .registry import load_plugins
+
+    load_plugins()
     if quiet:
         os.environ["NETMEND_QUIET"] = "1"
     if threads is not None:
@@ -134,7 +137,10 @@ def _print_result_table(results: list[dict[str, Any]], title: str) -> None:
         return "" if v is None else str(v)
 
     for r in results:
-        table.add_row(r["method"], *[f"{fmt(r['before'].get(k))} → {fmt(r['after'].get(k))}" for k in keys],
+        rejected = r.get("accepted") is False
+        after = r.get("candidate_after") or r["after"] if rejected else r["after"]
+        label = f"{r['method']}\n[red]rejected[/red]" if rejected else r["method"]
+        table.add_row(label, *[f"{fmt(r['before'].get(k))} → {fmt(after.get(k))}" for k in keys],
                       f"{r['seconds']:.2f}", str(r.get("samples_used", "")))
     out_console.print(table)
     for r in results:
@@ -336,15 +342,25 @@ def repair(
     defect_opt: Optional[list[str]] = typer.Option(None, "-d", help="defect option key=value (repeatable)"),
     locate_opt: Optional[list[str]] = typer.Option(None, "-L", help="localiser option key=value (repeatable)"),
     repair_opt: Optional[list[str]] = typer.Option(None, "-R", help="repairer option key=value (repeatable)"),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="acceptance gate: most accuracy points "
+                                            "(fidelity for safety) the repair may lose on held-apart repair data"),
+    keep_rejected: bool = typer.Option(False, "--keep-rejected", help="write a candidate the gate rejects anyway, "
+                                       "marked as rejected (exit code still 3)"),
+    no_gate: bool = typer.Option(False, "--no-gate", help="skip the acceptance gate (not recommended)"),
     data_dir: Optional[str] = typer.Option(None), json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Localise and repair a model's defect; write a run folder and print before/after metrics."""
+    """Localise and repair a model's defect; write a run folder and print before/after metrics.
+
+    Exit codes: 0 repaired, 2 a mistake in the input, 3 the repair was rejected by the acceptance gate (the run
+    folder then holds the input model and the rejected candidate's metrics)."""
     from . import api
     from .modelio import check_fresh_out
     from .registry import LOCALISERS, METHODS, REPAIRERS
     from .report.record import write_run
 
     check_fresh_out(out)
+    if not 0 <= max_accuracy_drop <= 100 or max_accuracy_drop != max_accuracy_drop:
+        raise NetmendError(f"--max-accuracy-drop takes accuracy points in [0, 100], got {max_accuracy_drop}")
     if method is None and repairer is None:
         method = "rectify" if "rectify" in METHODS else "finetune"
     if method is not None:
@@ -357,13 +373,17 @@ def repair(
                                           test_fraction, pairs, repair_fraction, seed, prop, protected, defect_opt,
                                           data_dir)
     result = api.repair(net, d, method=method, localiser=locate, repairer=repairer, locate_options=_kv(locate_opt, "-L"),
-                        repair_options=_kv(repair_opt, "-R"), seed=seed, device=device)
+                        repair_options=_kv(repair_opt, "-R"), seed=seed, device=device,
+                        max_accuracy_drop=max_accuracy_drop / 100, gate=not no_gate, keep_rejected=keep_rejected)
     write_run(out, info, result, source=str(model))
     summary = result.summary()
     if json_out:
         print(json.dumps(summary, default=float))
     else:
         _print_result_table([summary], f"netmend repair → {out}")
+    if not result.accepted:
+        print(f"repair rejected: {result.gate['reason']}", file=sys.stderr)
+        raise typer.Exit(3)
 
 
 def _has_field(info, kind, name) -> bool:
@@ -502,7 +522,9 @@ def _fresh_demo_dir() -> Path:
 def main() -> None:
     """Console-script entry: user mistakes become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)          # click returns a typer.Exit's code instead of raising it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except NetmendError as exc:
         print(f"netmend: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -123,6 +123,33 @@ def _load_builtins() -> None:
     from . import _builtin  # noqa: F401
 
 
+def load_plugins() -> None:
+    """Modules named in NETMEND_PLUGINS (comma-separated, importable from the current folder) register the user's
+    own methods, localisers, repairers or defects, so the CLI can run them like netmend's own (API users simply
+    import their module)."""
+    import importlib
+    import os
+    import sys
+
+    names = [n.strip() for n in os.environ.get("NETMEND_PLUGINS", "").split(",") if n.strip()]
+    if not names:
+        return
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # the user's module: any error becomes one line
+                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                raise NetmendError(f"NETMEND_PLUGINS: importing {name} failed: {type(exc).__name__}: {first}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 @dataclass(frozen=True)
 class OptionDoc:
     name: str

@@ -154,6 +154,16 @@ class AdversarialDefect(Defect):
 
         return Objective(x_bad, violated, self.repair.x_fit, self.repair.y_fit)
 
+    def gate_check(self, model: nn.Module) -> dict[str, Any]:
+        """Validation accuracy and the success of a fresh attack on the validation samples (non-target)."""
+        out = super().gate_check(model)
+        keep = self.repair.y_val != self.target
+        x = self.repair.x_val[keep]
+        hit = predict(model, self.attack(model, x)) == self.target if len(x) else torch.zeros(0, dtype=torch.bool)
+        out.update(defect=float(hit.float().mean()) if len(x) else 0.0,
+                   defect_name="attack success on validation samples (fresh attack)")
+        return out
+
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         pred = predict(model, self.x_test)
         keep = self.y_test != self.target

@@ -116,6 +116,18 @@ class Objective:
         return (1 - alpha) * viol + alpha * (1 - acc)
 
 
+@torch.no_grad()
+def violated_rate(model: nn.Module, obj: Objective, batch: int = 4096) -> float:
+    """Share of an objective's evidence items the model gets wrong (its `violated` over all of x_bad)."""
+    was = model.training
+    model.eval()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    logits = torch.cat([model(obj.x_bad[i: i + batch].to(dev)).float() for i in range(0, len(obj.x_bad), batch)])
+    model.train(was)
+    v = obj.violated(logits)
+    return float(v.float().mean()) if v.numel() else 0.0
+
+
 class Defect:
     """Base class. Subclasses set `kind`, fill `repair` (and `pairs` where they exist) and implement
     `violation` and `metrics`."""
@@ -203,6 +215,23 @@ class Defect:
     def objective(self, model: nn.Module) -> Objective:
         """The repair objective on the repair data (never the evaluation data)."""
         raise NotImplementedError(f"{self.kind} defect does not define a search objective")
+
+    gate_must_clear: bool = False     # the acceptance gate also demands the defect's own check reach zero (safety)
+
+    def gate_check(self, model: nn.Module) -> dict[str, Any]:
+        """The acceptance gate's numbers (netmend.gate) on repair data no method fits on: `accuracy` (higher is
+        better) and, where the defect can measure itself there, `defect` (lower is better), each with a name.
+        Default: validation accuracy, and the violation rate of `validation_objective` or the `repair_estimate`."""
+        out: dict[str, Any] = {"accuracy": float(self.validation_score(model)), "accuracy_name": "validation accuracy"}
+        fn = getattr(self, "validation_objective", None)
+        if callable(fn):
+            obj = fn(model)
+            out.update(defect=violated_rate(model, obj), defect_name="violations on validation evidence")
+        else:
+            est = self.repair_estimate(model)
+            if est is not None:
+                out.update(defect=float(est), defect_name="the defect's estimate on repair data")
+        return out
 
     def validation_score(self, model: nn.Module) -> float:
         """Clean accuracy on the validation split of the repair data (what rollback rules look at)."""

@@ -404,6 +404,24 @@ class SafetyDefect(Defect):
         return Objective(x_bad, self._violated_obj, torch.cat([self.repair.x_val, xo]), torch.cat([self.repair.y_val, yo]),
                          decide=advisory)
 
+    gate_must_clear = True    # a safety repair that leaves a counterexample the falsifier finds is no repair
+
+    def gate_check(self, model: nn.Module) -> dict[str, Any]:
+        """Fidelity (original advisory kept) on the validation drawndown samples and fresh samples outside the box,
+        and the counterexamples a fresh falsifier run (its own seed, never used by a repair) finds in the box."""
+        o = self.options
+        obj = self.validation_objective(model)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            fid = float((advisory(_outputs(model, obj.x_good)) == obj.y_good).float().mean())
+        fal = falsify(model, self.prop, o.seed + 7919, starts=o.eval_falsify_starts, steps=o.falsify_steps,
+                      step=o.falsify_step, want=0, snap=o.falsify_snap)
+        model.train(was)
+        return {"accuracy": fid, "accuracy_name": "fidelity on validation and fresh outside-box samples",
+                "defect": float(fal.starts_hit), "defect_name": "falsifier counterexamples (fresh run)",
+                "defect_unit": "count"}
+
     def tuning_set(self, use_pairs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient repairers fit the objective's data: the keep rows with the original advisories and (with
         `use_pairs`) the fit counterexamples with the allowed advisory the original network scores lowest."""

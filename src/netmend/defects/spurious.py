@@ -144,6 +144,15 @@ class SpuriousDefect(Defect):
         x_bad, y_bad = self.stamp(self.repair.x_fit[keep]), self.repair.y_fit[keep]
         return Objective(x_bad, lambda z: z.argmax(-1) != y_bad.to(z.device), self.repair.x_fit, self.repair.y_fit)
 
+    def gate_check(self, model: nn.Module) -> dict[str, Any]:
+        """Validation accuracy and the pull of stamped validation samples of other classes into the class."""
+        out = super().gate_check(model)
+        keep = self.repair.y_val != self.cls
+        x = self.stamp(self.repair.x_val[keep])
+        out.update(defect=float((predict(model, x) == self.cls).float().mean()) if len(x) else 0.0,
+                   defect_name="pattern pull on stamped validation samples")
+        return out
+
     def pattern_metrics(self, model: nn.Module, trigger: Trigger | None = None,
                         pred_clean: torch.Tensor | None = None) -> dict[str, float]:
         """clean / with_pattern / spur / pattern_pull_rate for a pattern (default: the training one)."""

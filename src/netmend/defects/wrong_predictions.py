@@ -92,6 +92,16 @@ class WrongPredictionsDefect(Defect):
         self.heldout = miss.nonzero().flatten()
         self.evidence_classes = classes.tolist()
 
+    def gate_check(self, model: nn.Module) -> dict[str, Any]:
+        """Validation accuracy, and the error on validation samples of the evidence classes."""
+        out = super().gate_check(model)
+        classes = torch.tensor(getattr(self, "evidence_classes", []) or list(range(self.num_classes)))
+        keep = torch.isin(self.repair.y_val, classes)
+        if keep.any():
+            wrong = predict(model, self.repair.x_val[keep]) != self.repair.y_val[keep]
+            out.update(defect=float(wrong.float().mean()), defect_name="error on validation samples of the evidence classes")
+        return out
+
     def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """1 − probability of the right label (differentiable)."""
         return 1 - F.softmax(model(x), dim=1).gather(1, y.view(-1, 1)).squeeze(1)

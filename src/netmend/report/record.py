@@ -16,7 +16,10 @@ from .html import render_report
 def repaired_info(info: dict[str, Any], result) -> dict[str, Any]:
     out = dict(info)
     out["metrics"] = {k: v for k, v in result.after.items() if not isinstance(v, (list, dict))}
-    out["repair"] = {"method": result.method, "edit": "edit.safetensors", "parent_metrics": info.get("metrics", {})}
+    out["repair"] = {"method": result.method, "edit": "edit.safetensors", "parent_metrics": info.get("metrics", {}),
+                     "accepted": result.accepted}
+    if not result.accepted:
+        out["repair"]["rejected_because"] = result.gate["reason"]
     described = result.config.get("defect", {})
     defect = dict(info.get("defect", {}))
     if isinstance(described.get("property"), dict) and described["property"].get("source"):
@@ -40,11 +43,14 @@ def write_run(out: str | Path, info: dict[str, Any], result, source: str | None 
     else:
         save_model_folder(out, result.model, repaired_info(info, result))
     result.edit.save(out / "edit.safetensors")
+    if result.candidate_edit is not None and result.candidate_edit is not result.edit:
+        result.candidate_edit.save(out / "candidate-edit.safetensors")      # the rejected change, for inspection
     write_json(out / "sites.json", result.sites.to_json() if result.sites is not None else {"localiser": None, "sites": []})
     write_json(out / "metrics.json", {"method": result.method, "before": result.before, "after": result.after,
                                       "seconds": result.seconds, "locate_seconds": result.locate_seconds,
                                       "repair_seconds": result.repair_seconds, "samples_used": result.samples_used,
-                                      "edit_norms": result.edit.norms(result.model)})
+                                      "edit_norms": result.edit.norms(result.model), "accepted": result.accepted,
+                                      "gate": result.gate, "candidate_after": result.candidate_after})
     write_json(out / "config.json", {**result.config, "source_model": source})
     (out / "report.html").write_text(render_report(f"netmend repair: {result.method}", [result.summary()], info))
     return out

@@ -1,0 +1,118 @@
+"""The acceptance gate: a candidate that makes the defect or accuracy worse on held-apart repair data is rejected,
+the output model is the input model bit for bit, and the CLI exits with 3."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+NETMEND = shutil.which("netmend") or str(Path(sys.executable).parent / "netmend")
+
+PLUGIN = textwrap.dedent('''
+    """A deliberately harmful repairer, registered for the test through NETMEND_PLUGINS."""
+    import torch
+
+    from netmend.edit import Edit
+    from netmend.registry import REPAIRERS
+
+
+    @REPAIRERS.register("add-noise", "test only: adds large noise to every weight")
+    def add_noise(model, defect, sites, cfg):
+        g = torch.Generator().manual_seed(0)
+        deltas = {n: torch.randn(p.shape, generator=g) * (p.detach().std() + 0.1) * 3
+                  for n, p in model.named_parameters() if p.dim() > 1}
+        return Edit(deltas, {})
+''')
+
+
+def run(*args, cwd=None, env=None):
+    e = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1", **(env or {})}
+    return subprocess.run([NETMEND, *map(str, args)], capture_output=True, text=True, env=e, timeout=600, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    (root / "noisy_plugin.py").write_text(PLUGIN)
+    p = run("train", "--dataset", "digits", "--arch", "small-cnn", "--trigger-size", "2", "--epochs", "15",
+            "--out", root / "model", "--json")
+    assert p.returncode == 0, p.stderr
+    return root
+
+
+def test_harmful_repair_is_rejected_and_the_input_comes_back(model_dir, tmp_path):
+    out = tmp_path / "run"
+    p = run("repair", model_dir / "model", "--repair", "add-noise", "--out", out, "--json", cwd=model_dir,
+            env={"NETMEND_PLUGINS": "noisy_plugin"})
+    assert p.returncode == 3, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("repair rejected: "), p.stderr
+    res = json.loads(p.stdout)
+    assert res["accepted"] is False and res["changed_weights"] == 0
+    assert res["candidate_after"]["clean_accuracy"] < res["before"]["clean_accuracy"] - 0.05
+    original = load_file(str(model_dir / "model" / "model.safetensors"))
+    written = load_file(str(out / "model.safetensors"))
+    assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accepted"] is False and "fell by" in metrics["gate"]["reason"]
+    assert metrics["candidate_after"]["clean_accuracy"] == res["candidate_after"]["clean_accuracy"]
+    assert (out / "candidate-edit.safetensors").is_file()
+    assert json.loads((out / "model.json").read_text())["repair"]["accepted"] is False
+
+
+def test_keep_rejected_writes_the_candidate_marked(model_dir, tmp_path):
+    out = tmp_path / "kept"
+    p = run("repair", model_dir / "model", "--repair", "add-noise", "--keep-rejected", "--out", out, "--json",
+            cwd=model_dir, env={"NETMEND_PLUGINS": "noisy_plugin"})
+    assert p.returncode == 3, p.stderr
+    res = json.loads(p.stdout)
+    assert res["accepted"] is False and res["changed_weights"] > 0 and "kept" in res["note"]
+    original = load_file(str(model_dir / "model" / "model.safetensors"))
+    written = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(original[k], written[k]) for k in original)
+
+
+def test_a_good_repair_passes_the_gate(model_dir, tmp_path):
+    p = run("repair", model_dir / "model", "--method", "rectify", "--pairs", "2", "--out", tmp_path / "ok", "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["accepted"] is True and res["gate"]["reason"] == "" and len(res["gate"]["checks"]) == 2
+
+
+def test_gate_unit_rules(backdoored, defect):
+    from netmend.gate import check
+
+    model, _ = backdoored
+    defect.prepare(model)
+    same = check(defect, model, model)
+    assert same.accepted and same.before == same.after
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 3)
+    verdict = check(defect, model, noisy)
+    assert not verdict.accepted and verdict.reason
+    nan = copy.deepcopy(model)
+    with torch.no_grad():
+        next(nan.parameters()).fill_(float("nan"))
+    assert not check(defect, model, nan).accepted
+
+
+def test_bad_budget_is_one_line(model_dir, tmp_path):
+    p = run("repair", model_dir / "model", "--method", "finetune", "--max-accuracy-drop", "-1", "--out", tmp_path / "x")
+    assert p.returncode == 2 and "--max-accuracy-drop" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_plugin_is_one_line(model_dir, tmp_path):
+    p = run("methods", env={"NETMEND_PLUGINS": "no_such_plugin_module"})
+    assert p.returncode == 2 and "NETMEND_PLUGINS" in p.stderr and len(p.stderr.strip().splitlines()) == 1
