@@ -152,8 +152,9 @@ FORMS = {
 def test_repair_own_model_in_its_form(user, form, tmp_path):
     root = user["root"]
     out = tmp_path / "run"
+    # 40 validation samples (2.5 points each): the gate's budget must allow one of them
     p = run("repair", *FORMS[form](user), "--data", root / "x.npz", "--evidence", root / "ev.npz", "--pairs", 5,
-            "--method", "rectify", "--out", out, "--json", cwd=root)
+            "--method", "rectify", "--max-accuracy-drop", 3, "--out", out, "--json", cwd=root)
     res = json.loads(p.stdout)
     res["_out"] = out
     assert res["before"]["asr"] > 0.9
@@ -263,7 +264,8 @@ def test_api_backdoor_from_arrays_and_a_dataset(user):
     ds = torch.utils.data.TensorDataset(torch.from_numpy(data["x"]), torch.from_numpy(data["y"]))
     defect = netmend.backdoor(z["triggered"], z["clean"], repair_data=ds, test_data=(data["x_test"], data["y_test"]),
                               pairs=5)
-    result = netmend.repair(model, defect, method="rectify")
+    result = netmend.repair(model, defect, method="rectify", max_accuracy_drop=0.03)
+    assert result.accepted, result.gate
     assert defect.target == TARGET
     assert result.before["asr"] > 0.9 and result.after["asr"] <= 0.05
 

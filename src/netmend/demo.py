@@ -22,7 +22,11 @@ from .report.record import write_run
 from .train import TrainConfig, train_backdoored
 
 DEMO = {"dataset": "digits", "arch": "small-cnn", "target": 0, "poison_rate": 0.1, "epochs": 30,
-        "trigger": TriggerSpec(kind="badnets", size=2, position="br")}
+        "trigger": TriggerSpec(kind="badnets", size=2, position="br"),
+        # digits is small (1 347 training images): hold out 30 % of them as clean repair data, and half of what a
+        # method sees for validation, so the acceptance gate's one-point budget is a fraction of one validation
+        # sample (168 samples: 0.6 point each) rather than several points per sample (27 with the defaults)
+        "pool_fraction": 0.3, "repair_fraction": 0.25, "val_fraction": 0.5}
 
 
 def run_demo(out: str | Path, seed: int = 0, methods: list[str] | None = None, quiet: bool = False,
@@ -38,14 +42,16 @@ def run_demo(out: str | Path, seed: int = 0, methods: list[str] | None = None, q
     cfg = TrainConfig(epochs=DEMO["epochs"], seed=seed)
     log(f"training {DEMO['arch']} on {DEMO['dataset']} with a BadNets trigger ({DEMO['poison_rate']:.0%} poisoned) ...")
     model, info = train_backdoored(DEMO["dataset"], DEMO["arch"], DEMO["trigger"], DEMO["target"], DEMO["poison_rate"],
-                                   cfg, data=data)
+                                   cfg, data=data, pool_fraction=DEMO["pool_fraction"])
     save_model_folder(out / "model", model, info)
     splits = split_indices(len(data.y_train), info["split_seed"], info["pool_fraction"])
     trigger = build_trigger(DEMO["trigger"], data.in_shape)
     results, skipped = [], {}
     before = None
     for name in names:
-        defect = BackdoorDefect(data, splits, trigger, DEMO["target"], BackdoorOptions(pairs=1, repair_fraction=0.1, seed=seed))
+        defect = BackdoorDefect(data, splits, trigger, DEMO["target"],
+                                BackdoorOptions(pairs=1, repair_fraction=DEMO["repair_fraction"],
+                                                val_fraction=DEMO["val_fraction"], seed=seed))
         before = before or defect.metrics(model)
         log(f"repairing with {name} ...")
         try:

@@ -64,6 +64,9 @@ def check(defect: Defect, original: nn.Module, candidate: nn.Module, max_accurac
     b, a = before["accuracy"], after["accuracy"]
     checks.append(f"{before['accuracy_name']}: {_pts(b)} → {_pts(a)} %")
     if b - a > max_accuracy_drop + 1e-9:
+        n = before.get("accuracy_samples")
+        grain = (f"; one of its {n} samples is {_pts(1 / n)} points: give more clean data or raise --max-accuracy-drop"
+                 if n and 1 / n > max_accuracy_drop else "")
         reasons.append(f"{before['accuracy_name']} fell by {_pts(b - a)} points on data the repair did not fit "
-                       f"({_pts(b)} → {_pts(a)} %; budget {_pts(max_accuracy_drop)})")
+                       f"({_pts(b)} → {_pts(a)} %; budget {_pts(max_accuracy_drop)}{grain})")
     return GateResult(not reasons, "; ".join(reasons), before, after, max_accuracy_drop, checks)

@@ -222,7 +222,8 @@ class Defect:
         """The acceptance gate's numbers (netmend.gate) on repair data no method fits on: `accuracy` (higher is
         better) and, where the defect can measure itself there, `defect` (lower is better), each with a name.
         Default: validation accuracy, and the violation rate of `validation_objective` or the `repair_estimate`."""
-        out: dict[str, Any] = {"accuracy": float(self.validation_score(model)), "accuracy_name": "validation accuracy"}
+        out: dict[str, Any] = {"accuracy": float(self.validation_score(model)), "accuracy_name": "validation accuracy",
+                               "accuracy_samples": int(len(self.repair.y_val))}
         fn = getattr(self, "validation_objective", None)
         if callable(fn):
             obj = fn(model)

@@ -419,6 +419,7 @@ class SafetyDefect(Defect):
                       step=o.falsify_step, want=0, snap=o.falsify_snap)
         model.train(was)
         return {"accuracy": fid, "accuracy_name": "fidelity on validation and fresh outside-box samples",
+                "accuracy_samples": int(len(obj.y_good)),
                 "defect": float(fal.starts_hit), "defect_name": "falsifier counterexamples (fresh run)",
                 "defect_unit": "count"}
 
