@@ -141,8 +141,10 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
         before = before if before is not None else defect.metrics(original)
     work = copy.deepcopy(original).to(device).eval()
     t0 = time.perf_counter()
-    with stage(f"locating: {loc_name}"):
-        sites = locate(work, defect, loc_name, loc_opts, seed, device) if loc_name else None
+    sites = None
+    if loc_name:
+        with stage(f"locating: {loc_name}"):
+            sites = locate(work, defect, loc_name, loc_opts, seed, device)
     t1 = time.perf_counter()
     rep_entry = REPAIRERS.entry(rep_name)
     rep_cfg = _config(rep_entry, rep_opts, {"seed": seed, "device": device})

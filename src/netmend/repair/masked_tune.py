@@ -338,9 +338,13 @@ def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Mask
     hist = [{k: v for k, v in h.items() if k != "state"} for h in tuner.history]
     why = {}
     if chosen is tuner.history[0]:             # the unrepaired state: say why, the user sees no change
+        tuned = [h for h in tuner.history[1:]]
+        closest = max(tuned, key=lambda h: (h["val_accuracy"], -h["val_violation"])) if tuned else None
+        seen = (f"; the closest, {closest['stage']}, had {100 * closest['val_accuracy']:.2f} % at "
+                f"{100 * closest['val_violation']:.1f} % violation" if closest else "")
         why["unchanged_because"] = ("the model already met the stopping rule on validation" if stopped else
                                     f"no tuned state kept validation accuracy within acc_tolerance={tuner.tol:g} of "
-                                    f"{100 * tuner.acc0:.2f} %")
+                                    f"{100 * tuner.acc0:.2f} %{seen}")
     return Edit(deltas, {"repairer": "masked_tune", "stopped": stopped, "rounds": rounds, "steps": tuner.steps,
                          "chosen": chosen["stage"], "tau": tuner.tau, "acc_tolerance": tuner.tol, "val_accuracy_before": tuner.acc0,
                          "masked_weights": {n: int(m.sum()) for n, m in masks.items()},
