@@ -31,10 +31,36 @@ class ModelForm:
 MODEL_FORMS: Registry[ModelForm] = Registry("model form")
 
 
+def with_input_module(gm: nn.Module) -> nn.Module:
+    """A converted graph gets an `nn.Identity` named `input` on the input of its first weight layer (after any
+    preprocessing the graph does, e.g. standardisation), registered first: the features that layer reads are then a
+    layer like any other, so CARE's `-L inputs=true` can intervene on them and bake its scales into that layer's
+    columns. No weights: the model's outputs, state dict and what is written back are unchanged."""
+    import torch.fx as fx
+
+    if not isinstance(gm, fx.GraphModule):
+        return gm
+    first = next((n for n in gm.graph.nodes if n.op == "call_module" and
+                  isinstance(gm.get_submodule(n.target), (nn.Linear, nn.Conv1d, nn.Conv2d))), None)
+    if first is None or not first.args or not isinstance(first.args[0], fx.Node):
+        return gm
+    name = "input"
+    while hasattr(gm, name):
+        name += "_"
+    gm.add_submodule(name, nn.Identity())
+    gm._modules = {name: gm._modules[name], **{k: v for k, v in gm._modules.items() if k != name}}
+    feed = first.args[0]
+    with gm.graph.inserting_before(first):
+        node = gm.graph.call_module(name, (feed,))
+    first.replace_input_with(feed, node)
+    gm.recompile()
+    return gm
+
+
 def _load_onnx(spec: str, weights: str | None) -> nn.Module:
     from .onnx_model import load_onnx
 
-    return load_onnx(spec)[0]
+    return with_input_module(load_onnx(spec)[0])
 
 
 def _write_onnx(info: dict[str, Any], model: nn.Module, out: Path) -> None:
@@ -46,7 +72,7 @@ def _write_onnx(info: dict[str, Any], model: nn.Module, out: Path) -> None:
 def _load_pt2(spec: str, weights: str | None) -> nn.Module:
     from .export_model import load_pt2
 
-    return load_pt2(spec)[0]
+    return with_input_module(load_pt2(spec)[0])
 
 
 def _write_pt2(info: dict[str, Any], model: nn.Module, out: Path) -> None:
