@@ -30,7 +30,8 @@ from torch import nn
 
 from ..defects.base import Defect
 from ..errors import NetmendError, require
-from ..hooks import get_layer, leaf_modules, replace_output, split_sequential, weight_layers
+from ..hooks import (Split, get_layer, leaf_modules, replace_output, split_at, split_sequential, unsplittable,
+                     weight_layers)
 from ..registry import LOCALISERS, Registry
 from ..sites import Site, Sites
 
@@ -67,39 +68,114 @@ def default_layers(model: nn.Module, cnn_layer: str = "head") -> list[str]:
 class Cut:
     """A model cut after `layer`: `prefix(x)` gives the layer's output, `suffix(h, x)` the logits.
 
-    Top-level Sequential models are split (the suffix never recomputes the prefix); any other model
-    runs whole with the layer's output replaced, which needs the matching inputs `x`."""
+    Top-level Sequential models are split into two Sequentials (exactly as before); any other model is cut by
+    torch.fx (`hooks.split_at`, in `graph`): its prefix also returns the values a skip connection carries across
+    the cut (`prefix(x, carried=True)` → (h, carried)), which `suffix(h, carried=...)` takes back, tiled when h
+    holds k copies of the rows (k·N rows, copy-major). Only when torch.fx cannot cut the model (`reason` says
+    why, logged once) does the suffix run the whole model with the layer's output replaced, which needs the
+    matching inputs `x`."""
 
     def __init__(self, model: nn.Module, layer: str):
         get_layer(model, layer)
         self.model, self.layer = model, layer
         self.split = split_sequential(model, layer)
+        self.graph: Split | None = None
+        self.reason: str | None = None
+        if self.split is None:
+            self.graph, self.reason = split_at(model, layer)
+
+    @property
+    def cuts(self) -> bool:
+        """True when the suffix runs without recomputing the prefix (a Sequential or a torch.fx cut)."""
+        return self.split is not None or self.graph is not None
+
+    @property
+    def carries(self) -> bool:
+        """True when the suffix needs values besides h (a skip connection crosses the cut)."""
+        return self.graph is not None and bool(self.graph.carried)
+
+    def after(self, name: str) -> bool:
+        """Whether the module `name` runs in the suffix (for a Sequential: assumed, registration = run order)."""
+        if self.graph is not None:
+            return name in self.graph.suffix_layers
+        return self.split is not None
+
+    def _check(self, x: torch.Tensor) -> None:
+        if self.graph is not None and not self.graph.verified and len(x):
+            why = self.graph.verify(self.model, x)
+            if why:
+                unsplittable(self.model, self.layer, why)
+                self.graph, self.reason = None, why
 
     @torch.no_grad()
-    def prefix(self, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    def prefix(self, x: torch.Tensor, batch: int = 4096, carried: bool = False):
+        """The layer's output for x (batched); with carried=True, (h, carried values) — () unless a skip
+        connection crosses a torch.fx cut."""
         from ..hooks import run_to
 
+        self._check(x)
+        if self.graph is not None:
+            parts = [self.graph.run_prefix(x[i: i + batch]) for i in range(0, max(len(x), 1), batch)]
+            h = torch.cat([p[0] for p in parts])
+            carry = tuple(torch.cat([p[1][j] for p in parts]) for j in range(len(self.graph.carried)))
+            return (h, carry) if carried else h
         run = self.split[0] if self.split is not None else (lambda xb: run_to(self.model, self.layer, xb))
-        return torch.cat([run(x[i: i + batch]) for i in range(0, len(x), batch)])
+        h = torch.cat([run(x[i: i + batch]) for i in range(0, len(x), batch)])
+        return (h, ()) if carried else h
 
-    def suffix(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def carry(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The values the suffix needs besides h for inputs x (() when none)."""
+        return self.prefix(x, carried=True)[1] if self.carries else ()
+
+    def suffix(self, h: torch.Tensor, x: torch.Tensor | None = None,
+               carried: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         if self.split is not None:
             return self.split[1](h)
+        if self.graph is not None and self.graph.carried and carried is None:
+            require(x is not None, f"the cut at {self.layer!r} carries {', '.join(self.graph.carried)} across: "
+                                   "pass the matching inputs x or their carried values")
+            carried = self.carry(x)
+        if self.graph is not None:
+            return self.graph.run_suffix(h, carried or ())
         require(x is not None and len(x) == len(h), "cutting a non-Sequential model needs the matching inputs")
         with replace_output(self.model, self.layer, lambda _out: h):
             return self.model(x)
 
+    def suffix_modules(self) -> list[nn.Module] | None:
+        """The suffix as a list of one-input modules (the Sequential's children, or a torch.fx cut's straight
+        chain of module / flatten / relu calls taking h only), else None."""
+        if self.split is not None:
+            return list(self.split[1].children())
+        return self.graph.chain if self.graph is not None else None
+
     def first_linear(self) -> tuple[nn.Linear, nn.Module] | None:
         """(Linear, rest of the suffix) when the suffix starts with a Linear (after pass-through modules)."""
-        if self.split is None:
+        mods = self.suffix_modules()
+        if mods is None:
             return None
-        mods = list(self.split[1].children())
         i = 0
         while i < len(mods) and isinstance(mods[i], PASS_THROUGH):
             i += 1
         if i < len(mods) and isinstance(mods[i], nn.Linear):
             return mods[i], nn.Sequential(*mods[i + 1:])
         return None
+
+
+def unique_rows(h: torch.Tensor, carried: tuple[torch.Tensor, ...] = ()):
+    """(distinct rows of h, their carried values, inverse) when fewer than 95 % of the rows of (h, carried) are
+    distinct, else None. Identical rows stay identical under any intervention on h: run each once, gather back."""
+    n = len(h)
+    if not carried:
+        uniq, inv = torch.unique(h.reshape(n, -1), dim=0, return_inverse=True)
+        if len(uniq) < 0.95 * n:
+            return uniq.reshape(len(uniq), *h.shape[1:]), (), inv
+        return None
+    key = torch.cat([t.reshape(n, -1).double() for t in (h, *carried)], 1)
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+    if len(uniq) >= 0.95 * n:
+        return None
+    first = torch.empty(len(uniq), dtype=torch.long, device=h.device).scatter_(0, inv, torch.arange(n, device=h.device))
+    return h[first], tuple(c[first] for c in carried), inv
 
 
 # ----------------------------------------------------------------------------- per-kind outputs
@@ -224,19 +300,25 @@ def _set_neuron(h: torch.Tensor, units: torch.Tensor, values: torch.Tensor) -> t
 
 @torch.no_grad()
 def intervention_curves(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce, x: torch.Tensor | None = None,
-                        max_elems: int = 1 << 24, dedupe: bool = True) -> torch.Tensor:
+                        max_elems: int = 1 << 24, dedupe: bool = True,
+                        carried: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Curves (U, S, C): reduce(logits under do(h_u = values[u, s])), all pairs batched.
 
     When the suffix starts with a Linear on flat units the intervention is a rank-one change of its
-    pre-activation, z = z0 + W[:, u]·(v − h_u), so the U-wide copies are never built."""
+    pre-activation, z = z0 + W[:, u]·(v − h_u), so the U-wide copies are never built. A torch.fx cut with a
+    skip connection across it takes the carried values of the rows of h (`carried`, else computed from x)."""
     n_all, u = h.shape[0], h.shape[1]
     s = values.shape[1]
+    carry: tuple[torch.Tensor, ...] = ()
+    if cut.carries:
+        require(carried is not None or x is not None, f"the cut at {cut.layer!r} carries values across: pass x")
+        carry = tuple(carried) if carried is not None else cut.carry(x)
     inv = None
-    if dedupe and cut.split is not None and n_all > 1:
+    if dedupe and cut.cuts and n_all > 1:
         # Identical rows of h stay identical under every do(h_u = v): run each distinct row once, gather back.
-        uniq, inv_ = torch.unique(h.reshape(n_all, -1), dim=0, return_inverse=True)
-        if len(uniq) < 0.95 * n_all:
-            h, inv = uniq.reshape(len(uniq), *h.shape[1:]), inv_
+        found = unique_rows(h, carry)
+        if found is not None:
+            h, carry, inv = found
     n = h.shape[0]
     units = torch.arange(u, device=h.device).repeat_interleave(s)
     vals = values.reshape(-1)
@@ -247,7 +329,7 @@ def intervention_curves(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce,
         width = z0.shape[1]
         wt = lin.weight.T                                                   # (U, K)
     else:
-        width = max(h[0].numel(), 1)
+        width = max(h[0].numel(), 1) + sum(c[0].numel() for c in carry)
     chunk = max(1, max_elems // (n * width))
     out = []
     for i in range(0, len(units), chunk):
@@ -257,9 +339,12 @@ def intervention_curves(cut: Cut, h: torch.Tensor, values: torch.Tensor, reduce,
             delta = vv[:, None] - h[:, uu].T                        # (b, N)
             z = torch.addcmul(z0.unsqueeze(0), delta.unsqueeze(-1), wt[uu].unsqueeze(1))
             logits = rest(z.reshape(b * n, width))
+        elif cut.cuts:
+            hc = _set_neuron(h, uu, vv)
+            logits = cut.suffix(hc.reshape(b * n, *h.shape[1:]), carried=carry)
         else:
             hc = _set_neuron(h, uu, vv)
-            xr = x.repeat(b, *([1] * (x.dim() - 1))) if (x is not None and cut.split is None) else None
+            xr = x.repeat(b, *([1] * (x.dim() - 1))) if x is not None else None
             logits = cut.suffix(hc.reshape(b * n, *h.shape[1:]), xr)
         logits = logits.reshape(b, n, -1)
         out.append(reduce(logits[:, inv] if inv is not None else logits))
@@ -292,12 +377,13 @@ def intervention_curves_loop(cut: Cut, h: torch.Tensor, values: torch.Tensor, re
     """Reference implementation (CARE's way): one suffix pass per (neuron, value). Speed benchmark only."""
     u, s = values.shape
     out = torch.empty(u, s, 0)
+    carry = cut.carry(x) if (cut.carries and x is not None) else None
     rows = []
     for j in range(u):
         for k in range(s):
             hc = h.clone()
             hc[:, j] = values[j, k]
-            rows.append(reduce(cut.suffix(hc, x).unsqueeze(0))[0])
+            rows.append(reduce(cut.suffix(hc, x, carried=carry).unsqueeze(0))[0])
     out = torch.stack(rows).reshape(u, s, -1)
     return out
 
@@ -375,17 +461,18 @@ def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
     all_scores, owners, curves_by_layer, values_by_layer = [], [], {}, {}
     for layer in layers:
         cut = Cut(model, layer)
-        h = cut.prefix(x)
+        h, carry = cut.prefix(x, carried=True)
         hr = cut.prefix(xr) if len(xr) else h[:0]
         lo, hi = neuron_ranges(torch.cat([h, hr]))
         grid = torch.linspace(0, 1, steps, device=dev)
         values = lo[:, None] + grid[None, :] * (hi - lo)[:, None]
         fn = intervention_curves_loop if cfg.loop else intervention_curves
-        kwargs = {} if cfg.loop else {"max_elems": cfg.max_elems}
+        kwargs = {} if cfg.loop else {"max_elems": cfg.max_elems, "carried": carry if cut.carries else None}
         curves = fn(cut, h, values, probe.reduce, x, **kwargs).float().cpu()   # (U, S, C)
         if score_kind == "drop":
             with torch.no_grad():
-                y0 = probe.reduce(cut.suffix(h, x).unsqueeze(0)).float().cpu()        # (1, C) unintervened
+                y0 = probe.reduce(cut.suffix(h, x, carried=carry if cut.carries else None)
+                                  .unsqueeze(0)).float().cpu()        # (1, C) unintervened
             score = y0 - curves.amin(1)
         else:
             score = (curves.amax(1) - curves.amin(1)) if score_kind == "range" else curves.mean(1)

@@ -31,7 +31,7 @@ from ..defects.base import Defect
 from ..edit import Edit
 from ..errors import NetmendError, require
 from ..hooks import get_layer, input_block, leaf_modules, reader_of
-from ..locate.causal import Cut
+from ..locate.causal import Cut, unique_rows
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
@@ -167,17 +167,29 @@ class ScaledModel:
         self.model, self.units, self.x = model, units, x
         self.layers = sorted({l for l, _ in units}, key=order.get)
         self.cut = Cut(model, self.layers[0])
-        self.h0 = self.cut.prefix(x) if (cache_prefix and self.cut.split is not None) else None
+        if self.cut.graph is not None and len(self.layers) > 1:
+            # a torch.fx cut: the run order of the site layers is the graph's, not the registration order
+            pos = self.cut.graph.position
+            if all(l in pos for l in self.layers):
+                self.layers = sorted(self.layers, key=pos.get)
+                if self.layers[0] != self.cut.layer:
+                    self.cut = Cut(model, self.layers[0])
+        # the prefix is cached at the earliest site layer; the later ones must run in the suffix (their hooks)
+        cacheable = cache_prefix and self.cut.cuts and all(self.cut.after(l) for l in self.layers[1:])
+        self.h0, self.carry = self.cut.prefix(x, carried=True) if cacheable else (None, ())
+        if not self.cut.cuts:                      # the torch.fx cut failed its check: whole-model passes
+            self.h0, self.carry = None, ()
         self.n = len(x)
         self.inv = None
         if self.h0 is not None and dedupe and len(self.h0) > 1:
             # Identical prefix rows give identical logits under any scales: run each distinct row once and
             # gather back (exact). Census-style tabular data repeats rows a lot.
-            uniq, inv = torch.unique(self.h0.reshape(len(self.h0), -1), dim=0, return_inverse=True)
-            if len(uniq) < 0.95 * len(self.h0):
-                self.h0, self.inv = uniq.reshape(len(uniq), *self.h0.shape[1:]), inv
+            found = unique_rows(self.h0, self.carry)
+            if found is not None:
+                self.h0, self.carry, self.inv = found
         self.m = len(self.h0) if self.h0 is not None else self.n          # rows actually computed
-        self.width = max((self.h0[0].numel() if self.h0 is not None else x[0].numel()), 1)
+        self.width = max((self.h0[0].numel() if self.h0 is not None else x[0].numel()), 1) + \
+            sum(c[0].numel() for c in self.carry)
         self._mults: dict[str, torch.Tensor] = {}
         # Low-rank path: when the suffix reaches a Linear through per-unit modules only (flatten, dropout,
         # average pooling; ReLU and max-pooling too while every scale is ≥ 0, as they commute with a ≥ 0),
@@ -203,9 +215,9 @@ class ScaledModel:
 
     def _route(self):
         """(pre, Linear, rest, needs ≥ 0) when the suffix is pre-modules → Linear → rest, else None."""
-        if self.cut.split is None:
+        mods = self.cut.suffix_modules()
+        if mods is None:
             return None
-        mods = list(self.cut.split[1].children())
         i, nonneg = 0, False
         while i < len(mods) and isinstance(mods[i], _LINEAR_PASS + _HOMOGENEOUS):
             nonneg = nonneg or isinstance(mods[i], _HOMOGENEOUS)
@@ -265,7 +277,7 @@ class ScaledModel:
         elif self.h0 is not None:
             h = self._scale(self.h0.repeat(p, *([1] * (self.h0.dim() - 1))), self._mults[self.layers[0]])
             with self._hooks(self.layers[1:]):
-                z = self.cut.suffix(h)
+                z = self.cut.suffix(h, carried=self.carry)
         else:
             with self._hooks(self.layers):
                 z = self.model(self.x.repeat(p, *([1] * (self.x.dim() - 1))))

@@ -47,7 +47,7 @@ from torch import nn
 from ..defects.base import Defect, Pairs
 from ..edit import Edit
 from ..errors import require
-from ..hooks import capture, get_layer, run_from
+from ..hooks import capture, carried_at, get_layer, run_from
 from ..locate.attribution import AttributionConfig, attribution_sites
 from ..metrics import logits, predict
 from ..methods import MethodPreset
@@ -209,8 +209,9 @@ def probe_rates_scaled(model: nn.Module, edit: Edit, gammas: list[float], probe:
             k, base = cap.inputs[layer], cap.outputs[layer]
             change = F.linear(k, dW) if isinstance(mod, nn.Linear) else F.conv2d(
                 k, dW, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+            carry = carried_at(model, layer, x)      # a skip connection across the cut: computed once per batch
             for g in gammas:
-                preds[g][side].append(run_from(model, layer, base + g * change, x).argmax(1).cpu())
+                preds[g][side].append(run_from(model, layer, base + g * change, x, carry).argmax(1).cpu())
     return [_rates(torch.cat(preds[g][0]), torch.cat(preds[g][1]), probe.pairs.labels, probe.pulled) for g in gammas]
 
 
