@@ -152,7 +152,7 @@ def test_defect_seed_option_is_not_overridden_by_the_default_seed(tmp_path):
     small = ["-d", "eval_samples=2000", "-d", "fidelity_samples=2000", "-d", "counterexamples=100", "-d", "satisfying=100",
              "-d", "heldout_counterexamples=100", "-R", "epochs=2"]
     run("repair", net, "--property", ACAS / "vnnlib" / "prop_8.vnnlib", "--method", "finetune", "-d", "seed=5", *small,
-        "--out", tmp_path / "r", "--json")
+        "--no-gate", "--out", tmp_path / "r", "--json")          # seeds, not the repair's quality, are tested here
     seeds = json.loads((tmp_path / "r" / "config.json").read_text())["defect"]["seeds"]
     assert seeds["repair"] == 5 and seeds["fidelity"] == 9
 
@@ -165,7 +165,8 @@ def test_train_a_spurious_model_and_repair_it(tmp_path):
             "--epochs", "3", "--out", out, "--json")
     assert {"spur", "pattern_pull_rate", "overall_accuracy"} <= set(json.loads(p.stdout)["metrics"])
     assert json.loads((out / "model.json").read_text())["defect"]["kind"] == "spurious"
-    res = json.loads(run("repair", out, "--method", "p-clarc", "--pairs", "3", "--out", tmp_path / "r", "--json").stdout)
+    res = json.loads(run("repair", out, "--method", "p-clarc", "--pairs", "3", "--no-gate", "--out", tmp_path / "r",
+                         "--json").stdout)                     # three epochs of training: the repair's quality varies
     assert {"spur", "pattern_pull_rate"} <= set(res["after"])
     assert_user_error(run("train", "--dataset", "digits", "--arch", "small-cnn", "--trigger", "none",
                           "--spurious-class", "1", "--out", tmp_path / "x", check=False), "--spurious-class")

@@ -235,7 +235,8 @@ def test_finetune_follows_the_argmin_advisory_and_argmax_methods_refuse():
     assert d.metrics(net)["violation_rate"] > 0.05
     x, y = d.tuning_set()
     assert (y[-len(d.objective(net).x_bad):] == 1).all()     # counterexamples labelled with the allowed advisory
-    r = netmend.api.repair(net, d, method="finetune", repair_options={"epochs": 30, "lr": 0.05})
+    # the method's behaviour, not the gate's (a toy box: 8 % left, so the gate would reject it): gate off
+    r = netmend.api.repair(net, d, method="finetune", repair_options={"epochs": 30, "lr": 0.05}, gate=False)
     assert r.after["violation_rate"] < r.before["violation_rate"]
     assert d.validation_score(r.model) > 0.9      # advisories on the satisfying samples kept (the sign bug: ~0)
     for method in ("inner", "fine-pruning"):
@@ -260,7 +261,8 @@ def test_property_tune_removes_violations_keeps_advisories_and_refuses_other_def
     before = d.metrics(net)
     assert before["violation_rate"] > 0.05
     r = netmend.api.repair(net, d, method="property-tune",
-                           repair_options={"steps": 300, "box_batch": 512, "keep_batch": 1024, "lr": 0.01})
+                           repair_options={"steps": 300, "box_batch": 512, "keep_batch": 1024, "lr": 0.01},
+                           gate=False)   # the method's behaviour (the toy costs 4 points of fidelity: the gate rejects)
     assert r.after["violation_rate"] == 0 and r.after["counterexamples_found"] == 0
     assert r.after["fidelity"] > 0.9
     assert set(r.edit.deltas) <= {n for n, _ in net.named_parameters()} and r.edit.meta["repairer"] == "property_tune"
