@@ -65,19 +65,21 @@ def load_any_model(path: str, weights: str | None = None, own: bool = False) -> 
 
 def _user_defect(net, info: dict[str, Any], data: str | None, evidence: str | None, kind: str | None,
                  label_column: str | None, protected: str | None, normalize: str | None, target: int | None,
-                 pairs: int | None, seed: int, test_fraction: float | None, options: dict[str, Any]):
+                 pairs: int | None, seed: int, test_fraction: float | None, options: dict[str, Any],
+                 test_data: str | None = None):
     """The defect from the user's files; a run folder of a user model remembers the files it was repaired with."""
     from .defects.user import defect_from_files
 
     given = {"data": data, "evidence": evidence, "label_column": label_column, "protected": protected,
-             "normalize": normalize, "target": target, "test_fraction": test_fraction}
+             "normalize": normalize, "target": target, "test_fraction": test_fraction, "test_data": test_data}
     remembered = info.get("user_data") or {}
     if data is None and not remembered.get("data"):
         raise NetmendError("this model has no data netmend knows: give --data (and --evidence or --protected)")
     if data is None:
         given = {**remembered, **{k: v for k, v in given.items() if v is not None}}
         kind = kind or remembered.get("kind")
-    given = {k: (str(Path(v).resolve()) if k in ("data", "evidence") and v is not None and Path(v).exists() else v)
+    given = {k: (str(Path(v).resolve()) if k in ("data", "evidence", "test_data") and v is not None and Path(v).exists()
+                 else v)
              for k, v in given.items() if k not in ("kind", "pairs")}
     if given.get("test_fraction") is None:
         given["test_fraction"] = 0.2
@@ -295,12 +297,15 @@ NORMALIZE_OPT = typer.Option(None, "--normalize", help="images: MEAN,STD (or C m
                                                        "applied to data and evidence, recorded in config.json")
 TARGET_OPT = typer.Option(None, "--target", help="backdoor target class (default: the model's majority prediction "
                                                  "on the triggered evidence)")
+TEST_DATA_OPT = typer.Option(None, "--test-data", help="your evaluation data, in --data's format (default: a seeded "
+                                                      "share of --data is held out)")
 TEST_FRACTION_OPT = typer.Option(None, "--test-fraction", help="share of --data held out for evaluation when it has "
                                                                "no x_test / y_test (default 0.2, seeded)")
 
 
 def _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target, test_fraction,
-                           pairs, repair_fraction, seed, prop, protected, defect_opt, data_dir, seed_default=True):
+                           pairs, repair_fraction, seed, prop, protected, defect_opt, data_dir, seed_default=True,
+                           test_data=None):
     """(model, info, defect) for any model form and either netmend's recorded data or the user's files."""
     net, info = load_any_model(model, weights, own=data is not None)
     if _wants_own_data(info, data):
@@ -310,10 +315,10 @@ def _load_model_and_defect(model, weights, data, evidence, defect, label_column,
         if prop is not None:
             raise NetmendError("--property applies to ACAS Xu networks (.nnet / .onnx) without --data")
         d = _user_defect(net, info, data, evidence, defect, label_column, protected, normalize, target, pairs, seed,
-                         test_fraction, _kv(defect_opt, "-d"))
+                         test_fraction, _kv(defect_opt, "-d"), test_data)
         return net, info, d
     for flag, value in (("--evidence", evidence), ("--label-column", label_column), ("--normalize", normalize),
-                        ("--target", target), ("--test-fraction", test_fraction)):
+                        ("--target", target), ("--test-fraction", test_fraction), ("--test-data", test_data)):
         if value is not None:
             raise NetmendError(f"{flag} applies with --data (your own data); this model uses netmend's recorded data")
     seed_opt = {"seed": seed} if (seed_default and _has_field(info, defect, "seed")) else {}
@@ -339,6 +344,7 @@ def repair(
     weights: Optional[str] = WEIGHTS_OPT, data: Optional[str] = DATA_OPT, evidence: Optional[str] = EVIDENCE_OPT,
     label_column: Optional[str] = LABEL_OPT, normalize: Optional[str] = NORMALIZE_OPT,
     target: Optional[int] = TARGET_OPT, test_fraction: Optional[float] = TEST_FRACTION_OPT,
+    test_data: Optional[str] = TEST_DATA_OPT,
     defect_opt: Optional[list[str]] = typer.Option(None, "-d", help="defect option key=value (repeatable)"),
     locate_opt: Optional[list[str]] = typer.Option(None, "-L", help="localiser option key=value (repeatable)"),
     repair_opt: Optional[list[str]] = typer.Option(None, "-R", help="repairer option key=value (repeatable)"),
@@ -371,7 +377,7 @@ def repair(
         REPAIRERS.entry(repairer)
     net, info, d = _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target,
                                           test_fraction, pairs, repair_fraction, seed, prop, protected, defect_opt,
-                                          data_dir)
+                                          data_dir, test_data=test_data)
     result = api.repair(net, d, method=method, localiser=locate, repairer=repairer, locate_options=_kv(locate_opt, "-L"),
                         repair_options=_kv(repair_opt, "-R"), seed=seed, device=device,
                         max_accuracy_drop=max_accuracy_drop / 100, gate=not no_gate, keep_rejected=keep_rejected)
@@ -406,6 +412,7 @@ def evaluate(
     weights: Optional[str] = WEIGHTS_OPT, data: Optional[str] = DATA_OPT, evidence: Optional[str] = EVIDENCE_OPT,
     label_column: Optional[str] = LABEL_OPT, normalize: Optional[str] = NORMALIZE_OPT,
     target: Optional[int] = TARGET_OPT, test_fraction: Optional[float] = TEST_FRACTION_OPT,
+    test_data: Optional[str] = TEST_DATA_OPT,
     pairs: Optional[int] = typer.Option(None, help="with --data: evidence pairs set aside as a repair would"),
     seed: int = typer.Option(0),
     data_dir: Optional[str] = typer.Option(None), json_out: bool = typer.Option(False, "--json"),
@@ -413,7 +420,7 @@ def evaluate(
     """Measure a model's defect metrics on the held-out evaluation data."""
     net, info, d = _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target,
                                           test_fraction, pairs, None, seed, prop, protected, defect_opt, data_dir,
-                                          seed_default=False)
+                                          seed_default=False, test_data=test_data)
     d.prepare(net)
     t0 = time.perf_counter()
     m = d.metrics(net)
@@ -453,6 +460,7 @@ def locate_cmd(
     weights: Optional[str] = WEIGHTS_OPT, data: Optional[str] = DATA_OPT, evidence: Optional[str] = EVIDENCE_OPT,
     label_column: Optional[str] = LABEL_OPT, normalize: Optional[str] = NORMALIZE_OPT,
     target: Optional[int] = TARGET_OPT, test_fraction: Optional[float] = TEST_FRACTION_OPT,
+    test_data: Optional[str] = TEST_DATA_OPT,
     locate_opt: Optional[list[str]] = typer.Option(None, "-L"), seed: int = typer.Option(0),
     device: str = typer.Option("cpu"), top: int = typer.Option(10), data_dir: Optional[str] = typer.Option(None),
     json_out: bool = typer.Option(False, "--json"),
@@ -476,7 +484,7 @@ def locate_cmd(
     LOCALISERS.entry(localiser)
     net, info, d = _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target,
                                           test_fraction, pairs, repair_fraction, seed, prop, protected, defect_opt,
-                                          data_dir, seed_default=False)
+                                          data_dir, seed_default=False, test_data=test_data)
     d.prepare(net)
     sites = api.locate(net, d, localiser, _kv(locate_opt, "-L"), seed, device)
     if json_out:
@@ -509,6 +517,28 @@ def demo(
         _print_result_table(results["results"], f"netmend demo: {results['model']['dataset']} / {results['model']['arch']}, "
                                                 f"BadNets → class {results['model']['target']}")
         out_console.print(f"report: {Path(out) / 'report.html'}")
+
+
+def _verify(*args, **kwargs):
+    from .verify.command import verify_command
+
+    return verify_command(*args, **kwargs)
+
+
+def _register_verify() -> None:
+    """`netmend verify MODEL --property P`: the complete verifier (netmend.verify), its options from its own module."""
+    import functools
+    import inspect
+
+    from .verify.command import verify_command
+
+    wrapper = functools.wraps(verify_command)(_verify)
+    wrapper.__signature__ = inspect.signature(verify_command)
+    app.command("verify", help="Prove a safety property (verified), find a checked counterexample (violated), or say "
+                               "unknown at the timeout. Exit 0 / 1 / 3.")(wrapper)
+
+
+_register_verify()
 
 
 def _fresh_demo_dir() -> Path:
