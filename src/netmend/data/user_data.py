@@ -160,8 +160,26 @@ def _held_out(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
 # ----------------------------------------------------------------------------- data
 
 def load_user_data(path: str | os.PathLike, label_column: str | None = None, normalize: str | None = None,
-                   test_fraction: float = 0.2, seed: int = 0) -> UserData:
-    """Read `--data` (npz, image tree / tar.gz, or csv) into repair and evaluation tensors."""
+                   test_fraction: float = 0.2, seed: int = 0, test_path: str | os.PathLike | None = None) -> UserData:
+    """Read `--data` (npz, image tree / tar.gz, or csv) into repair and evaluation tensors; `test_path` (`--test-data`,
+    the same formats) gives the evaluation data instead of a held-out share."""
+    if test_path is not None:
+        data = load_user_data(path, label_column, None, 0.2, seed)
+        test = load_user_data(test_path, label_column, None, 0.2, seed)
+        x = torch.cat([data.x, data.x_test]) if data.test_from != "given" else data.x
+        y = torch.cat([data.y, data.y_test]) if data.test_from != "given" else data.y
+        xt = torch.cat([test.x, test.x_test])
+        yt = torch.cat([test.y, test.y_test])
+        require(tuple(xt.shape[1:]) == tuple(x.shape[1:]), f"{test_path}: samples {tuple(xt.shape[1:])} differ from "
+                                                          f"{path}'s {tuple(x.shape[1:])}")
+        require(data.features == test.features, f"{test_path}: columns differ from {path}'s")
+        if data.test_from == "given":
+            raise NetmendError(f"{path} holds x_test / y_test already; drop --test-data or those arrays")
+        norm = parse_normalize(normalize, x.shape[1]) if normalize is not None else None
+        if norm is not None:
+            require(data.kind == "image", "--normalize applies to images (scale tabular features inside the model)")
+            x, xt = normalized(x, norm), normalized(xt, norm)
+        return UserData(x, y, xt, yt, data.kind, str(path), data.features, data.classes, f"given: {test_path}", norm)
     p = Path(path)
     if not p.exists():
         raise NetmendError(f"data not found: {p}")

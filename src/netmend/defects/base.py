@@ -109,10 +109,15 @@ class Objective:
     y_good: torch.Tensor
     decide: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits.argmax(-1)   # ACAS Xu: argmin
 
-    def cost(self, logits_bad: torch.Tensor, logits_good: torch.Tensor, alpha: float) -> torch.Tensor:
-        """CARE's fitness (1 − α)·violation rate + α·(1 − accuracy), batched over leading dims."""
+    def parts(self, logits_bad: torch.Tensor, logits_good: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(violation rate on x_bad, accuracy on x_good), batched over leading dims."""
         viol = self.violated(logits_bad).float().mean(-1)
         acc = (self.decide(logits_good) == self.y_good.to(logits_good.device)).float().mean(-1)
+        return viol, acc
+
+    def cost(self, logits_bad: torch.Tensor, logits_good: torch.Tensor, alpha: float) -> torch.Tensor:
+        """CARE's fitness (1 − α)·violation rate + α·(1 − accuracy), batched over leading dims."""
+        viol, acc = self.parts(logits_bad, logits_good)
         return (1 - alpha) * viol + alpha * (1 - acc)
 
 

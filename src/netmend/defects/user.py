@@ -354,7 +354,7 @@ USER_KINDS = ("backdoor", "fairness", "wrong-predictions")
 def defect_from_files(model: nn.Module, data: str, evidence: str | None = None, kind: str | None = None,
                       label_column: str | None = None, protected: str | None = None, normalize: str | None = None,
                       target: int | None = None, pairs: int | None = None, seed: int = 0, test_fraction: float = 0.2,
-                      options: dict[str, Any] | None = None):
+                      options: dict[str, Any] | None = None, test_data: str | None = None):
     """The defect `netmend repair MODEL --data ... [--evidence ...]` means, bound to `model`.
 
     The kind is `kind` when given, else what the evidence shows: triggered/clean pairs -> backdoor, inputs with
@@ -362,7 +362,7 @@ def defect_from_files(model: nn.Module, data: str, evidence: str | None = None, 
     from ..data.user_data import load_evidence, load_user_data
 
     options = dict(options or {})
-    d = fit_channels(model, load_user_data(data, label_column, normalize, test_fraction, seed))
+    d = fit_channels(model, load_user_data(data, label_column, normalize, test_fraction, seed, test_data))
     k = output_classes(model, d.x)
     if evidence is not None and protected is not None:
         raise NetmendError("--evidence and --protected describe different defects: give one")
