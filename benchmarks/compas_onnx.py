@@ -12,18 +12,19 @@ is_recid != -1, c_charge_degree != 'O', score_text != 'N/A'; 6,172 rows remain),
     Native American=5), juv_fel_count, juv_misd_count, juv_other_count, priors_count,
     c_charge_degree (F=1, M=0), two_year_recid (the label)
 
-and writes DIR/compas.csv (that header, numbers only). It trains a 64-32-16 ReLU MLP with two logits whose first
-layer is a fixed standardisation (training-row mean / std, so the ONNX takes the raw numbers) on a seeded 80% of
-the rows — a plain, unbalanced fit with race as an ordinary input — reports accuracy on the other 20% and the
+and writes DIR/compas.csv (that header, numbers only; every row) and the repair / test rows as
+DIR/compas-repair.csv and DIR/compas-test.csv. It trains a 64-32-16 ReLU MLP with two logits whose first
+layer is a fixed standardisation (training-row mean / std, so the ONNX takes the raw numbers) on a seeded 60% of
+the rows — a plain, unbalanced fit with race as an ordinary input — reports accuracy on the test 20% and the
 individual discrimination rate on race (share of held-out rows whose prediction changes when only race is set to
 another of its six values), and exports DIR/compas.onnx (input "input" N×8 float32, output "logits", dynamic
 batch). DIR/prepare.json records the split, the metrics and the machine.
 
-`run` calls `netmend --threads 1 repair DIR/compas.onnx --data DIR/compas.csv --label-column two_year_recid
---protected race --method M --json --out DIR/runs/M` for M = care, finetune, and writes
-benchmarks/results/compas_onnx.{md,csv}: discrimination rate and accuracy before → after (netmend's test split),
-relative reduction, seconds, exit code; it then checks RUN/model.onnx exists and recomputes accuracy and the
-discrimination rate with onnxruntime on the test rows the run folder records (else on prepare's held-out 20%).
+`run` calls `netmend --threads 1 repair DIR/compas.onnx --data DIR/compas-repair.csv --test-data
+DIR/compas-test.csv --label-column two_year_recid --protected race --method M --json --out DIR/runs/M` for
+M = care, finetune, and writes benchmarks/results/compas_onnx.{md,csv}: discrimination rate and accuracy before →
+after on the test rows, relative reduction, seconds, exit code; it then checks RUN/model.onnx exists and recomputes
+accuracy and the discrimination rate with onnxruntime on those rows.
 """
 from __future__ import annotations
 
@@ -146,10 +147,17 @@ def prepare(args) -> None:
     x, y = data[:, :-1].astype(np.float32), data[:, -1]
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(len(y))
-    n_tr = int(round(0.8 * len(y)))
-    tr, te = np.sort(perm[:n_tr]), np.sort(perm[n_tr:])
+    # 60 % trains the model; the user keeps 20 % as clean repair data (compas-repair.csv, --data) and 20 % as
+    # evaluation data (compas-test.csv, --test-data): netmend never sees a row the model trained on
+    n_tr, n_rep = int(round(0.6 * len(y))), int(round(0.2 * len(y)))
+    tr, rep, te = np.sort(perm[:n_tr]), np.sort(perm[n_tr:n_tr + n_rep]), np.sort(perm[n_tr + n_rep:])
+    for name, rows in (("compas-repair.csv", rep), ("compas-test.csv", te)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(FEATURES + [LABEL])
+            w.writerows(data[rows].tolist())
     print(f"{raw} rows, {len(y)} after ProPublica's filters (recidivism {y.mean():.3f}); train {len(tr)}, "
-          f"test {len(te)}", flush=True)
+          f"repair {len(rep)}, test {len(te)}", flush=True)
 
     torch.manual_seed(args.seed)
     mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
@@ -210,8 +218,8 @@ def netmend_cmd() -> list[str]:
 
 
 def command(d: Path, method: str) -> list[str]:
-    return [*netmend_cmd(), "--threads", "1", "repair", str(d / "compas.onnx"), "--data", str(d / "compas.csv"),
-            "--label-column", LABEL, "--protected", PROTECTED, "--method", method, "--json",
+    return [*netmend_cmd(), "--threads", "1", "repair", str(d / "compas.onnx"), "--data", str(d / "compas-repair.csv"),
+            "--test-data", str(d / "compas-test.csv"), "--label-column", LABEL, "--protected", PROTECTED, "--method", method, "--json",
             "--out", str(d / "runs" / method)]
 
 
@@ -260,10 +268,14 @@ def check_run(d: Path, run: Path, res: dict, prep: dict) -> dict:
     if not onnx_out.is_file():
         out["check"] = "RUN/model.onnx missing"
         return out
-    data = np.loadtxt(d / "compas.csv", delimiter=",", skiprows=1, dtype=np.float32)
+    test_file = d / "compas-test.csv"
+    data = np.loadtxt(test_file if test_file.is_file() else d / "compas.csv", delimiter=",", skiprows=1,
+                      dtype=np.float32)
     x, y = data[:, :-1], data[:, -1].astype(np.int64)
     before, after = onnx_predict_fn(d / "compas.onnx"), onnx_predict_fn(onnx_out)
     rows, where = _test_rows(run, len(y)), "the run's test rows"
+    if test_file.is_file():
+        rows, where = list(range(len(y))), "netmend's test rows (compas-test.csv, --test-data)"
     if rows is None:
         # netmend's own hold-out of a CSV without a test file (20% of the rows, torch.randperm seeded with
         # seed + 4242, as netmend 0.1 does it); trusted only if it reproduces the reported *before* numbers
@@ -315,12 +327,13 @@ def write_results(rows: list[dict], args, prep: dict) -> None:
              f"{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`", "",
              f"Model (`compas_onnx.py prepare`, no netmend): ProPublica COMPAS, {prep.get('rows', '?')} rows after "
              f"ProPublica's filters, 8 raw numeric inputs (race coded {', '.join(f'{r}={i}' for i, r in enumerate(RACES))}), "
-             f"fixed standardisation + 64-32-16 MLP trained on a seeded 80%: held-out accuracy "
+             f"fixed standardisation + 64-32-16 MLP trained on a seeded 60% (20 % kept as repair data, 20 % as test data): test accuracy "
              f"{_pct(prep.get('test_accuracy'))} %, race discrimination rate {_pct(prep.get('discrimination_rate'))} % "
              f"(prepare's own split).", "",
-             "Measured: `netmend --threads 1 repair compas.onnx --data compas.csv --label-column two_year_recid "
+             "Measured: `netmend --threads 1 repair compas.onnx --data compas-repair.csv --test-data compas-test.csv "
+             "--label-column two_year_recid "
              "--protected race --method M --json --out RUN`. Discrimination rate: test rows whose prediction "
-             "changes when only race changes (netmend's split of the CSV). Reduction = 1 − after / before. "
+             "changes when only race changes (compas-test.csv: rows neither the model nor the repair saw). Reduction = 1 − after / before. "
              "Check: RUN/model.onnx exists; onnxruntime on the original and repaired ONNX recomputes accuracy and "
              "discrimination on the rows named in the last columns.", "",
              "| method | discrimination % before → after | reduction % | accuracy % before → after | netmend s | "
