@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import assert_user_error
 
 NETMEND = shutil.which("netmend") or str(Path(sys.executable).parent / "netmend")
 TARGET = 3
@@ -69,15 +70,6 @@ def run(*args, cwd=None, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"netmend {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
-
-
-def assert_user_error(p, *fragments):
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, p.stderr
-    assert "Traceback" not in p.stderr
-    for f in fragments:
-        assert f in p.stderr, p.stderr
 
 
 @pytest.fixture(scope="module")

@@ -98,12 +98,8 @@ class BackdoorDefect(Defect):
 
     def gate_check(self, model: nn.Module) -> dict[str, Any]:
         """Validation accuracy and the ASR of the validation samples (non-target) carrying the stamp."""
-        out = super().gate_check(model)
-        keep = self.repair.y_val != self.target
-        x = self.stamp(self.repair.x_val[keep])
-        out.update(defect=float((predict(model, x) == self.target).float().mean()) if len(x) else 0.0,
-                   defect_name="ASR on stamped validation samples")
-        return out
+        return {**super().gate_check(model), "defect": self.stamped_pull(model, self.target),
+                "defect_name": "ASR on stamped validation samples"}
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         pred = predict(model, self.x_test)

@@ -239,6 +239,15 @@ class Defect:
                 out.update(defect=float(est), defect_name="the defect's estimate on repair data")
         return out
 
+    def stamped_pull(self, model: nn.Module, cls: int) -> float:
+        """Share of the validation samples of other classes that the defect's stamp sends to class `cls` (the gate's
+        check for transplantable defects: a backdoor's ASR, a spurious cue's pull)."""
+        from ..metrics import predict
+
+        keep = self.repair.y_val != cls
+        x = self.stamp(self.repair.x_val[keep])
+        return float((predict(model, x) == cls).float().mean()) if len(x) else 0.0
+
     def validation_score(self, model: nn.Module) -> float:
         """Clean accuracy on the validation split of the repair data (what rollback rules look at)."""
         from ..metrics import accuracy, predict

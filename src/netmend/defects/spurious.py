@@ -146,12 +146,8 @@ class SpuriousDefect(Defect):
 
     def gate_check(self, model: nn.Module) -> dict[str, Any]:
         """Validation accuracy and the pull of stamped validation samples of other classes into the class."""
-        out = super().gate_check(model)
-        keep = self.repair.y_val != self.cls
-        x = self.stamp(self.repair.x_val[keep])
-        out.update(defect=float((predict(model, x) == self.cls).float().mean()) if len(x) else 0.0,
-                   defect_name="pattern pull on stamped validation samples")
-        return out
+        return {**super().gate_check(model), "defect": self.stamped_pull(model, self.cls),
+                "defect_name": "pattern pull on stamped validation samples"}
 
     def pattern_metrics(self, model: nn.Module, trigger: Trigger | None = None,
                         pred_clean: torch.Tensor | None = None) -> dict[str, float]:
