@@ -116,3 +116,9 @@ def test_bad_budget_is_one_line(model_dir, tmp_path):
 def test_unknown_plugin_is_one_line(model_dir, tmp_path):
     p = run("methods", env={"NETMEND_PLUGINS": "no_such_plugin_module"})
     assert p.returncode == 2 and "NETMEND_PLUGINS" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_certify_needs_a_safety_property(model_dir, tmp_path):
+    p = run("repair", model_dir / "model", "--method", "finetune", "--certify", "--out", tmp_path / "c")
+    assert p.returncode == 2 and "--certify" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()

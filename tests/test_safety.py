@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -278,3 +279,25 @@ def test_property_tune_removes_violations_keeps_advisories_and_refuses_other_def
     assert set(e.deltas) <= {"fc1.weight", "fc1.bias"} and e.deltas
     moved = (e.deltas["fc1.weight"] != 0).any(1) if "fc1.weight" in e.deltas else torch.zeros(8, dtype=torch.bool)
     assert set(torch.nonzero(moved).flatten().tolist()) <= {0, 2}
+
+
+def test_certified_repair_verifies_or_rejects():
+    """--certify: a candidate the complete verifier proves is returned with verified=True; one it cannot prove is
+    rejected like any gate rejection (the input model comes back), with the rounds and the time split recorded."""
+    from netmend.certify import certified_repair
+
+    p, net = parse_vnnlib(TOY, "toy"), hidden_toy_net()
+    good = certified_repair(net, SafetyDefect(net, p, SafetyOptions(**SMALL)), rounds=1, verify_timeout=10,
+                            method="property-tune", max_accuracy_drop=0.1,
+                            repair_options={"steps": 300, "box_batch": 512, "keep_batch": 1024, "lr": 0.01})
+    assert good.accepted and good.after["verified"] is True
+    assert good.certify["rounds"][-1]["status"] == "verified" and good.certify["verify_seconds"] >= 0
+    d = SafetyDefect(net, p, SafetyOptions(**SMALL))
+    weak = certified_repair(net, d, rounds=1, verify_timeout=10, method="property-tune", gate=False,
+                            repair_options={"steps": 1, "box_batch": 8, "keep_batch": 8, "lr": 1e-4})
+    assert not weak.accepted and weak.after["verified"] is False and "verifier says" in weak.gate["reason"]
+    assert [r["status"] for r in weak.certify["rounds"]] == ["violated", "violated"]
+    assert weak.certify["rounds"][0]["added"] >= 1              # the counterexample joined the evidence
+    assert all(torch.equal(a, b) for a, b in zip(weak.model.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(NetmendError, match="safety"):
+        certified_repair(net, SimpleNamespace(kind="backdoor"), method="finetune")

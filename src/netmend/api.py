@@ -55,6 +55,7 @@ class RepairResult:
     gate: dict[str, Any] | None = None
     candidate_after: dict[str, Any] | None = None   # a rejected candidate's metrics (its edit: `candidate_edit`)
     candidate_edit: Edit | None = None
+    certify: dict[str, Any] | None = None            # certified repair: rounds, repair / verify seconds
 
     def summary(self) -> dict[str, Any]:
         """The JSON object `netmend repair --json` prints (with a `note` when the repair changed no weight)."""
@@ -63,6 +64,10 @@ class RepairResult:
                "repair_seconds": round(self.repair_seconds, 3), "samples_used": self.samples_used,
                "edited_parameters": self.edit.parameters, "changed_weights": self.edit.num_changed()}
         out["accepted"] = self.accepted
+        if self.certify is not None:
+            out["certify"] = {k: self.certify[k] for k in ("repair_seconds", "verify_seconds")}
+            out["certify"]["rounds"] = [{k: v for k, v in r.items() if k in ("round", "status", "added")}
+                                        for r in self.certify["rounds"]]
         if self.gate is not None:
             out["gate"] = {"reason": self.gate["reason"], "checks": self.gate["checks"],
                            "max_accuracy_drop": self.gate["max_accuracy_drop"]}

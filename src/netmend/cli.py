@@ -353,6 +353,10 @@ def repair(
     keep_rejected: bool = typer.Option(False, "--keep-rejected", help="write a candidate the gate rejects anyway, "
                                        "marked as rejected (exit code still 3)"),
     no_gate: bool = typer.Option(False, "--no-gate", help="skip the acceptance gate (not recommended)"),
+    certify: bool = typer.Option(False, "--certify", help="safety: verify every candidate with the complete verifier; "
+                                 "its counterexamples join the evidence and the repair reruns until verified"),
+    certify_rounds: int = typer.Option(3, "--certify-rounds", help="with --certify: repairs after the first, at most"),
+    verify_timeout: float = typer.Option(60.0, "--verify-timeout", help="with --certify: seconds per verification"),
     data_dir: Optional[str] = typer.Option(None), json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Localise and repair a model's defect; write a run folder and print before/after metrics.
@@ -378,9 +382,18 @@ def repair(
     net, info, d = _load_model_and_defect(model, weights, data, evidence, defect, label_column, normalize, target,
                                           test_fraction, pairs, repair_fraction, seed, prop, protected, defect_opt,
                                           data_dir, test_data=test_data)
-    result = api.repair(net, d, method=method, localiser=locate, repairer=repairer, locate_options=_kv(locate_opt, "-L"),
-                        repair_options=_kv(repair_opt, "-R"), seed=seed, device=device,
-                        max_accuracy_drop=max_accuracy_drop / 100, gate=not no_gate, keep_rejected=keep_rejected)
+    kwargs = dict(method=method, localiser=locate, repairer=repairer, locate_options=_kv(locate_opt, "-L"),
+                  repair_options=_kv(repair_opt, "-R"), seed=seed, device=device,
+                  max_accuracy_drop=max_accuracy_drop / 100, gate=not no_gate)
+    if certify:
+        from .certify import certified_repair
+
+        if d.kind != "safety":
+            raise NetmendError(f"--certify proves safety properties (--property); a {d.kind} defect has none to prove")
+        result = certified_repair(net, d, rounds=certify_rounds, verify_timeout=verify_timeout,
+                                  keep_rejected=keep_rejected, **kwargs)
+    else:
+        result = api.repair(net, d, keep_rejected=keep_rejected, **kwargs)
     write_run(out, info, result, source=str(model))
     summary = result.summary()
     if json_out:

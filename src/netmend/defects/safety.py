@@ -349,6 +349,16 @@ class SafetyDefect(Defect):
             vals.append(x_bad[:n_val] if n_val else x_bad)
         return torch.cat(fits), torch.cat(vals)
 
+    def add_counterexamples(self, x: torch.Tensor) -> int:
+        """Inputs of the box found unsafe on a repair candidate (e.g. by the verifier) join the evidence the next
+        repair fits (appended after the validation part, so they are fitted); returns how many were in the box."""
+        x = x.to(self.x_bad.dtype).reshape(-1, self.prop.n_inputs)
+        x = x[self.prop.in_box(x)]
+        if len(x):
+            self.x_bad = torch.cat([self.x_bad, x])
+            self.y_bad = self.safe_labels(self.x_bad)
+        return int(len(x))
+
     def clear_rounds(self) -> None:
         self.x_rounds = []
 
