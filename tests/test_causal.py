@@ -203,7 +203,9 @@ def test_fairness_probe_uses_flips():
             return Objective(self.x, lambda z: z.argmax(-1) == 1, self.x, self.repair.y_fit)
 
     sites = locate_causal(model, F(), CausalConfig())
-    assert sites.details["steps"] == 16 and sites.details["score"] == "mean" and len(sites) == 3
+    # netmend's fairness defaults: 16 values, the 'drop' score, 13 sites among the hidden units and the input features
+    assert sites.details["steps"] == 16 and sites.details["score"] == "drop" and len(sites) == 13
+    assert any(s.layer == "norm" for s in sites)
     assert all(s.score >= 0 for s in sites)
 
 
