@@ -88,6 +88,10 @@ def _load_program(path: Path):
 
 # ------------------------------------------------------------------ graph rewriting helpers
 
+def _pair(v) -> list[int] | int:
+    return list(v) if isinstance(v, (list, tuple)) else int(v)
+
+
 def _bind(node: fx.Node) -> dict[str, Any]:
     """The call's arguments by schema name, defaults filled in."""
     out: dict[str, Any] = {}
@@ -146,6 +150,16 @@ _ACTIVATIONS = {
     aten.hardswish.default: lambda a: nn.Hardswish(),
     aten.hardswish_.default: lambda a: nn.Hardswish(),
     aten.hardsigmoid.default: lambda a: nn.Hardsigmoid(),
+    # pooling and flattening become modules too: CARE's default sites (the flattened features feeding the first
+    # Linear) and the weights that read a unit are found among the leaf modules
+    aten.max_pool2d.default: lambda a: nn.MaxPool2d(list(a["kernel_size"]), list(a.get("stride") or a["kernel_size"]),
+                                                    _pair(a.get("padding", 0)), _pair(a.get("dilation", 1)),
+                                                    ceil_mode=bool(a.get("ceil_mode", False))),
+    aten.avg_pool2d.default: lambda a: nn.AvgPool2d(list(a["kernel_size"]), list(a.get("stride") or a["kernel_size"]),
+                                                    _pair(a.get("padding", 0)), bool(a.get("ceil_mode", False)),
+                                                    bool(a.get("count_include_pad", True)), a.get("divisor_override")),
+    aten.adaptive_avg_pool2d.default: lambda a: nn.AdaptiveAvgPool2d(list(a["output_size"])),
+    aten.flatten.using_ints: lambda a: nn.Flatten(int(a.get("start_dim", 0)), int(a.get("end_dim", -1))),
 }
 _INPLACE = {aten.relu_.default, aten.silu_.default, aten.leaky_relu_.default, aten.hardtanh_.default, aten.hardswish_.default}
 

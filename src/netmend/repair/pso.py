@@ -498,7 +498,12 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
         probe = x[: min(len(x), 256)]
         ref = ScaledModel(work, units, probe).logits(eff.to(dev)[None])[0]
         err = float((baked(probe) - ref).abs().max()) if len(probe) else 0.0
-    require(err <= 1e-3 * (1 + float(ref.abs().max())), f"pso: baked weights differ from the scaled model by {err:.3g}")
+    layers = sorted({l for l, _ in units})
+    require(err <= 1e-3 * (1 + float(ref.abs().max())),
+            f"pso: the neuron scales on {', '.join(layers)} cannot be baked into the weights that read them (the "
+            f"baked model differs by {err:.3g}: the layer's output reaches them through an operation that is not a "
+            f"module, or feeds more than one layer); name another layer with -L layers=NAME "
+            f"(netmend locate MODEL --list-layers)")
     meta = {"repairer": "pso", "mode": mode_name, "alpha": alpha, "budget": budget, "units": [list(u) for u in units],
             "scales": [{"layer": l, "index": i, "scale": assign[(l, i)]} for l, i in units],
             "best_cost": res.best_cost, "identity_cost": identity_cost, "trace": trace,
