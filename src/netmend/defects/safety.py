@@ -417,19 +417,20 @@ class SafetyDefect(Defect):
     gate_must_clear = True    # a safety repair that leaves a counterexample the falsifier finds is no repair
 
     def gate_check(self, model: nn.Module) -> dict[str, Any]:
-        """Fidelity (original advisory kept) on the validation drawndown samples and fresh samples outside the box,
-        and the counterexamples a fresh falsifier run (its own seed, never used by a repair) finds in the box."""
+        """Fidelity (original advisory kept) on fresh samples outside the box — the validation objective's, never
+        fitted; inside the box a repair may move an advisory between the ones the property allows — and the
+        counterexamples a fresh falsifier run (its own seed, never used by a repair) finds in the box."""
         o = self.options
-        obj = self.validation_objective(model)
+        xo, yo = self.outside_samples(max(self.options.outside // 2, 1000), self.options.seed + 6)
         was = model.training
         model.eval()
         with torch.no_grad():
-            fid = float((advisory(_outputs(model, obj.x_good)) == obj.y_good).float().mean())
+            fid = float((advisory(_outputs(model, xo)) == yo).float().mean())
         fal = falsify(model, self.prop, o.seed + 7919, starts=o.eval_falsify_starts, steps=o.falsify_steps,
                       step=o.falsify_step, want=0, snap=o.falsify_snap)
         model.train(was)
-        return {"accuracy": fid, "accuracy_name": "fidelity on validation and fresh outside-box samples",
-                "accuracy_samples": int(len(obj.y_good)),
+        return {"accuracy": fid, "accuracy_name": "fidelity on fresh samples outside the box",
+                "accuracy_samples": int(len(yo)),
                 "defect": float(fal.starts_hit), "defect_name": "falsifier counterexamples (fresh run)",
                 "defect_unit": "count"}
 
