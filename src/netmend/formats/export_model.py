@@ -420,6 +420,7 @@ def load_pt2(path: str | os.PathLike, verify: bool = True) -> tuple[fx.GraphModu
     rw.weight_layers()
     rw.activations()
     rw.order()
+    _plain_output(gm.graph)
     gm.graph.lint()
     model = fx.GraphModule(gm, gm.graph, class_name="ExportedModel")
     for name in ep.constants:         # non-persistent buffers / lifted constants stay out of state_dict
@@ -439,6 +440,18 @@ def load_pt2(path: str | os.PathLike, verify: bool = True) -> tuple[fx.GraphModu
     source = Pt2Source(path=path, state_dict_keys=keys, input_name=ph.name, input_shape=shape, example_batch=batch,
                        dynamic_batch=dynamic, sha256=_sha256(path), constants=sorted(ep.constants))
     return model, source
+
+
+def _plain_output(graph: fx.Graph) -> None:
+    """One input, one tensor out: drop the pytree in/out wrapping export adds (a one-element tuple), so the model
+    returns a plain tensor and graph cuts see a straight chain of modules (CARE's fast paths)."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    ret = out.args[0]
+    if isinstance(ret, (tuple, list)) and len(ret) == 1 and isinstance(ret[0], fx.Node):
+        if sum(n.op == "placeholder" for n in graph.nodes) != 1:
+            return
+        out.args = (ret[0],)
+        graph._codegen = fx.graph.CodeGen()
 
 
 def _example_input(ep, val: torch.Tensor) -> torch.Tensor:
