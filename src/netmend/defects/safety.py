@@ -417,11 +417,19 @@ class SafetyDefect(Defect):
     gate_must_clear = True    # a safety repair that leaves a counterexample the falsifier finds is no repair
 
     def gate_check(self, model: nn.Module) -> dict[str, Any]:
-        """Fidelity (original advisory kept) on fresh samples outside the box — the validation objective's, never
-        fitted; inside the box a repair may move an advisory between the ones the property allows — and the
-        counterexamples a fresh falsifier run (its own seed, never used by a repair) finds in the box."""
+        """Fidelity (original advisory kept) on fresh uniform samples of the domain outside the box — the fidelity
+        metric's quantity, on the gate's own seed; inside the box a repair may move an advisory between the ones
+        the property allows — and the counterexamples a fresh falsifier run (its own seed, never used by a repair)
+        finds in the box. Where the box covers (almost) the whole domain, the validation drawndown samples."""
         o = self.options
-        xo, yo = self.outside_samples(max(self.options.outside // 2, 1000), self.options.seed + 6)
+        g = torch.Generator().manual_seed(o.seed + 8)
+        lo, hi = _domain(self.normalisation, self.prop)
+        n = 20000
+        xo = self._draw_outside(lo, hi, 2 * n, g)[:n]
+        if len(xo) >= n // 100:
+            yo = advisory(_outputs(self.original, xo))
+        else:
+            xo, yo = self.repair.x_val, self.repair.y_val
         was = model.training
         model.eval()
         with torch.no_grad():
