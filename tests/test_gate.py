@@ -6,9 +6,11 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,29 @@ def test_certify_needs_a_safety_property(model_dir, tmp_path):
     p = run("repair", model_dir / "model", "--method", "finetune", "--certify", "--out", tmp_path / "c")
     assert p.returncode == 2 and "--certify" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_out_holding_user_files_is_refused(model_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("my own report")
+    (out / "metrics.json").write_text("{}")
+    p = run("repair", model_dir / "model", "--method", "finetune", "--out", out)
+    assert p.returncode == 2 and "already holds files" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert (out / "report.html").read_text() == "my own report" and sorted(f.name for f in out.iterdir()) == [
+        "metrics.json", "report.html"]
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_interrupted_repair_leaves_nothing(model_dir, tmp_path, sig, code, word):
+    """A signal mid-repair: one line, exit 130 / 143, no run folder and no half-built sibling left."""
+    out = tmp_path / "run"
+    env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
+    p = subprocess.Popen([NETMEND, "repair", str(model_dir / "model"), "--method", "finetune", "-R", "epochs=100000",
+                          "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(10)                                   # past start-up: the repair is running
+    p.send_signal(sig)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == code, err
+    assert err.strip().splitlines() == [f"netmend: {word}"]
+    assert not out.exists() and not [f for f in tmp_path.iterdir() if "partial" in f.name]

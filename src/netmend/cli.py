@@ -562,10 +562,24 @@ def _fresh_demo_dir() -> Path:
     return base / f"run{i}"
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the program is so that half-built folders are cleaned up on the way out."""
+
+
+def _on_sigterm(_signum, _frame):
+    raise Terminated()
+
+
 def main() -> None:
-    """Console-script entry: user mistakes become one line on stderr and exit code 2."""
+    """Console-script entry: user mistakes become one line on stderr and exit code 2; an interrupted run exits
+    130 (SIGINT) or 143 (SIGTERM) with one line, its half-built run folder removed."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)          # click returns a typer.Exit's code instead of raising it
+        if code == 130:                            # typer turned a Ctrl-C into Exit(130)
+            print("netmend: interrupted", file=sys.stderr)
         if isinstance(code, int) and code:
             sys.exit(code)
     except NetmendError as exc:
@@ -574,9 +588,15 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
-    except typer.Abort:
+    except typer.Abort as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            print("netmend: interrupted", file=sys.stderr)
+            sys.exit(130)
         print("netmend: aborted", file=sys.stderr)
         sys.exit(1)
+    except Terminated:
+        print("netmend: terminated", file=sys.stderr)
+        sys.exit(143)
     except typer.exceptions.TyperException as exc:     # usage errors: missing / bad options
         msg = " ".join(str(exc.format_message()).split())
         print(f"netmend: error: {msg}", file=sys.stderr)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -40,22 +43,43 @@ def _json_default(o):
 
 
 def check_fresh_out(out: str | os.PathLike) -> Path:
-    """An --out folder must not already hold a model (nothing is ever overwritten)."""
+    """An --out folder must not exist yet or be empty: nothing of the user's is ever overwritten."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NetmendError(f"--out {out} exists and is not a folder")
     if any((out / name).exists() for name in (WEIGHTS, INFO, "model.onnx", "model.pt2")):
         raise NetmendError(f"--out {out} already holds a model; choose a new folder")
+    if out.is_dir():
+        first = next(iter(sorted(p.name for p in out.iterdir())), None)
+        if first is not None:
+            raise NetmendError(f"--out {out} already holds files ({first}); choose a new or empty folder")
     return out
+
+
+@contextmanager
+def fresh_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder whole or not at all: files go into a hidden sibling, renamed into place at the end; on any
+    error or interruption the sibling is removed and `out` is left as it was."""
+    out = check_fresh_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+        check_fresh_out(out)                       # nothing appeared there meanwhile
+        if out.is_dir():
+            out.rmdir()                            # empty (checked): the finished folder takes its place
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model_folder(out: str | os.PathLike, model: nn.Module, info: dict[str, Any]) -> Path:
-    out = check_fresh_out(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp))
-    write_json(out / INFO, info)
-    return out
+    with fresh_folder(out) as tmp:
+        atomic_write(tmp / WEIGHTS, lambda f: save_file(state, f))
+        write_json(tmp / INFO, info)
+    return Path(out)
 
 
 def read_info(folder: str | os.PathLike) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..modelio import check_fresh_out, save_model_folder, write_json
+from ..modelio import fresh_folder, save_model_folder, write_json
 from .html import render_report
 
 
@@ -33,24 +33,24 @@ def repaired_info(info: dict[str, Any], result) -> dict[str, Any]:
 
 
 def write_run(out: str | Path, info: dict[str, Any], result, source: str | None = None) -> Path:
-    """Write the run folder for one RepairResult (refuses a folder that already holds a model)."""
-    out = check_fresh_out(out)
-    if "model_form" in info:                      # the user's own model goes back in the form they brought
-        from ..formats.user_model import write_user_model
+    """Write the run folder for one RepairResult, whole or not at all (refuses a folder that holds anything)."""
+    with fresh_folder(out) as tmp:
+        if "model_form" in info:                  # the user's own model goes back in the form they brought
+            from ..formats.user_model import write_user_model
 
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "model.json", repaired_info(write_user_model(info, result.model, out), result))
-    else:
-        save_model_folder(out, result.model, repaired_info(info, result))
-    result.edit.save(out / "edit.safetensors")
-    if result.candidate_edit is not None and result.candidate_edit is not result.edit:
-        result.candidate_edit.save(out / "candidate-edit.safetensors")      # the rejected change, for inspection
-    write_json(out / "sites.json", result.sites.to_json() if result.sites is not None else {"localiser": None, "sites": []})
-    write_json(out / "metrics.json", {"method": result.method, "before": result.before, "after": result.after,
-                                      "seconds": result.seconds, "locate_seconds": result.locate_seconds,
-                                      "repair_seconds": result.repair_seconds, "samples_used": result.samples_used,
-                                      "edit_norms": result.edit.norms(result.model), "accepted": result.accepted,
-                                      "gate": result.gate, "candidate_after": result.candidate_after})
-    write_json(out / "config.json", {**result.config, "source_model": source})
-    (out / "report.html").write_text(render_report(f"netmend repair: {result.method}", [result.summary()], info))
-    return out
+            write_json(tmp / "model.json", repaired_info(write_user_model(info, result.model, tmp), result))
+        else:
+            save_model_folder(tmp, result.model, repaired_info(info, result))
+        result.edit.save(tmp / "edit.safetensors")
+        if result.candidate_edit is not None and result.candidate_edit is not result.edit:
+            result.candidate_edit.save(tmp / "candidate-edit.safetensors")   # the rejected change, for inspection
+        write_json(tmp / "sites.json", result.sites.to_json() if result.sites is not None
+                   else {"localiser": None, "sites": []})
+        write_json(tmp / "metrics.json", {"method": result.method, "before": result.before, "after": result.after,
+                                          "seconds": result.seconds, "locate_seconds": result.locate_seconds,
+                                          "repair_seconds": result.repair_seconds, "samples_used": result.samples_used,
+                                          "edit_norms": result.edit.norms(result.model), "accepted": result.accepted,
+                                          "gate": result.gate, "candidate_after": result.candidate_after})
+        write_json(tmp / "config.json", {**result.config, "source_model": source})
+        (tmp / "report.html").write_text(render_report(f"netmend repair: {result.method}", [result.summary()], info))
+    return Path(out)
