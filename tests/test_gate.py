@@ -69,6 +69,7 @@ def test_harmful_repair_is_rejected_and_the_input_comes_back(model_dir, tmp_path
     assert metrics["candidate_after"]["clean_accuracy"] == res["candidate_after"]["clean_accuracy"]
     assert (out / "candidate-edit.safetensors").is_file()
     assert json.loads((out / "model.json").read_text())["repair"]["accepted"] is False
+    assert "(rejected)" in (out / "report.html").read_text()
 
 
 def test_keep_rejected_writes_the_candidate_marked(model_dir, tmp_path):

@@ -49,8 +49,11 @@ def render_report(title: str, results: list[dict[str, Any]], info: dict[str, Any
     head = "".join(f"<th>{html.escape(k)} before</th><th>{html.escape(k)} after</th>" for k in keys)
     body = ""
     for r in results:
-        cells = "".join(f"<td>{_fmt(r['before'].get(k, ''))}</td><td><b>{_fmt(r['after'].get(k, ''))}</b></td>" for k in keys)
-        body += (f"<tr><td>{html.escape(r['method'])}</td>{cells}<td>{r.get('seconds', 0):.2f}</td>"
+        rejected = r.get("accepted") is False           # show what the candidate did, marked: the model came back
+        after = (r.get("candidate_after") or r["after"]) if rejected else r["after"]
+        cells = "".join(f"<td>{_fmt(r['before'].get(k, ''))}</td><td><b>{_fmt(after.get(k, ''))}</b></td>" for k in keys)
+        label = html.escape(r["method"]) + (' <span style="color:#b00">(rejected)</span>' if rejected else "")
+        body += (f"<tr><td>{label}</td>{cells}<td>{r.get('seconds', 0):.2f}</td>"
                  f"<td>{r.get('samples_used', '')}</td></tr>")
     notes = "".join(f"<p>{html.escape(r['method'])}: {html.escape(r['note'])}</p>" for r in results if r.get("note"))
     charts = "".join(_bars(results, k) for k in keys[:4])
