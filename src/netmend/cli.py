@@ -532,23 +532,12 @@ def demo(
         out_console.print(f"report: {Path(out) / 'report.html'}")
 
 
-def _verify(*args, **kwargs):
-    from .verify.command import verify_command
-
-    return verify_command(*args, **kwargs)
-
-
 def _register_verify() -> None:
     """`netmend verify MODEL --property P`: the complete verifier (netmend.verify), its options from its own module."""
-    import functools
-    import inspect
-
     from .verify.command import verify_command
 
-    wrapper = functools.wraps(verify_command)(_verify)
-    wrapper.__signature__ = inspect.signature(verify_command)
     app.command("verify", help="Prove a safety property (verified), find a checked counterexample (violated), or say "
-                               "unknown at the timeout. Exit 0 / 1 / 3.")(wrapper)
+                               "unknown at the timeout. Exit 0 / 1 / 3.")(verify_command)
 
 
 _register_verify()

@@ -9,3 +9,9 @@ def require(condition: bool, message: str) -> None:
     """Raise a NetmendError with `message` unless `condition` holds."""
     if not condition:
         raise NetmendError(message)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line user errors."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

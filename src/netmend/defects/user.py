@@ -19,7 +19,7 @@ from torch import nn
 from ..data.datasets import ImageData
 from ..data.tabular import TabularData
 from ..data.user_data import Evidence, Mistakes, UserData, _held_out, as_float, as_images, as_labels, check_labels
-from ..errors import NetmendError, require
+from ..errors import NetmendError, first_line, require
 from ..metrics import attack_success_rate, predict, robust_accuracy
 from .backdoor import BackdoorDefect, make_repair_data
 from .base import Pairs, eval_count
@@ -74,8 +74,8 @@ def output_classes(model: nn.Module, x: torch.Tensor, what: str = "data") -> int
         with torch.no_grad():
             out = model.eval()(x[:2])
     except Exception as exc:  # a shape mismatch surfaces as any of several error types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise NetmendError(f"{what} of shape {tuple(x.shape[1:])} does not fit the model ({first})") from None
+        raise NetmendError(f"{what} of shape {tuple(x.shape[1:])} does not fit the model ({first_line(exc, 160)})") \
+            from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x[:2]):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise NetmendError(f"the model's output on {what} is {shape}; netmend repairs classifiers returning "

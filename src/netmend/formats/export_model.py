@@ -11,7 +11,6 @@ runs (a batch size baked into a reshape is restored from the input's own size, t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import operator
 import os
@@ -25,8 +24,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import NetmendError
-from .onnx_model import ModulePaths
+from ..errors import NetmendError, first_line
+from .onnx_model import ModulePaths, file_sha256
 
 aten = torch.ops.aten
 
@@ -59,19 +58,6 @@ def _quiet_export_logs():
             lg.setLevel(lv)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_program(path: Path):
     if not path.exists():
         raise NetmendError(f"exported program not found: {path}")
@@ -83,7 +69,7 @@ def _load_program(path: Path):
         with _quiet_export_logs():
             return torch.export.load(str(path))
     except Exception as exc:   # RuntimeError (miniz), BadZipFile, KeyError, pickle / version errors ...
-        raise NetmendError(f"{path}: cannot load the exported program ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise NetmendError(f"{path}: cannot load the exported program ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 # ------------------------------------------------------------------ graph rewriting helpers
@@ -398,7 +384,7 @@ def load_pt2(path: str | os.PathLike, verify: bool = True) -> tuple[fx.GraphModu
     try:
         gm = ep.module()
     except Exception as exc:
-        raise NetmendError(f"{path}: cannot build a module from the exported program ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise NetmendError(f"{path}: cannot build a module from the exported program ({type(exc).__name__}: {first_line(exc)})") from None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise NetmendError(f"{path}: the exported program has {len(placeholders)} inputs; netmend supports models with one input")
@@ -438,7 +424,7 @@ def load_pt2(path: str | os.PathLike, verify: bool = True) -> tuple[fx.GraphModu
     keys = list(ep.state_dict.keys())
     shape = (-1,) + tuple(int(d) if isinstance(d, int) else -1 for d in val.shape[1:])
     source = Pt2Source(path=path, state_dict_keys=keys, input_name=ph.name, input_shape=shape, example_batch=batch,
-                       dynamic_batch=dynamic, sha256=_sha256(path), constants=sorted(ep.constants))
+                       dynamic_batch=dynamic, sha256=file_sha256(path), constants=sorted(ep.constants))
     return model, source
 
 
@@ -505,7 +491,7 @@ def _verify(path: Path, ep, model: nn.Module, example: torch.Tensor, batch: int,
             ref = _flat(ep.module()(example))
         except Exception as exc:
             raise NetmendError(f"{path}: the exported program fails on its own example input "
-                               f"({type(exc).__name__}: {_first_line(exc)})") from None
+                               f"({type(exc).__name__}: {first_line(exc)})") from None
         got = _flat(model(example))
         if not _close(got, ref):
             raise NetmendError(f"{path}: netmend's rewrite of the exported program does not reproduce its outputs "
@@ -529,7 +515,7 @@ def write_pt2(source: Pt2Source, model: nn.Module, out_path: str | os.PathLike) 
     src = Path(source.path)
     if not src.is_file():
         raise NetmendError(f"cannot write {out_path}: the original exported program {src} is gone")
-    if source.sha256 and _sha256(src) != source.sha256:
+    if source.sha256 and file_sha256(src) != source.sha256:
         raise NetmendError(f"cannot write {out_path}: {src} changed since it was loaded; load it again")
     ep = _load_program(src)
     tensors = dict(model.named_parameters(remove_duplicate=False))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..edit import atomic_write
-from ..errors import NetmendError
+from ..errors import NetmendError, first_line
 
 # Transform steps, applied in order to a converted tensor to get the ONNX initializer back:
 #   ("permute", perm)              init = t.permute(perm)
@@ -1356,17 +1356,13 @@ _SUPPORTED_SHORT = ("Conv, Gemm, MatMul, BatchNormalization, LayerNormalization,
 
 # ------------------------------------------------------------------ loading
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256: a writer refuses to patch a source that changed since it was loaded."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _external_tensors(proto):
@@ -1408,7 +1404,7 @@ def _read_proto(path: Path):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:   # DecodeError, ValueError, OSError ...
-        raise NetmendError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise NetmendError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {first_line(exc)})") from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.input):
         raise NetmendError(f"{path}: not an ONNX model (no graph)")
     external = _check_external(proto, path)
@@ -1418,7 +1414,7 @@ def _read_proto(path: Path):
         try:
             load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
-            raise NetmendError(f"{path}: cannot read the external data ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise NetmendError(f"{path}: cannot read the external data ({type(exc).__name__}: {first_line(exc)})") from None
     return proto, external
 
 
@@ -1435,7 +1431,7 @@ def load_onnx(path: str | os.PathLike) -> tuple[fx.GraphModule, OnnxSource]:
     try:
         onnx.checker.check_model(str(path) if external else proto)
     except Exception as exc:
-        raise NetmendError(f"{path}: invalid ONNX model (onnx.checker: {_first_line(exc)})") from None
+        raise NetmendError(f"{path}: invalid ONNX model (onnx.checker: {first_line(exc)})") from None
     g = proto.graph
     for init in g.initializer:
         if init.data_type in (1, 10, 11, 16):      # float, float16, double, bfloat16
@@ -1515,7 +1511,7 @@ def load_onnx(path: str | os.PathLike) -> tuple[fx.GraphModule, OnnxSource]:
     source = OnnxSource(
         path=path, input_name=inp.name, input_shape=tuple(shape), output_names=[o.name for o in g.output],
         opset=opset, params=params, input_dtype=str(_DTYPES.get(elem, torch.float32)).replace("torch.", ""),
-        fixed_batch=fixed_batch, external_data=external, sha256=_sha256(path), shared=shared, nodes=nodes,
+        fixed_batch=fixed_batch, external_data=external, sha256=file_sha256(path), shared=shared, nodes=nodes,
         folded={i for i in cv.folded if any(i == p[0] for p in params.values())},
         unmapped=unmapped)
     return gm, source
@@ -1533,7 +1529,7 @@ def write_onnx(source: OnnxSource, model: nn.Module, out_path: str | os.PathLike
     src = Path(source.path)
     if not src.is_file():
         raise NetmendError(f"cannot write {out_path}: the original ONNX file {src} is gone")
-    if source.sha256 and _sha256(src) != source.sha256:
+    if source.sha256 and file_sha256(src) != source.sha256:
         raise NetmendError(f"cannot write {out_path}: {src} changed since it was loaded; load it again")
     proto, external = _read_proto(src)
     inits = {i.name: i for i in proto.graph.initializer}
