@@ -1,10 +1,10 @@
 """Tabular fairness data sets as integer codes with known per-feature domains.
 
 Two sources, one shape (`TabularData`):
-- the pre-discretised FEDIG/EIDIG CSVs `fairness/discretised/{census,credit,bank}.csv` (METHODS §9.3),
+- the pre-discretised FEDIG/EIDIG CSVs `fairness/discretised/{census,credit,bank}.csv` (FEDIG's encoding),
   the benchmark default; their schema (names, domains, protected columns) is fixed here and checked;
 - the raw UCI files (adult.data/.test, german.data, bank-full.csv), encoded the same FEDIG way:
-  missing → column mode, categories → alphabetical index, numbers → the §9.3 bins.
+  missing → column mode, categories → alphabetical index, numbers → FEDIG's bins.
 Integer domains matter: the discrimination check flips a protected attribute through every value
 of its domain, and uniform sampling draws from the whole box.
 """
@@ -81,7 +81,7 @@ def split_tabular(n: int, seed: int, test_fraction: float = 0.2, pool_fraction: 
             "train": sorted(perm[n_test + n_pool:])}
 
 
-# ----------------------------------------------------------------------------- discretised CSVs (§9.3)
+# ----------------------------------------------------------------------------- discretised CSVs (FEDIG's encoding)
 
 @dataclass(frozen=True)
 class Schema:

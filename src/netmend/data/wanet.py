@@ -1,4 +1,4 @@
-"""WaNet (Nguyen & Tran, ICLR 2021): an imperceptible warping trigger (METHODS.md §6.3).
+"""WaNet (Nguyen & Tran, ICLR 2021): an imperceptible warping trigger (BackdoorBench's construction).
 
 The trigger is a fixed, seeded smooth warp; its cleansed twin is simply the unwarped image.
 Training uses the "noise mode": besides the ρ·N warped, relabelled samples, cross_ratio·ρ·N
@@ -21,7 +21,7 @@ DEFAULTS = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0}
 
 
 def warp_grid(k: int, s: float, h: int, w: int, seed: int, grid_rescale: float = 1.0) -> torch.Tensor:
-    """The sampling grid G (1×H×W×2, x/y order for grid_sample) of §6.3, deterministic for a seed."""
+    """The sampling grid G (1×H×W×2, x/y order for grid_sample) of WaNet, deterministic for a seed."""
     g = torch.Generator().manual_seed(int(seed))
     p = torch.rand(1, 2, k, k, generator=g) * 2 - 1
     p = p / p.abs().mean()

@@ -1,4 +1,4 @@
-"""Adversarial defect (INNER's `adv` scenario, METHODS.md §5.5): targeted L∞ attacks succeed.
+"""Adversarial defect (INNER's `adv` scenario; docs/defects.md): targeted L∞ attacks succeed.
 
 Evidence: successful targeted FGSM/PGD examples of held-out repair-pool samples, against the model
 being repaired, with their true labels. Metrics attack the test samples *afresh* against the model

@@ -1,4 +1,4 @@
-"""Fairness defect (individual discrimination) and the tabular trainer (METHODS §9, §4.1, §4.3).
+"""Fairness defect (individual discrimination) and the tabular trainer (docs/defects.md).
 
 An input x is *discriminatory* when changing only its protected attribute(s) to another value of
 their integer domain (the Cartesian product for several) changes the predicted label. The check is
@@ -96,7 +96,7 @@ class FairnessOptions:
     uniform_samples: int = 10000
     uniform_seed: int = 1234
     eval_limit: int | None = None
-    # What the PSO objective counts (METHODS §4.3 deviation, measured in benchmarks/care.py):
+    # What the PSO objective counts (a deviation from CARE, docs/methods/care.md; measured in benchmarks/care.py):
     #   "care": the E evidence instances only (CARE's DI set; every one discriminatory by construction) —
     #           fits those rows and barely moves the test-split rate (15.9% mean reduction, seed 0);
     #   "pool": the evidence instances PLUS every repair-pool row outside the validation part (the natural

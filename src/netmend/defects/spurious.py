@@ -1,7 +1,7 @@
 """Spurious-correlation defect: a pattern stamped on part of ONE class's training images, labels kept.
 
-The model learns "pattern ⇒ class c" next to the real features of c (Yang et al. §3.5; METHODS.md
-§6.4). Metrics on the untouched test set, as the paper's Table 4:
+The model learns "pattern ⇒ class c" next to the real features of c (Yang et al.; docs/defects.md).
+Metrics on the untouched test set, as the paper's Table 4:
 
 - `overall_accuracy` (= `clean_accuracy`): all test images, no pattern;
 - `clean`: accuracy on class c's test images without the pattern;

@@ -1,4 +1,4 @@
-"""Wrong-predictions defect (INNER's `wp` scenario, METHODS.md §5.5): clean inputs the model gets wrong.
+"""Wrong-predictions defect (INNER's `wp` scenario; docs/defects.md): clean inputs the model gets wrong.
 
 Evidence: held-out repair-pool samples the original model misclassifies, with their right labels.
 Models with systematic mistakes to repair: `train_mislabelled` (part of one class labelled as another in training,

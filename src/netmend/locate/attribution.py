@@ -1,4 +1,4 @@
-"""Attribution-guided localisation (Yang et al., METHODS.md §3.2–3.3): which layer is most *editable*.
+"""Attribution-guided localisation (Yang et al.; docs/methods/rectify.md): which layer is most *editable*.
 
 For each candidate site, layer integrated gradients along the straight path x̃ → x (corrupted sample as
 baseline, cleansed sample as input) gives M^l, whose units sum to F(x) − F(x̃) at every full cut.
@@ -65,7 +65,7 @@ def _residual_blocks(model: nn.Module) -> list[str]:
 
 
 def candidate_sites(model: nn.Module, layers: list[str] | None = None) -> list[Candidate]:
-    """§3.2 defaults: one site per residual block (its last conv, read at the block output) plus every
+    """Default candidates: one site per residual block (its last conv, read at the block output) plus every
     Linear/Conv2d outside blocks (read after its activation). `layers` restricts to given weight names."""
     blocks = _residual_blocks(model)
     out: list[Candidate] = []
@@ -121,7 +121,7 @@ VARIANTS = {"A": LayerIntegratedGradients, "B": LayerConductance}
 
 @dataclass
 class AttributionConfig:
-    layers: list[str] | None = None   # candidate weight modules (dotted names); default §3.2
+    layers: list[str] | None = None   # candidate weight modules (dotted names); default: see candidate_sites
     variant: str = "A"                # A: layer-space path (Captum LayerIntegratedGradients) | B: conductance
     output: str = "logit"             # F: logit | prob | margin of the true class
     n_steps: int = 32

@@ -1,4 +1,4 @@
-"""CARE's causal fault localisation (Sun et al., ICSE 2022; METHODS.md §4.1).
+"""CARE's causal fault localisation (Sun et al., ICSE 2022; docs/methods/care.md).
 
 Every neuron h_i of the chosen layers (a Linear unit or a conv channel) is intervened on,
 do(h_i = v), for S evenly spaced values v in its observed range; the mean of a per-task output y
@@ -41,7 +41,7 @@ PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
 # ----------------------------------------------------------------------------- cutting a model
 
 def default_layers(model: nn.Module, cnn_layer: str = "head") -> list[str]:
-    """§4.1 default: CNN → the input of the classifier head (the module just before it), or with
+    """Default layers: CNN → the input of the classifier head (the module just before it), or with
     cnn_layer='features' the input of the first Linear (the flattened conv features);
     MLP → every hidden activation module feeding a Linear (ranked jointly)."""
     require(cnn_layer in ("head", "features"), f"causal: unknown cnn_layer {cnn_layer!r} (head | features)")
@@ -252,7 +252,7 @@ def fairness_flips(defect: Defect, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fairness_probe(model, defect, cfg) -> Probe:
-    """§4.1 dy(v) = mean_x max_{a'} |p0(x[A←a']) − p0(x)| under do(h=v) on both copies, over
+    """CARE's fairness output dy(v) = mean_x max_{a'} |p0(x[A←a']) − p0(x)| under do(h=v) on both copies, over
     discriminatory instances of the repair data (the objective's evidence)."""
     defect.objective(model)                            # binds model-dependent evidence (the DI set)
     x = _sample(defect.evidence()[0], cfg.samples, cfg.seed + 123)
@@ -396,7 +396,7 @@ def intervention_curves_loop(cut: Cut, h: torch.Tensor, values: torch.Tensor, re
 
 @dataclass
 class CausalConfig:
-    layers: list[str] | None = None   # default: §4.1 (CNN: input of the head; MLP: every hidden activation)
+    layers: list[str] | None = None   # default: CNN → the head's input, MLP → every hidden activation
     steps: int | None = None          # S intervention values per neuron; default per defect kind (4 / 16)
     keep: int | None = None           # neurons returned as sites; default per kind (backdoor 30, safety 27, fairness 13)
     samples: int = 1000               # inputs the expectation is taken over (seeded draw)

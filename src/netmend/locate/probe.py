@@ -1,4 +1,4 @@
-"""INNER's localiser (Chen et al., ISSTA 2024; METHODS.md §5.1–5.3): probes, layer scores, weight routing.
+"""INNER's localiser (Chen et al., ISSTA 2024; docs/methods/inner.md): probes, layer scores, weight routing.
 
 1. A linear probe (GAP + Linear) reads each candidate block's output; all probes are trained in one
    batched pass on features captured in one forward over the clean repair data.

@@ -1,4 +1,4 @@
-"""INNER's repair (METHODS.md §5.4): gradient-masked fine-tuning of the fault weights only.
+"""INNER's repair (docs/methods/inner.md): gradient-masked fine-tuning of the fault weights only.
 
 Per round, each selected block is tuned through its probe (0.8·CE on defective inputs with their
 true labels + 0.2·KD towards the probe's view of clean inputs), then the stopping rule is checked on
@@ -30,8 +30,8 @@ from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
 from ..train import masked_step
 
-TAU = {"badnets": 0.15, "blended": 0.25, "wanet": 0.22, "adversarial": 0.22}   # §5.4, by scenario
-EPOCH2 = {"blended": 1, "wanet": 4}                                           # §5.4, default 2
+TAU = {"badnets": 0.15, "blended": 0.25, "wanet": 0.22, "adversarial": 0.22}   # INNER's τ, by scenario
+EPOCH2 = {"blended": 1, "wanet": 4}                                           # INNER's, default 2
 # Adversarial training on the fault weights is slow to converge: on the seed-7 dev model the validation violation
 # still fell after round 20 (27 % → 23 %), and 40 rounds gave robust accuracy +37.6 instead of +33.9 points at the
 # same clean accuracy (−0.91 / −0.94 pt).
@@ -55,7 +55,7 @@ class MaskedTuneConfig:
     epoch2: int | None = None            # final-output passes per round; None: 2 (blended 1, WaNet 4)
     acc_tolerance: float | None = None   # stop only if val accuracy ≥ before − this; None: by scenario (1 pp,
                                          # adversarial 2, wrong predictions 0)
-    asr_threshold: float | None = None   # τ on the val violation rate; None: by scenario (§5.4)
+    asr_threshold: float | None = None   # τ on the val violation rate; None: by scenario (INNER's)
     clean_weight: float = 0.0            # + this × CE of the final output on a clean batch (0: the code's loss)
     augment: bool = True                 # rotation ±30°, shift ±2 px, horizontal flip on the defective set
     refresh: bool = True                 # regenerate evidence the defect can regenerate (adversarial examples)
@@ -142,7 +142,7 @@ def kd_loss(out: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tens
 
 
 def by_scenario(value, table: dict, defect: Defect, default):
-    """A config value the user set, else the scenario's entry in `table` (§5.4's per-attack settings), else `default`."""
+    """A config value the user set, else the scenario's entry in `table` (INNER's per-attack settings), else `default`."""
     return value if value is not None else table.get(_scenario(defect), default)
 
 

@@ -1,4 +1,4 @@
-"""CARE's repair (Sun et al., ICSE 2022; METHODS.md §4.2–4.3): per-neuron activation scales found by
+"""CARE's repair (Sun et al., ICSE 2022; docs/methods/care.md): per-neuron activation scales found by
 particle-swarm optimisation, then baked into the weights so the result is an ordinary Edit.
 
 Why native torch PSO: every particle's fitness is one slice of a single batched suffix pass over
@@ -304,7 +304,7 @@ _LINEAR_PASS = (nn.Flatten, nn.Dropout, nn.Identity, nn.AvgPool2d, nn.AdaptiveAv
 
 
 def bake(model: nn.Module, scales: dict[tuple[str, int], float], example: torch.Tensor) -> nn.Module:
-    """A copy of `model` whose weights realise h_i ← a_i·h_i for every (layer, unit) → a_i (§4.2).
+    """A copy of `model` whose weights realise h_i ← a_i·h_i for every (layer, unit) → a_i.
 
     Weight layer (pre-activation unit): its row and bias are scaled. Any other layer (post-activation
     unit): the next Linear's column block or the next conv's input-channel slice is scaled, through

@@ -1,12 +1,12 @@
-"""Rank-one model editing (METHODS.md §2): make a Linear/Conv2d map corrupted keys to cleansed values
+"""Rank-one model editing (docs/methods/rectify-static.md): make a Linear/Conv2d map corrupted keys to cleansed values
 while disturbing the stored key→value associations as little as possible.
 
     ΔW = Λ dᵀ,  d = C⁻¹ k*,  Λ = (v* − W k*) / (dᵀ k*)
 
 C = E[k kᵀ] is the uncentred second moment of the layer's keys (streamed in float64, cached per
 layer and invalidated when an upstream weight changes). For a conv every spatial position is a key
-and the edit lives in input-channel space: ΔW[:, :, y, x] = Λ[:, y, x] dᵀ (§2.3). Several pairs share
-one direction by default (§2.5); a value point after a nonlinearity is fitted by Adam on Λ (§2.4).
+and the edit lives in input-channel space: ΔW[:, :, y, x] = Λ[:, y, x] dᵀ. Several pairs share
+one direction by default; a value point after a nonlinearity is fitted by Adam on Λ.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from ..sites import Sites
 # ----------------------------------------------------------------------------- keys and second moments
 
 def check_editable(model: nn.Module, layer: str) -> nn.Module:
-    """The named weight module, refusing what the rank-one rule does not cover (§2.6.7)."""
+    """The named weight module, refusing what the rank-one rule does not cover (grouped convs, non-zero padding)."""
     mod = get_layer(model, layer)
     if isinstance(mod, nn.Conv2d):
         require(mod.groups == 1, f"layer {layer!r} is a grouped/depthwise conv (groups={mod.groups}); "
@@ -129,7 +129,7 @@ def content_digest(x: torch.Tensor) -> tuple:
 
 
 def statistics_inputs(defect: Defect, include_val: bool = False, include_corrupted: bool = True) -> torch.Tensor:
-    """The statistics set for C (§2.2): the repair fit data plus the corrupted samples (Prop. 4.1)."""
+    """The statistics set for C: the repair fit data plus the corrupted samples (Yang et al.'s Prop. 4.1)."""
     parts = [defect.repair.x_fit]
     if include_val:
         parts.append(defect.repair.x_val)
@@ -141,7 +141,7 @@ def statistics_inputs(defect: Defect, include_val: bool = False, include_corrupt
 # ----------------------------------------------------------------------------- directions
 
 def ridge(C: torch.Tensor, rho: float) -> float:
-    """ε = ρ·tr(C)/n (§2.6.2); a zero C means the layer never sees a nonzero key: nothing to edit."""
+    """ε = ρ·tr(C)/n; a zero C means the layer never sees a nonzero key: nothing to edit."""
     tr = float(torch.trace(C))
     require(tr > 0 and torch.isfinite(C).all(), "key second moment is zero or not finite at this layer "
                                                 "(its inputs are all zero on the repair data); choose another layer")
@@ -186,7 +186,7 @@ def condition(C: torch.Tensor, eps: float) -> float:
 
 def shared_direction(C: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None = None,
                      rho: float = 1e-4, protect: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One edit direction for many keys (§2.5): d = C^{-1/2}u, u the top left singular vector of the whitened
+    """One edit direction for many keys: d = C^{-1/2}u, u the top left singular vector of the whitened
     keys. Computed without C^{-1/2} when keys are few: d = C⁻¹K a with a the top eigenvector of KᵀC⁻¹K.
     `protect` (keys whose values must not move, e.g. the cleansed twins) are projected out of the whitened
     keys first, so dᵀk = 0 for each of them: the minimal-disturbance edit under the extra constraints
@@ -285,7 +285,7 @@ def _pre(mod: nn.Module, k: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def _lambda_closed(mod: nn.Module, d: torch.Tensor, k_bad: torch.Tensor, target: torch.Tensor,
                    W: torch.Tensor, pos_mask: torch.Tensor | None, mu: float) -> torch.Tensor:
-    """Least-squares Λ for ΔW = Λ⊗d so that (W + ΔW) k* ≈ target (pre-activation, no bias; §2.1, §2.3)."""
+    """Least-squares Λ for ΔW = Λ⊗d so that (W + ΔW) k* ≈ target (pre-activation, no bias)."""
     R = (target - _pre(mod, k_bad, W)).double()
     if isinstance(mod, nn.Conv2d):
         s = torch.einsum("c,nchw->nhw", d, k_bad.double())[:, None]
@@ -312,7 +312,7 @@ def _delta(mod: nn.Module, lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def _fit_lambda(model: nn.Module, layer: str, value: str, mod: nn.Module, d: torch.Tensor, lam0: torch.Tensor,
                 x_bad: torch.Tensor, v_target: torch.Tensor, vmask: torch.Tensor | None, cfg: RankOneConfig):
-    """Projected fit (§2.4): Adam on Λ with W' = W₀ + Λ⊗d, the whole model run by functional_call and the
+    """Projected fit: Adam on Λ with W' = W₀ + Λ⊗d, the whole model run by functional_call and the
     value point read by a hook. ΔW stays in span(d) by construction."""
     wname = f"{layer}.weight"
     W0 = mod.weight.detach()
@@ -410,7 +410,7 @@ def rank_one_edit(model: nn.Module, defect: Defect, layer: str, cfg: RankOneConf
 
 
 def _rank_r_edit(mod, layer, value, C, k_bad, k_cln, W, cfg, t0, n_pairs) -> Edit:
-    """Hard rank-r edit (§2.5): ΔW = (V* − W K*)(DᵀK* + μI)⁻¹ Dᵀ, D = C⁻¹K*. Linear value points only."""
+    """Hard rank-r edit: ΔW = (V* − W K*)(DᵀK* + μI)⁻¹ Dᵀ, D = C⁻¹K*. Linear value points only."""
     require(isinstance(mod, nn.Linear) and value == layer, "mode 'rank-r' supports a Linear layer edited at its own output")
     K = flat_keys(mod, k_bad).double().T
     R = (flat_keys(mod, k_cln).double() - K.T) @ W.double().T                    # (r, m): W(k_c − k̃)

@@ -1,4 +1,4 @@
-"""Yang et al.'s rectification (METHODS.md §3.4): dynamic — localise, edit, re-localise — and static.
+"""Yang et al.'s rectification (docs/methods/rectify.md): dynamic — localise, edit, re-localise — and static.
 
 Dynamic: each round ranks the candidate sites by editability (locate/attribution.py), applies one
 rank-one edit at the best one (repair/rank_one.py), and re-measures. It stops when the pairs' gap

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import NetmendError
 from ..registry import ARCHITECTURES, MODEL_FILES
 
-# The header shared by all 45 ACAS Xu .nnet files (METHODS.md §8.2); used for ONNX copies, which lack it.
+# The normalisation header shared by all 45 ACAS Xu .nnet files; used for ONNX copies, which lack it.
 STANDARD_NORMALISATION: dict[str, list[float]] = {
     "input_min": [0.0, -3.141593, -3.141593, 100.0, 0.0],
     "input_max": [60760.0, 3.141593, 3.141593, 1200.0, 1200.0],
