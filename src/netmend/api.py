@@ -93,6 +93,9 @@ def defect_for(info: dict[str, Any], data_dir=None, model: nn.Module | None = No
     if kind in (None, "clean"):
         raise NetmendError("this model records no defect to repair (it was trained clean)")
     entry = DEFECTS.entry(kind)
+    from .schema import check_defect_fields
+
+    check_defect_fields(info, kind)
     extra = {"model": model} if (model is not None and entry.extra.get("needs_model")) else {}
     return entry.obj(info, make_config(entry.config, options), data_dir=data_dir, **extra)
 

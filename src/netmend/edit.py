@@ -105,9 +105,14 @@ class Edit:
         return model
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write deltas as safetensors with the metadata as JSON in the header (atomic)."""
+        """Write deltas as safetensors with the metadata as JSON in the header (atomic). The same edit gives the
+        same bytes: wall-clock times (keys `seconds`, `*_seconds`) stay out of the header (metrics.json has them),
+        and NaN / Infinity are written as null."""
+        from .jsonsafe import json_safe
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"netmend_edit": json.dumps(self.meta, default=str)}))
+        meta = json.dumps(json_safe(_timeless(self.meta), default=str)[0], allow_nan=False)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"netmend_edit": meta}))
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Edit":
@@ -123,6 +128,16 @@ class Edit:
         except (SafetensorError, OSError, ValueError) as exc:
             raise NetmendError(f"cannot read edit file {path}: {exc}") from None
         return Edit(deltas, meta)
+
+
+def _timeless(o: Any) -> Any:
+    """`o` without wall-clock entries (keys `seconds` or ending in `_seconds`), at any depth."""
+    if isinstance(o, dict):
+        return {k: _timeless(v) for k, v in o.items()
+                if not (isinstance(k, str) and (k == "seconds" or k.endswith("_seconds")))}
+    if isinstance(o, (list, tuple)):
+        return [_timeless(v) for v in o]
+    return o
 
 
 def atomic_write(path: str | os.PathLike, writer) -> None:

@@ -5,7 +5,9 @@ One factory per kind, no if/elif chains: `ARCHITECTURES.create("small-cnn", **kw
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
@@ -82,6 +84,34 @@ def make_config(config_cls: type | None, overrides: dict[str, Any] | None):
 
 _SCALARS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,)}
 
+# One rule for every numeric option of every config (methods, defects, training), by the option's name: a
+# learning rate, batch size, epoch / step / iteration count or swarm size must be > 0; any other count (rounds,
+# samples, pairs, steps of a sub-step, ...) must be ≥ 0; and no number may be NaN or infinite.
+_POSITIVE = re.compile(r"^(epochs|steps|n_steps|max_steps|iterations|particles|batch_size|lr)$|_(lr|batch|batch_size)$")
+_NON_NEGATIVE = re.compile(r"(epochs|steps|rounds|samples|iter|pairs|batch|num|starts|elems|counterexamples)$")
+
+
+def check_number(name: str, value: Any, owner: str) -> None:
+    """The shared rule for a numeric option `name` (see _POSITIVE / _NON_NEGATIVE); a one-line error if broken."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return
+    if not math.isfinite(float(value)):
+        raise NetmendError(f"option {name}={value!r} for {owner}: must be a finite number")
+    if _POSITIVE.search(name) and value <= 0:
+        raise NetmendError(f"option {name}={value!r} for {owner}: must be > 0")
+    if _NON_NEGATIVE.search(name) and value < 0:
+        raise NetmendError(f"option {name}={value!r} for {owner}: must be ≥ 0")
+
+
+def check_config(cfg: Any, owner: str | None = None) -> Any:
+    """Every numeric field of a dataclass config (and every number in a list field) against check_number."""
+    owner = owner or type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            check_number(f.name, v, owner)
+    return cfg
+
 
 def _checked(owner: str, name: str, annotation: str, value: Any) -> Any:
     """A user's option value against the field's annotation: a single value where a list is expected becomes a
@@ -90,6 +120,8 @@ def _checked(owner: str, name: str, annotation: str, value: Any) -> Any:
     kinds = [t.strip() for t in annotation.split("|")]
     if value is None and "None" in kinds:
         return value
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        check_number(name, v, owner)
     if any(t.startswith(("list", "tuple", "Sequence")) for t in kinds):
         return value if isinstance(value, (list, tuple)) else [value]
     if "str" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import NetmendError
+from ..errors import NetmendError, first_line
 from ..registry import DATASETS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+MAX_IMAGE_PIXELS = 4096 * 4096          # per image, read from its header before it is decoded
+MAX_IMAGE_BYTES = 256 * 1024 * 1024     # per image file (a tar member's declared size is checked before reading)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ImageData:
 # ----------------------------------------------------------------------------- where data lives
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """--data-dir, else $NETMEND_DATA, else ../shared/data (from the cwd or the source tree) when present."""
+    """--data-dir, else $NETMEND_DATA, else the development checkout's data folder (below) when present."""
     if data_dir:
         p = Path(data_dir).expanduser()
         if not p.is_dir():
@@ -109,23 +111,55 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def read_pixel_csv(path: str | os.PathLike, side: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """The mnist_5k CSV: one row per image, side² pixel columns (0–255) then the label."""
+    import warnings
+    import zlib
+
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt") as f:
-            arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    except (OSError, ValueError, EOFError) as exc:
-        raise NetmendError(f"cannot read pixel CSV {path}: {exc}") from None
-    if arr.ndim != 2 or arr.shape[1] != side * side + 1:
+        with opener(path, "rt") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # numpy warns (and goes on) about an empty file
+            arr = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        raise NetmendError(f"cannot read pixel CSV {path}: {first_line(exc)}") from None
+    if arr.size == 0:
+        raise NetmendError(f"{path}: no rows (expected one image per line: {side * side} pixels then the label)")
+    if arr.shape[1] != side * side + 1:
         raise NetmendError(f"{path}: expected {side * side + 1} columns (pixels then label), got {arr.shape[-1]}")
-    return arr[:, :-1].reshape(-1, side, side).astype(np.uint8), arr[:, -1].astype(np.int64)
+    pixels, labels = arr[:, :-1], arr[:, -1]
+    bad = ~np.isfinite(pixels) | (pixels < 0) | (pixels > 255) | (pixels != np.round(pixels))
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise NetmendError(f"{path}: line {i + 1}, pixel {j}: {pixels[i, j]:g} is not a whole number in 0..255")
+    if not np.isfinite(labels).all() or (labels < 0).any() or (labels != np.round(labels)).any():
+        i = int(np.argwhere(~np.isfinite(labels) | (labels < 0) | (labels != np.round(labels)))[0][0])
+        raise NetmendError(f"{path}: line {i + 1}: label {labels[i]:g} is not a class index (a whole number ≥ 0)")
+    return pixels.reshape(-1, side, side).astype(np.uint8), labels.astype(np.int64)
 
 
 def _decode(data: bytes) -> np.ndarray:
+    """An image file's bytes as H×W×3 uint8. Its size is read from the header first: an image declaring more
+    than MAX_IMAGE_PIXELS is refused (ValueError) before anything is decoded, never a decompression bomb."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"{len(data):,} bytes, more than netmend's limit of {MAX_IMAGE_BYTES:,} per image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"it declares {w}×{h} pixels, more than netmend's limit of {MAX_IMAGE_PIXELS:,} "
+                                     f"per image")
+                return np.asarray(im.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"it declares more pixels than netmend's limit of {MAX_IMAGE_PIXELS:,} per image "
+                             f"({first_line(exc)[:80]})") from None
+        except (SyntaxError, struct.error, EOFError, MemoryError) as exc:  # PIL's plugins raise these on bad headers
+            raise ValueError(first_line(exc)) from None
 
 
 def read_class_folders(root: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
@@ -133,6 +167,8 @@ def read_class_folders(root: str | os.PathLike) -> dict[str, tuple[np.ndarray, n
 
     Returns {split: (images N×H×W×3 uint8, labels, class names)}; split is 'train'/'test' when the
     tree has them, else 'all'."""
+    import zlib
+
     root = Path(root)
     items: list[tuple[tuple[str, ...], bytes]] = []
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
@@ -140,31 +176,52 @@ def read_class_folders(root: str | os.PathLike) -> dict[str, tuple[np.ndarray, n
             with tarfile.open(root) as tar:
                 for m in tar:
                     if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES):
+                        if m.size > MAX_IMAGE_BYTES:
+                            raise NetmendError(f"{root}: {m.name} is {m.size:,} bytes, more than netmend's limit of "
+                                               f"{MAX_IMAGE_BYTES:,} per image")
                         items.append((Path(m.name).parts, tar.extractfile(m).read()))
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise NetmendError(f"cannot read image archive {root}: {exc}") from None
+        except tarfile.ReadError as exc:
+            why = "not a tar / tar.gz archive, or a corrupt one" if "\n" in str(exc) or "opened" in str(exc) \
+                else first_line(exc)
+            raise NetmendError(f"cannot read image archive {root}: {why}") from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise NetmendError(f"cannot read image archive {root}: {first_line(exc)}") from None
     elif root.is_dir():
         for p in sorted(root.rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                items.append((p.relative_to(root).parts, p.read_bytes()))
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                try:
+                    if p.stat().st_size > MAX_IMAGE_BYTES:
+                        raise NetmendError(f"{p} is {p.stat().st_size:,} bytes, more than netmend's limit of "
+                                           f"{MAX_IMAGE_BYTES:,} per image")
+                    items.append((p.relative_to(root).parts, p.read_bytes()))
+                except OSError as exc:
+                    raise NetmendError(f"cannot read {p}: {first_line(exc)}") from None
     else:
         raise NetmendError(f"{root} is neither an image folder nor a .tar.gz of class folders")
     if not items:
         raise NetmendError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
-    groups: dict[str, list[tuple[str, bytes]]] = {}
+    groups: dict[str, list[tuple[str, bytes, str]]] = {}
     for parts, data in items:
+        if len(parts) < 2:
+            raise NetmendError(f"{root}: {'/'.join(parts)} is not inside a class folder (<class>/<image>)")
         split = next((s for s in ("train", "test") if s in parts[:-2]), "all")
-        groups.setdefault(split, []).append((parts[-2], data))
-    classes = sorted({c for g in groups.values() for c, _ in g})
+        groups.setdefault(split, []).append((parts[-2], data, "/".join(parts)))
+    classes = sorted({c for g in groups.values() for c, _, _ in g})
     index = {c: i for i, c in enumerate(classes)}
     out = {}
     for split, g in groups.items():
         g.sort(key=lambda t: t[0])
-        try:
-            imgs = np.stack([_decode(d) for _, d in g])
-        except (OSError, ValueError) as exc:
-            raise NetmendError(f"cannot decode an image in {root}: {exc}") from None
-        out[split] = (imgs, np.array([index[c] for c, _ in g], dtype=np.int64), classes)
+        decoded = []
+        for _, d, name in g:
+            try:
+                decoded.append(_decode(d))
+            except (OSError, ValueError) as exc:
+                raise NetmendError(f"cannot decode {name} in {root}: {first_line(exc)}") from None
+        shapes = sorted({a.shape for a in decoded})
+        if len(shapes) > 1:
+            raise NetmendError(f"{root}: images of different sizes ({shapes[0][1]}×{shapes[0][0]} and "
+                               f"{shapes[1][1]}×{shapes[1][0]}); give images of one size")
+        out[split] = (np.stack(decoded), np.array([index[c] for c, _, _ in g], dtype=np.int64), classes)
     return out
 
 

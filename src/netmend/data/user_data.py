@@ -79,6 +79,28 @@ def as_float(a: Any, what: str) -> torch.Tensor:
     return out
 
 
+MAX_LABEL = 99_999              # the largest class index (netmend.schema allows 100,000 classes)
+PIXEL_TOLERANCE = 1e-5        # float images may stray this far outside [0, 1] (rounding), no further
+
+
+def as_pixels(a: Any, what: str) -> torch.Tensor:
+    """Images from a file as float32 in [0, 1], the convention of every image netmend reads: uint8 (or another
+    integer type holding 0..255) is scaled by 1/255; floats must already lie in [0, 1] — nothing is wrapped,
+    clipped or rescaled silently (--normalize then applies the preprocessing the model expects)."""
+    t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    if t.is_floating_point():
+        out = as_float(t, what)
+        if out.numel() and (float(out.min()) < -PIXEL_TOLERANCE or float(out.max()) > 1 + PIXEL_TOLERANCE):
+            raise NetmendError(f"{what}: float images must hold values in [0, 1], found {float(out.min()):g} .. "
+                               f"{float(out.max()):g} (give uint8 0–255 or floats in [0, 1]; --normalize applies the "
+                               f"model's preprocessing afterwards)")
+        return out
+    out = as_float(t, what)
+    if t.dtype != torch.uint8 and out.numel() and (float(out.min()) < 0 or float(out.max()) > 255):
+        raise NetmendError(f"{what}: integer pixel values must lie in 0..255, found {int(out.min())} .. {int(out.max())}")
+    return out if t.dtype == torch.uint8 else out / 255.0
+
+
 def as_labels(a: Any, what: str) -> torch.Tensor:
     """Integer class labels (a float array holding whole numbers is accepted)."""
     t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
@@ -89,6 +111,9 @@ def as_labels(a: Any, what: str) -> torch.Tensor:
             raise NetmendError(f"{what}: labels must be whole class indices (found fractional or NaN values)")
     elif t.dtype == torch.bool or not t.dtype.is_signed and t.dtype != torch.uint8:
         raise NetmendError(f"{what}: labels must be integers, got {t.dtype}")
+    if len(t) and float(t.max()) > MAX_LABEL:
+        raise NetmendError(f"{what}: label {float(t.max()):g} is larger than any class index netmend takes "
+                           f"(at most {MAX_LABEL})")
     t = t.long()
     if len(t) and int(t.min()) < 0:
         raise NetmendError(f"{what}: negative label {int(t.min())}")
@@ -196,10 +221,11 @@ def load_user_data(path: str | os.PathLike, label_column: str | None = None, nor
         missing = [k for k in ("x", "y") if k not in arrays]
         require(not missing, f"{p}: needs arrays x and y (found {', '.join(sorted(arrays)) or 'none'})")
         require(("x_test" in arrays) == ("y_test" in arrays), f"{p}: give both x_test and y_test, or neither")
-        x, y = as_float(arrays["x"], f"{p}: x"), as_labels(arrays["y"], f"{p}: y")
-        x_test = as_float(arrays["x_test"], f"{p}: x_test") if "x_test" in arrays else None
+        kind = "tabular" if np.ndim(arrays["x"]) == 2 else "image"
+        read = as_float if kind == "tabular" else as_pixels
+        x, y = read(arrays["x"], f"{p}: x"), as_labels(arrays["y"], f"{p}: y")
+        x_test = read(arrays["x_test"], f"{p}: x_test") if "x_test" in arrays else None
         y_test = as_labels(arrays["y_test"], f"{p}: y_test") if "y_test" in arrays else None
-        kind = "tabular" if x.dim() == 2 else "image"
         features, classes = None, None
         if kind == "image":
             x = as_images(x, f"{p}: x")
@@ -287,10 +313,11 @@ def load_evidence(path: str | os.PathLike, normalize: dict[str, list[float]] | N
             missing = [k for k in ("triggered", "clean") if k not in arrays]
             if missing:
                 raise NetmendError(f"{p}: backdoor evidence needs arrays triggered and clean (missing {missing[0]})")
-            ev = Evidence(as_float(arrays["triggered"], f"{p}: triggered"), as_float(arrays["clean"], f"{p}: clean"),
+            read = as_pixels if np.ndim(arrays["triggered"]) >= 3 else as_float
+            ev = Evidence(read(arrays["triggered"], f"{p}: triggered"), read(arrays["clean"], f"{p}: clean"),
                           as_labels(arrays["labels"], f"{p}: labels") if "labels" in arrays else None, source=str(p))
         elif "x" in arrays and "y" in arrays:
-            x = as_float(arrays["x"], f"{p}: x")
+            x = (as_pixels if np.ndim(arrays["x"]) >= 3 else as_float)(arrays["x"], f"{p}: x")
             m = Mistakes(as_images(x, f"{p}: x") if x.dim() >= 3 else x, as_labels(arrays["y"], f"{p}: y"), str(p))
             require(len(m.x) == len(m.y) and len(m.y) > 0, f"{p}: x and y must be non-empty and of one length")
             return Mistakes(normalized(m.x, normalize) if m.x.dim() == 4 else m.x, m.y, m.source)

@@ -17,6 +17,12 @@ from ..errors import NetmendError
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 _VAR = re.compile(r"^([XY])_(\d+)$")
 
+# Stated limits: what a property file may ask for before parsing it would exhaust the stack or the memory.
+MAX_NESTING = 100             # parentheses open at once (ACAS Xu and VNN-COMP files use fewer than 10)
+MAX_DISJUNCTS = 10_000        # input boxes or unsafe conjunctions after expanding and / or
+MAX_VARIABLES = 1_000_000     # X_i or Y_j declared (indices 0..MAX_VARIABLES-1)
+MAX_TABLE_VALUES = 50_000_000  # boxes × inputs, or unsafe conjunctions × outputs
+
 
 @dataclass
 class Property:
@@ -98,6 +104,8 @@ def _parse_sexprs(text: str, where: str) -> list:
     for tok in _TOKEN.findall(text):
         if tok == "(":
             stack.append([])
+            if len(stack) - 1 > MAX_NESTING:
+                raise NetmendError(f"{where}: expressions nested more than {MAX_NESTING} deep (netmend's limit)")
         elif tok == ")":
             if len(stack) == 1:
                 raise NetmendError(f"{where}: unbalanced ')'")
@@ -163,11 +171,25 @@ def _atoms(expr, n, where) -> list[list[tuple[dict, float]]]:
     if op == "and":
         dnf: list[list] = [[]]
         for sub in expr[1:]:
-            dnf = [a + b for a in dnf for b in _atoms(sub, n, where)]
+            dnf = _product(dnf, _atoms(sub, n, where), where)
         return dnf
     if op == "or":
-        return [c for sub in expr[1:] for c in _atoms(sub, n, where)]
+        out = [c for sub in expr[1:] for c in _atoms(sub, n, where)]
+        _check_disjuncts(len(out), where)
+        return out
     raise NetmendError(f"{where}: unsupported connective {op!r}")
+
+
+def _check_disjuncts(count: int, where: str) -> None:
+    if count > MAX_DISJUNCTS:
+        raise NetmendError(f"{where}: the constraints expand to {count:,} or more alternatives (and over or); "
+                           f"netmend's limit is {MAX_DISJUNCTS:,}")
+
+
+def _product(a: list[list], b: list[list], where: str) -> list[list]:
+    """Conjunction of two DNFs (every pair of their conjunctions), refused before it grows past the limit."""
+    _check_disjuncts(len(a) * len(b), where)
+    return [x + y for x in a for y in b]
 
 
 def _box_from(conj: list[tuple[dict, float]], n_x: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +223,9 @@ def parse_vnnlib(text: str, name: str = "property", source: str = "") -> Propert
             m = _VAR.match(e[1]) if len(e) == 3 and isinstance(e[1], str) else None
             if not m:
                 raise NetmendError(f"{where}: bad declaration {e!r} (expected (declare-const X_i Real) or Y_j)")
+            if int(m.group(2)) >= MAX_VARIABLES:
+                raise NetmendError(f"{where}: {e[1]} is beyond netmend's limit of {MAX_VARIABLES:,} "
+                                   f"{'inputs' if m.group(1) == 'X' else 'outputs'}")
             n[m.group(1)] = max(n[m.group(1)], int(m.group(2)) + 1)
         elif e[0] == "assert":
             if len(e) != 2:
@@ -208,9 +233,9 @@ def parse_vnnlib(text: str, name: str = "property", source: str = "") -> Propert
             dnf = _atoms(e[1], n, where)
             kinds = {k[0] for conj in dnf for coef, _ in conj for k in coef}
             if kinds == {"X"}:
-                x_dnf = [a + b for a in x_dnf for b in dnf]
+                x_dnf = _product(x_dnf, dnf, where)
             elif kinds == {"Y"}:
-                y_dnf = [a + b for a in y_dnf for b in dnf]
+                y_dnf = _product(y_dnf, dnf, where)
             else:
                 raise NetmendError(f"{where}: an assertion mixes inputs and outputs (not supported)")
         else:
@@ -219,6 +244,10 @@ def parse_vnnlib(text: str, name: str = "property", source: str = "") -> Propert
         raise NetmendError(f"{where}: declares no inputs X_i or no outputs Y_j")
     if y_dnf == [[]]:
         raise NetmendError(f"{where}: no output constraint")
+    for count, size, what in ((len(x_dnf), n["X"], "input boxes × inputs"), (len(y_dnf), n["Y"], "unsafe regions × outputs")):
+        if count * size > MAX_TABLE_VALUES:
+            raise NetmendError(f"{where}: {count:,} {what.split(' × ')[0]} over {size:,} variables is more than "
+                               f"netmend's limit of {MAX_TABLE_VALUES:,} values ({what})")
     boxes = [_box_from(conj, n["X"], where) for conj in x_dnf]
     unsafe = []
     for conj in y_dnf:
@@ -242,6 +271,28 @@ def load_vnnlib(path: str | Path) -> Property:
     except UnicodeDecodeError:
         raise NetmendError(f"{path}: not a text .vnnlib file") from None
     return parse_vnnlib(text, path.stem, str(path))
+
+
+def check_network(prop: Property, model, in_shape=None) -> None:
+    """The network reads the property's inputs and gives its outputs: a one-line error naming both counts
+    otherwise (a property naming 7 inputs for a 5-input network is the user's mistake, not a shape error)."""
+    if in_shape is not None:
+        n_in = 1
+        for s in in_shape:
+            n_in *= int(s)
+        if n_in != prop.n_inputs:
+            raise NetmendError(f"property {prop.name} speaks of {prop.n_inputs} inputs (X_0..X_{prop.n_inputs - 1}); "
+                               f"the network takes {n_in}")
+    try:
+        p = next(iter(model.parameters()), None)
+        with torch.no_grad():
+            y = model(torch.zeros(1, prop.n_inputs, dtype=p.dtype if p is not None and p.is_floating_point()
+                                  else torch.float32, device=p.device if p is not None else "cpu"))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise NetmendError(f"property {prop.name} speaks of {prop.n_inputs} inputs (X_0..X_{prop.n_inputs - 1}); the "
+                           f"network does not take that many ({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__})") from None
+    if y.shape[-1] != prop.n_outputs:
+        raise NetmendError(f"property {prop.name} has {prop.n_outputs} outputs, the network {y.shape[-1]}")
 
 
 def argmin_property(name: str, boxes: list[tuple[list[float], list[float]]], allowed: list[int], n_outputs: int = 5) -> Property:

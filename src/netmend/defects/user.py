@@ -361,9 +361,16 @@ def defect_from_files(model: nn.Module, data: str, evidence: str | None = None, 
     right labels -> wrong predictions; `--protected` -> fairness."""
     from ..data.user_data import load_evidence, load_user_data
 
+    from ..registry import check_number
+
     options = dict(options or {})
+    for name, value in options.items():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            check_number(name, v, f"a {kind or 'user'} defect (-d)")
     d = fit_channels(model, load_user_data(data, label_column, normalize, test_fraction, seed, test_data))
     k = output_classes(model, d.x)
+    for what, y in ((f"{data}: labels", d.y), (f"{test_data or data}: test labels", d.y_test)):
+        check_labels(y, k, what)
     if evidence is not None and protected is not None:
         raise NetmendError("--evidence and --protected describe different defects: give one")
     ev = load_evidence(evidence, d.normalize) if evidence is not None else None

@@ -5,8 +5,6 @@ a user's mistake (missing file, unsupported layer) raises NetmendError (the CLI 
 """
 from __future__ import annotations
 
-import json
-
 import typer
 
 EXIT_CODES = {"verified": 0, "violated": 1, "unknown": 3}
@@ -30,7 +28,9 @@ def verify_command(
     device: str = typer.Option("cpu", help="torch device for the bounds"),
 ) -> None:
     """Verify a ReLU network against a box property: verified (proved), violated (counterexample) or unknown."""
+    from ..data.vnnlib import check_network
     from ..defects.safety import resolve_property
+    from ..jsonsafe import dumps
     from ..errors import NetmendError
     from ..modelio import load_any_model
     from .bab import verify
@@ -39,6 +39,7 @@ def verify_command(
         raise NetmendError(f"--timeout must be ≥ 0, got {timeout}")
     net, info = load_any_model(model)
     p = resolve_property(prop)
+    check_network(p, net)
     res = verify(net, p, timeout=timeout, seed=seed, device=device)
     cex = None
     if res.counterexample is not None:
@@ -52,7 +53,7 @@ def verify_command(
            "lower_bound": res.lower_bound, "root_lower_bound": res.root_lower_bound, "reason": res.reason,
            "timeout": timeout, "seed": seed}
     if json_out:
-        print(json.dumps(out))
+        print(dumps(out))
     else:
         from rich.console import Console
         from rich.table import Table
