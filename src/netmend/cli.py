@@ -1,4 +1,4 @@
-"""`netmend demo | train | repair | locate | evaluate | methods` — the user's path.
+"""`netmend demo | train | repair | locate | evaluate | methods | report` — the user's path.
 
 A user's mistake (missing file, unknown name, bad shape, occupied --out) prints one line on stderr
 and exits with code 2; nothing is written or overwritten.
@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import jsonsafe
 from .errors import NetmendError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,6 +56,44 @@ def _kv(pairs: list[str] | None, flag: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             result[k.strip().replace("-", "_")] = v
     return result
+
+
+def available_devices() -> list[str]:
+    """The torch devices this machine has: cpu, each CUDA device, mps."""
+    import torch
+
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def check_device(device: str) -> str:
+    """--device names a device this machine has (checked before any work): else one line naming those it has."""
+    import torch
+
+    have = available_devices()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise NetmendError(f"--device {device!r} is not a device name; this machine has: {', '.join(have)}") from None
+    ok = (d.type == "cpu" or (d.type == "cuda" and "cuda" in have and (d.index or 0) < torch.cuda.device_count())
+          or (d.type == "mps" and "mps" in have))
+    if not ok:
+        raise NetmendError(f"--device {device} is not available here; this machine has: {', '.join(have)}")
+    return device
+
+
+def _finite(**options: Any) -> None:
+    """Float command-line options must be finite numbers (typer reads 'nan' and 'inf' as floats)."""
+    import math
+
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NetmendError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def load_any_model(path: str, weights: str | None = None, own: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -108,6 +147,9 @@ def build_defect(info: dict[str, Any], kind: str | None, data_dir: str | None, g
     if kind in (None, "clean"):
         raise NetmendError("this model records no defect; name one with --defect KIND")
     entry = DEFECTS.entry(kind)
+    from .schema import check_defect_fields
+
+    check_defect_fields(info, kind)
     fields = {f.name for f in dataclasses.fields(entry.config)} if entry.config else set()
     given = {k: v for k, v in given.items() if v is not None}
     unknown = sorted(set(given) - fields)
@@ -116,7 +158,27 @@ def build_defect(info: dict[str, Any], kind: str | None, data_dir: str | None, g
         raise NetmendError(f"{flags} does not apply to a {kind} defect (its options: {', '.join(sorted(fields)) or 'none'})")
     info = {**info, "defect": {**info.get("defect", {}), "kind": kind}}
     extra = {"model": model} if (model is not None and entry.extra.get("needs_model")) else {}
-    return entry.obj(info, make_config(entry.config, given), data_dir=data_dir, **extra)
+    config = make_config(entry.config, given)
+    if kind == "safety" and model is not None:
+        _check_property_fits(info, config, data_dir, model)
+    return entry.obj(info, config, data_dir=data_dir, **extra)
+
+
+def _check_property_fits(info: dict[str, Any], config, data_dir, model) -> None:
+    """A safety property speaks of as many inputs and outputs as the network has (checked before the defect
+    samples anything, so a 7-input property on a 5-input network is one line, not a shape error)."""
+    from .data.vnnlib import check_network
+    from .defects.safety import resolve_property
+
+    d = info.get("defect", {})
+    spec = getattr(config, "property", "") or d.get("property", "")
+    box = getattr(config, "box", "official")
+    if not getattr(config, "property", "") and d.get("box") and box == "official":
+        box = d["box"]
+    if not spec:
+        return                                       # the defect says what is missing
+    in_shape = (info.get("arch_args") or {}).get("in_shape")
+    check_network(resolve_property(spec, box, data_dir), model, in_shape)
 
 
 def _print_result_table(results: list[dict[str, Any]], title: str) -> None:
@@ -217,7 +279,7 @@ def train(
     dataset: str = typer.Option(..., help="dataset name (netmend methods lists none; see README)"),
     arch: str = typer.Option(..., help="architecture: mlp, small-cnn, preact-resnet18, vgg11"),
     out: Path = typer.Option(..., help="new model folder to write"),
-    data_dir: Optional[str] = typer.Option(None, help="data folder (else $NETMEND_DATA, else ../shared/data)"),
+    data_dir: Optional[str] = typer.Option(None, help="data folder (else $NETMEND_DATA)"),
     trigger: str = typer.Option("badnets", help="badnets | blended | wanet | none"),
     trigger_size: int = typer.Option(3), trigger_position: str = typer.Option("br"),
     trigger_pattern: str = typer.Option("white"), blend_alpha: float = typer.Option(0.2),
@@ -241,6 +303,13 @@ def train(
     from .train import TrainConfig, default_epochs, train_backdoored
 
     check_fresh_out(out)
+    check_device(device)
+    _finite(blend_alpha=blend_alpha, poison_rate=poison_rate, spurious_fraction=spurious_fraction,
+            mislabel_fraction=mislabel_fraction)
+    if epochs is not None and epochs < 1:
+        raise NetmendError(f"--epochs must be ≥ 1, got {epochs}")
+    if not 0 <= poison_rate <= 1:
+        raise NetmendError(f"--poison-rate must be in [0, 1], got {poison_rate}")
     entry = DATASETS.entry(dataset)
     if entry.extra.get("trainer"):
         if spurious_class is not None or mislabel_class is not None:
@@ -254,7 +323,10 @@ def train(
             raise NetmendError(f"--protected applies to tabular datasets, not {dataset}")
         spec = None if trigger == "none" else TriggerSpec(kind=trigger, size=trigger_size, position=trigger_position,
                                                           pattern=trigger_pattern, alpha=blend_alpha, seed=seed)
-        cfg = TrainConfig(epochs=epochs or default_epochs(arch, dataset), seed=seed)
+        from .registry import check_config
+
+        cfg = check_config(TrainConfig(epochs=epochs if epochs is not None else default_epochs(arch, dataset),
+                                       seed=seed), "netmend train")
         if mislabel_class is not None:
             from .defects.wrong_predictions import train_mislabelled
 
@@ -272,7 +344,7 @@ def train(
             model, info = train_backdoored(dataset, arch, spec, target, poison_rate, cfg, device, data_dir)
     save_model_folder(out, model, info)
     if json_out:
-        print(json.dumps({"out": str(out), "metrics": info.get("metrics", {}), "seconds": info.get("training", {}).get("seconds")}))
+        print(jsonsafe.dumps({"out": str(out), "metrics": info.get("metrics", {}), "seconds": info.get("training", {}).get("seconds")}))
     else:
         out_console.print(f"saved {out}: " + ", ".join(f"{k} {v:.4f}" for k, v in info.get("metrics", {}).items()
                                                       if isinstance(v, float)))
@@ -366,9 +438,14 @@ def repair(
     from . import api
     from .modelio import check_fresh_out
     from .registry import LOCALISERS, METHODS, REPAIRERS
-    from .report.record import write_run
+    from .report.record import command_line, write_run
 
     check_fresh_out(out)
+    check_device(device)
+    _finite(repair_fraction=repair_fraction, test_fraction=test_fraction, verify_timeout=verify_timeout)
+    if certify and (verify_timeout <= 0 or certify_rounds < 0):
+        raise NetmendError(f"--verify-timeout must be > 0 and --certify-rounds ≥ 0, got {verify_timeout} and "
+                           f"{certify_rounds}")
     if not 0 <= max_accuracy_drop <= 100 or max_accuracy_drop != max_accuracy_drop:
         raise NetmendError(f"--max-accuracy-drop takes accuracy points in [0, 100], got {max_accuracy_drop}")
     if method is None and repairer is None:
@@ -394,10 +471,10 @@ def repair(
                                   keep_rejected=keep_rejected, **kwargs)
     else:
         result = api.repair(net, d, keep_rejected=keep_rejected, **kwargs)
-    write_run(out, info, result, source=str(model))
+    write_run(out, info, result, source=str(model), defect=d, command=command_line())
     summary = result.summary()
     if json_out:
-        print(json.dumps(summary, default=float))
+        print(jsonsafe.dumps(summary))
     else:
         _print_result_table([summary], f"netmend repair → {out}")
     if not result.accepted:
@@ -439,7 +516,7 @@ def evaluate(
     m = d.metrics(net)
     scalars = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) or v is None}
     if json_out:
-        print(json.dumps({"model": model, "metrics": scalars, "seconds": time.perf_counter() - t0}, default=float))
+        print(jsonsafe.dumps({"model": model, "metrics": scalars, "seconds": time.perf_counter() - t0}))
     else:
         table = Table(title=f"netmend evaluate {model}")
         table.add_column("metric")
@@ -481,10 +558,11 @@ def locate_cmd(
     """Rank the layers / neurons / weights responsible for a model's defect (no edit)."""
     from . import api
 
+    check_device(device)
     if list_layers:
         net, _ = load_any_model(model, weights, own=True)
         if json_out:
-            print(json.dumps([{"name": n, "type": type(m).__name__,
+            print(jsonsafe.dumps([{"name": n, "type": type(m).__name__,
                                "parameters": {k: list(p.shape) for k, p in m.named_parameters(recurse=False)}}
                               for n, m in net.named_modules() if n and not list(m.children())]))
         else:
@@ -501,7 +579,7 @@ def locate_cmd(
     d.prepare(net)
     sites = api.locate(net, d, localiser, _kv(locate_opt, "-L"), seed, device)
     if json_out:
-        print(json.dumps(sites.to_json(), default=float))
+        print(jsonsafe.dumps(sites.to_json()))
         return
     table = Table(title=f"{localiser}: top {top} of {len(sites)} sites ({sites.seconds:.2f} s)")
     for c in ("rank", "layer", "kind", "index", "score"):
@@ -525,11 +603,31 @@ def demo(
     results = run_demo(out, seed=seed, methods=only.split(",") if only else None, quiet=json_out,
                        log=(lambda *_: None) if json_out else out_console.print)
     if json_out:
-        print(json.dumps(results, default=float))
+        print(jsonsafe.dumps(results))
     else:
         _print_result_table(results["results"], f"netmend demo: {results['model']['dataset']} / {results['model']['arch']}, "
                                                 f"BadNets → class {results['model']['target']}")
         out_console.print(f"report: {Path(out) / 'report.html'}")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="run folders (or folders of them, such as a demo's)"),
+    out: Path = typer.Option(..., "--out", help="the HTML file to write (.html)"),
+    title: Optional[str] = typer.Option(None, help="page title (comparisons)"),
+) -> None:
+    """Write one self-contained HTML report: of a run folder, or comparing several (no network, pictures inline)."""
+    from .report.html import run_folders, write_report
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise NetmendError(f"--out names the HTML file to write and must end in .html, got {out}")
+    if out.is_dir():
+        raise NetmendError(f"--out {out} is a folder; name the HTML file to write")
+    folders = run_folders(runs)
+    t0 = time.perf_counter()
+    write_report(folders, out, title)
+    kind = "report" if len(folders) == 1 else f"comparison of {len(folders)} runs"
+    out_console.print(f"{kind}: {out} ({out.stat().st_size / 1024:.0f} KB, {time.perf_counter() - t0:.2f} s)")
 
 
 def _register_verify() -> None:

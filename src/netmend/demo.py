@@ -17,7 +17,7 @@ from .defects.backdoor import BackdoorDefect, BackdoorOptions
 from .errors import NetmendError
 from .modelio import save_model_folder, write_json
 from .registry import METHODS
-from .report.html import render_report
+from .report.html import write_report
 from .report.record import write_run
 from .train import TrainConfig, train_backdoored
 
@@ -60,7 +60,9 @@ def run_demo(out: str | Path, seed: int = 0, methods: list[str] | None = None, q
             skipped[name] = str(exc)
             log(f"  {name} skipped: {exc}")
             continue
-        write_run(out / "runs" / name, info, result, source=str(out / "model"))
+        write_run(out / "runs" / name, info, result, source=str(out / "model"), defect=defect,
+                  command=f"netmend demo --seed {seed} --only {name} --out NEW_FOLDER   "
+                          f"# this run alone: the same model (same seed), then {name}")
         results.append(result.summary())
     summary = {"model": {"dataset": DEMO["dataset"], "arch": DEMO["arch"], "target": DEMO["target"],
                          "poison_rate": DEMO["poison_rate"], "trigger": DEMO["trigger"].to_json(), "seed": seed,
@@ -68,6 +70,8 @@ def run_demo(out: str | Path, seed: int = 0, methods: list[str] | None = None, q
                "results": results, "skipped": skipped, "seconds": time.perf_counter() - t_start,
                "versions": api.versions(), "out": str(out)}
     write_json(out / "summary.json", summary)
-    (out / "report.html").write_text(render_report("netmend demo: backdoored digits CNN, every method", results, info,
-                                                   api.versions()))
+    command = f"netmend demo --seed {seed}" + (f" --only {','.join(methods)}" if methods else "") + f" --out {out}"
+    write_report([out / "runs" / r["method"] for r in results], out / "report.html",
+                 "netmend demo: backdoored digits CNN, every method", skipped=skipped,
+                 extra={"command": command})
     return summary
