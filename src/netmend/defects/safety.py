@@ -19,7 +19,7 @@ The ACAS advisory is the ARGMIN of the outputs; `Objective.decide` and `advisory
 
 Properties (`--property`): a .vnnlib path; `prop_N` / `phiN` (prop_N.vnnlib under the data dir's
 acasxu/vnnlib); or a built-in: `phi2-strengthened` (CARE's N3,3 property: in the φ1/φ2 box the
-advisory must be COC). `box="care"` swaps in CARE's boxes (METHODS.md §4.5; φ8's ψ is twice as wide).
+advisory must be COC). `box="care"` swaps in CARE's boxes (from CARE's code; φ8's ψ is twice as wide).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.vnnlib import Property, argmin_property, load_vnnlib
+from ..data.vnnlib import Property, argmin_property, check_network, load_vnnlib
 from ..errors import NetmendError, require
 from ..metrics import wilson_interval
 from ..registry import DEFECTS
@@ -43,7 +43,7 @@ PHI1_BOX = ([0.6, -0.5, -0.5, 0.45, -0.5], [0.679857769, 0.5, 0.5, 0.5, -0.45])
 BUILTIN_PROPERTIES = {
     "phi2-strengthened": lambda: argmin_property("phi2-strengthened", [PHI1_BOX], [0]),
 }
-# CARE's normalised boxes (METHODS.md §4.5), keyed by property number / built-in name.
+# CARE's normalised boxes (from CARE's code), keyed by property number / built-in name.
 CARE_BOXES = {
     "8": ([-0.3284228772, -0.5, -0.031847133, -0.045454545, 0.0], [0.6798577687, -0.375, 0.031847133, 0.5, 0.5]),
     "7": ([-0.3284, -0.5, -0.5, -0.5, -0.5], [0.6799, 0.5, 0.5, 0.5, 0.5]),
@@ -56,7 +56,7 @@ class SafetyOptions:
     """Which property, how hard to search for counterexamples, and how many samples each metric draws."""
 
     property: str = ""                 # .vnnlib path | prop_N | phiN | phi2-strengthened
-    box: str = "official"              # official | care (CARE's boxes, §4.5)
+    box: str = "official"              # official | care (CARE's boxes)
     seed: int = 0
     counterexamples: int = 1000        # evidence set size (CARE used 10 016)
     satisfying: int = 1000             # drawndown set size, fit + val (CARE used 10 016)
@@ -71,7 +71,7 @@ class SafetyOptions:
     eval_samples: int = 1_000_000      # uniform box samples for violation_rate
     eval_falsify_starts: int = 1024    # the metric falsifier's fixed budget (PGD starts, no local sampling)
     fidelity_samples: int = 100_000    # samples outside the box for fidelity
-    # netmend deviation from CARE (METHODS §4.3), measured in benchmarks/care.py: the objective's "keep" set also
+    # netmend deviation from CARE (docs/methods/care.md), measured in benchmarks/care.py: the objective's "keep" set also
     # holds `outside` samples from OUTSIDE the box (half over the whole domain, half in the near-box shell: the box
     # widened by its own width on each side), labelled with the original advisory, seed + 5 (validation: seed + 6).
     # CARE's objective (drawndown box samples only) is outside = 0; it left 97.2% / 84.7% fidelity outside the box.
@@ -240,7 +240,8 @@ class SafetyDefect(Defect):
         self.x_rounds: list[torch.Tensor] = []     # counterexamples found on repair candidates (more_evidence)
         ho = falsify(self.original, prop, o.seed + 1, want=o.heldout_counterexamples, **fal)
         self.x_heldout = ho.counterexamples
-        self.repair = self._drawndown(o.satisfying, o.val_fraction, o.seed)
+        self.drawndown_note = ""
+        self.repair = self._drawndown(o.satisfying, o.val_fraction, o.seed, note=True)
         self._eval_x: torch.Tensor | None = None
         self._fid_x: torch.Tensor | None = None
         self._fid_y: torch.Tensor | None = None
@@ -258,7 +259,7 @@ class SafetyDefect(Defect):
             return advisory(y) if len(x) else torch.zeros(0, dtype=torch.long)
         return advisory(torch.where(allowed, y, torch.full_like(y, float("inf"))))
 
-    def _drawndown(self, n: int, val_fraction: float, seed: int) -> RepairData:
+    def _drawndown(self, n: int, val_fraction: float, seed: int, note: bool = False) -> RepairData:
         """Uniform box samples that satisfy the property on the original network, labelled with its advisory."""
         g = torch.Generator().manual_seed(int(seed) + 17)
         keep: list[torch.Tensor] = []
@@ -270,10 +271,17 @@ class SafetyDefect(Defect):
             keep.append(x[ok])
             got += int(ok.sum())
             if drawn > 200 * n and got < n:
-                raise NetmendError(f"property {self.prop.name}: only {got} of {drawn} box samples satisfy it; "
-                                   "the network violates it almost everywhere")
+                break
         x = torch.cat(keep)[:n]
         y = advisory(_outputs(self.original, x))
+        if len(x) < n:
+            # the network violates the property (almost) everywhere in the box: the rest are box samples labelled
+            # with the allowed advisory the original network prefers (safe_labels), as its counterexamples are
+            if note:
+                self.drawndown_note = (f"only {len(x)} of {drawn} box samples satisfy the property; {n - len(x)} box "
+                                       "samples labelled with their nearest allowed advisory fill the repair set")
+            xs = self.prop.sample(n - len(x), g)
+            x, y = torch.cat([x, xs]), torch.cat([y, self.safe_labels(xs)])
         n_val = max(1, int(round(val_fraction * n)))
         idx = list(range(n))
         return RepairData(x[n_val:], y[n_val:], x[:n_val], y[:n_val], {"fit": idx[n_val:], "val": idx[:n_val]})
@@ -477,7 +485,8 @@ class SafetyDefect(Defect):
                 self._fid_x, self.fidelity_region = x[:n], "outside-box"
             else:
                 rd = self._drawndown(n, 0.5, self.options.seed + 4)
-                self._fid_x = torch.cat([rd.x_fit, rd.x_val])
+                x = torch.cat([rd.x_fit, rd.x_val])
+                self._fid_x = x[~self.prop.violated(_outputs(self.original, x))]
                 self.fidelity_region = "inside-box-satisfying"
             self._fid_y = advisory(_outputs(self.original, self._fid_x))
         return self._fid_x, self._fid_y
@@ -507,6 +516,7 @@ class SafetyDefect(Defect):
         d.update({"property": self.prop.describe(), "box": self.options.box, "evidence": len(self.x_bad),
                   "round_counterexamples": [len(x) for x in self.x_rounds],
                   "heldout_counterexamples": len(self.x_heldout), "falsifier": self.falsifier_stats,
+                  **({"repair_set": self.drawndown_note} if self.drawndown_note else {}),
                   "seeds": {"repair": self.options.seed, "heldout": self.options.seed + 1, "falsifier_metric": self.options.seed + 2,
                             "violation_rate": self.options.seed + 3, "fidelity": self.options.seed + 4}})
         return d
@@ -566,6 +576,7 @@ def safety_from_info(info: dict, options: SafetyOptions, data_dir=None, model: n
         options.box = d["box"]
     prop = resolve_property(spec, options.box, data_dir)
     net = model if model is not None else _load_source(info)
+    check_network(prop, net)
     norm = dict(info.get("arch_args", {}))
     norm = {k: v for k, v in norm.items() if k.startswith(("input_", "output_"))} or getattr(net, "normalisation", None)
     return SafetyDefect(net, prop, options, norm)

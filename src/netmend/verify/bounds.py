@@ -65,8 +65,9 @@ def _flat_modules(model: nn.Module) -> list[nn.Module]:
     return [model]
 
 
-def relu_chain(model: nn.Module, dtype: torch.dtype = torch.float64) -> ReluNet:
-    """The model as a ReluNet; refuses anything but Linear / ReLU (and a leading Flatten / Identity)."""
+def relu_chain(model: nn.Module, dtype: torch.dtype = torch.float64, live: bool = False) -> ReluNet:
+    """The model as a ReluNet; refuses anything but Linear / ReLU (and a leading Flatten / Identity).
+    live: keep the weights attached to the model's parameters (bounds differentiable in them, for training)."""
     mods = _flat_modules(model)
     ops: list = []          # "relu" or (W, b)
     seen_linear = False
@@ -76,8 +77,9 @@ def relu_chain(model: nn.Module, dtype: torch.dtype = torch.float64) -> ReluNet:
         if isinstance(m, nn.Flatten) and not seen_linear and not ops:
             continue
         if isinstance(m, nn.Linear):
-            w = m.weight.detach().to("cpu", dtype)
-            b = m.bias.detach().to("cpu", dtype) if m.bias is not None else torch.zeros(w.shape[0], dtype=dtype)
+            w = m.weight if live else m.weight.detach().to("cpu", dtype)
+            b = (m.bias if live else m.bias.detach().to("cpu", dtype)) if m.bias is not None else \
+                torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
             if ops and not isinstance(ops[-1], str):       # fold Linear ∘ Linear
                 w0, b0 = ops[-1]
                 ops[-1] = (w @ w0, w @ b0 + b)
@@ -96,10 +98,12 @@ def relu_chain(model: nn.Module, dtype: torch.dtype = torch.float64) -> ReluNet:
     if ops[0] == "relu":                                    # relu on the input: identity Linear in front
         first = next(o for o in ops if not isinstance(o, str))
         n = first[0].shape[1]
-        ops.insert(0, (torch.eye(n, dtype=dtype), torch.zeros(n, dtype=dtype)))
+        ops.insert(0, (torch.eye(n, dtype=first[0].dtype, device=first[0].device),
+                       torch.zeros(n, dtype=first[0].dtype, device=first[0].device)))
     if ops[-1] == "relu":                                   # relu on the output: identity Linear behind
-        n = ops[-2][0].shape[0]
-        ops.append((torch.eye(n, dtype=dtype), torch.zeros(n, dtype=dtype)))
+        last = ops[-2][0]
+        n = last.shape[0]
+        ops.append((torch.eye(n, dtype=last.dtype, device=last.device), torch.zeros(n, dtype=last.dtype, device=last.device)))
     ws = [o[0].contiguous() for o in ops if not isinstance(o, str)]
     bs = [o[1].contiguous() for o in ops if not isinstance(o, str)]
     for i in range(1, len(ws)):
