@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from netmend.certify import certified_repair  # noqa: E402
+from netmend.errors import NetmendError, first_line  # noqa: E402
 from netmend.defects.safety import SafetyOptions, safety_from_info  # noqa: E402
 from netmend.zoo.acasxu import load_nnet  # noqa: E402
 
@@ -85,7 +86,8 @@ def read_rows(path: Path) -> list[dict]:
 def write_report(rows: list[dict], args, wanted: int) -> None:
     rows = sorted(rows, key=lambda r: int(r["index"]))
     ver = [r for r in rows if r["verified"] == "True"]
-    fid = [float(r["fidelity"]) for r in rows]
+    ran = [r for r in rows if r.get("fidelity")]           # rows of instances the repair ran on (not a failed one)
+    fid = [float(r["fidelity"]) for r in ran]
     lines = ["# Repairing every violated ACAS Xu instance, each repair proved by the verifier", "",
              f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, 1 thread, CPU. Seed "
              f"{args.seed}. Command: `python benchmarks/acasxu_all.py --seed {args.seed}` (the violated rows of "
@@ -97,18 +99,23 @@ def write_report(rows: list[dict], args, wanted: int) -> None:
              "Fidelity: agreement with the original advisory on 10⁵ fresh domain samples outside the property's box "
              "(inside-box satisfying samples where the box covers the domain, φ7). Violation rate: 10⁶ uniform box "
              "samples. Change: ‖ΔW‖/‖W‖ over the edited parameters.", ""]
-    if rows:
+    if ran:
         lines += [f"**{len(ver)} of {len(rows)} repaired instances verified** ({wanted} violated instances in all). "
                   f"Fidelity: mean {100 * statistics.mean(fid):.2f} %, min {100 * min(fid):.2f} %, max "
                   f"{100 * max(fid):.2f} %. Time per instance (repair + verification): median "
-                  f"{statistics.median(float(r['total_s']) for r in rows):.0f} s, max "
-                  f"{max(float(r['total_s']) for r in rows):.0f} s.", "",
+                  f"{statistics.median(float(r['total_s']) for r in ran):.0f} s, max "
+                  f"{max(float(r['total_s']) for r in ran):.0f} s." + (f" {len(rows) - len(ran)} instance(s) failed "
+                  "before a repair (reason in the table)." if len(ran) < len(rows) else ""), "",
                   "Anchors on the same benchmark: VeRe (ICSE 2024) all 36 unsafe tasks at 99.87 % generalisation; "
                   "Veritex 35/35 unsafe networks at accuracy min / mean / max 98.74 / 99.70 / 100 %.", "",
                   "| # | network | property | verified | fidelity % | violation rate % (10⁶) | falsifier hits | ‖ΔW‖/‖W‖ "
                   "| weights changed | steps | verifier in repair | repair s | verify s | gate |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            if not r.get("fidelity"):
+                lines.append(f"| {r['index']} | {r['network']} | {r['property']} | failed | | | | | | | | | | "
+                             f"{r['reason']} |")
+                continue
             gate = "accepted" if r["accepted"] == "True" else f"rejected: {r['reason']}"
             lines.append(f"| {r['index']} | {r['network']} | {r['property']} | {r['verify_status']} | "
                          f"{100 * float(r['fidelity']):.2f} | {100 * float(r['violation_rate_before']):.4g} → "
@@ -143,7 +150,11 @@ def main() -> None:
     for inst in todo:
         if args.report or (inst["index"], str(args.seed)) in done:
             continue
-        row = run_one(inst, args)
+        try:
+            row = run_one(inst, args)
+        except NetmendError as exc:                 # one failed instance is a row with its reason, not the end
+            row = {"index": inst["index"], "network": inst["network"], "property": inst["property"],
+                   "seed": args.seed, "verified": False, "accepted": False, "reason": first_line(exc)}
         print(row, flush=True)
         new = not path.is_file()
         with open(path, "a", newline="") as f:

@@ -343,3 +343,31 @@ def test_property_tune_bound_rounds_turn_an_unproved_repair_into_a_verified_one(
     assert rounds[0]["verify"] == "violated" and rounds[-1]["verify"] == "verified"
     assert verify(r.model, p, timeout=10).status == "verified"
     assert r.after["violation_rate"] == 0
+
+
+@needs_acas
+def test_certified_repair_takes_its_evidence_from_the_verifier_when_the_falsifier_finds_none():
+    """A violation in a thin interior sliver (|x0 − 0.3| ≤ 0.005) that a one-start falsifier misses: --certify asks
+    the verifier, repairs on its counterexample and proves the result; a network the verifier proves safe is
+    'nothing to repair'."""
+    from netmend.certify import certified_repair
+
+    p, net = parse_vnnlib(TOY, "toy"), acasxu([2], 2, hidden=[8])
+    with torch.no_grad():                                      # y0 = |x0 − 0.3|, y1 = 0.005
+        net.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]] + [[0.0, 0.0]] * 6))
+        net.fc1.bias.copy_(torch.tensor([-0.3, 0.3, 1.0] + [0.0] * 5))
+        net.fc2.weight.copy_(torch.tensor([[1.0, 1.0, 0.0] + [0.0] * 5, [0.0, 0.0, 0.005] + [0.0] * 5]))
+        net.fc2.bias.zero_()
+    net.eval()
+    blind = {**SMALL, "falsify_starts": 1, "falsify_steps": 1, "counterexamples": 1}
+    d = SafetyDefect(net, p, SafetyOptions(**blind))
+    assert len(d.x_bad) == 0                                   # the falsifier saw nothing
+    r = certified_repair(net, d, rounds=1, verify_timeout=10, method="property-tune", max_accuracy_drop=0.1,
+                         repair_options={"steps": 300, "box_batch": 512, "keep_batch": 1024, "lr": 0.01})
+    first = r.certify["rounds"][0]
+    assert first["round"] == "input" and first["status"] == "violated" and first["added"] >= 1
+    assert r.after["verified"] is True
+    safe = toy_net(-2.0)
+    with pytest.raises(NetmendError, match="nothing to repair.*verified"):
+        certified_repair(safe, SafetyDefect(safe, p, SafetyOptions(**blind)), verify_timeout=10,
+                         method="property-tune")

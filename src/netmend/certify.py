@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import require
+from .errors import NetmendError, require
 from .progress import log, stage
 
 
@@ -52,6 +52,19 @@ def certified_repair(model: nn.Module, defect, rounds: int = 3, verify_timeout: 
     require(verify_timeout > 0, f"the verifier's timeout must be positive, got {verify_timeout}")
     history: list[dict[str, Any]] = []
     t_repair = t_verify = 0.0
+    if len(defect.x_bad) == 0:
+        # The falsifier found nothing, yet the property may be violated (a counterexample in a thin region):
+        # the verifier decides, and its counterexample becomes the evidence the repair fits.
+        t0 = time.perf_counter()
+        with stage("certify: no sampled counterexample; verifying the input model"):
+            v = verify(model, defect.prop, timeout=verify_timeout, seed=0)
+        t_verify += time.perf_counter() - t0
+        history.append({"round": "input", "status": v.status, "verify_seconds": round(v.seconds, 3), "boxes": v.boxes})
+        if v.status != "violated":
+            raise NetmendError(f"nothing to repair: the falsifier found no counterexample to {defect.prop.name} and the "
+                               f"verifier says {v.status}" + (" (the property holds)" if v.status == "verified" else
+                                                             f" after {verify_timeout:g} s"))
+        history[-1]["added"] = defect.add_counterexamples(_cloud(v.counterexample.flatten(), defect.prop, cloud, radius, 0))
     before = None
     result, status = None, "unknown"
     for r in range(rounds + 1):
