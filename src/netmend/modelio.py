@@ -173,7 +173,7 @@ def build_model(info: dict[str, Any]) -> nn.Module:
     from .zoo.models import create_model
 
     validate_arch(info)
-    args = dict(info.get("arch_args", {}))
+    args = {k: v for k, v in info.get("arch_args", {}).items() if v is not None}     # null: the default
     in_shape = args.pop("in_shape", None)
     num_classes = args.pop("num_classes", None)
     if in_shape is None or num_classes is None:
@@ -182,13 +182,15 @@ def build_model(info: dict[str, Any]) -> nn.Module:
         with torch.device("meta"):
             probe = create_model(info["arch"], in_shape, num_classes, **args)
         counted = sum(t.numel() for t in list(probe.parameters()) + list(probe.buffers()))
-    except NetmendError:
-        raise
+    except NetmendError as exc:
+        raise NetmendError(exc if str(exc).startswith("model.json") else f"model.json: {exc}") from None
     except Exception:      # an architecture that cannot be built on the meta device: built for real below
         counted = 0
     check_parameter_count(counted)
     try:
         return create_model(info["arch"], in_shape, num_classes, **args)
+    except NetmendError as exc:
+        raise NetmendError(f"model.json: {exc}") from None
     except (ValueError, RuntimeError) as exc:
         raise NetmendError(f"model.json: cannot build {info['arch']!r} from its arch_args: {first_line(exc)}") from None
 
