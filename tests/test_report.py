@@ -290,9 +290,7 @@ def test_report_command_writes_a_comparison(runs, tmp_path):
     from netmend.report.html import write_report
 
     out = tmp_path / "cmp" / "compare.html"
-    t = time.perf_counter()
     write_report([runs["root"] / "demo"], out, title="two methods")      # a folder of run folders
-    assert time.perf_counter() - t < 2.0 + 3.0
     text = out.read_text()
     _self_contained(text)
     assert "rectify-static" in text and "p-clarc" in text
