@@ -630,6 +630,40 @@ def report(
     out_console.print(f"{kind}: {out} ({out.stat().st_size / 1024:.0f} KB, {time.perf_counter() - t0:.2f} s)")
 
 
+@app.command()
+def bench(
+    grid: Path = typer.Argument(..., help="the grid file (TOML): datasets × archs × attacks, or model folders; × "
+                                          "methods × seeds"),
+    out: Path = typer.Option(..., "--out", help="a new or empty folder, or this grid's earlier output (resumes: "
+                                                "only the missing cells run)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="local worker processes, one torch thread each "
+                                                                  "(default: one per CPU core)"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run the cells as Ray tasks: auto (the running cluster), "
+                                                          "ADDRESS, or local (start one here)"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="trained-model cache, keyed by each training recipe's "
+                                                               "hash (default: OUT/models)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="run at most N missing cells, then stop"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON summary"),
+) -> None:
+    """Run an experiment grid: train (or load) each model once, repair it with every method and seed, and write
+    results.csv, results.md (mean ± std over seeds) and a comparison report. Exit 1 when a cell failed."""
+    from .bench import run_bench
+
+    if workers is not None and ray is not None:
+        raise NetmendError("--workers sets local workers; with --ray the cluster's CPUs set the parallelism")
+    summary = run_bench(grid, out, workers=workers, ray=ray, cache=cache, limit=limit,
+                        log=(lambda *_: None) if json_out else (lambda s: out_console.print(s, markup=False)))
+    if json_out:
+        print(jsonsafe.dumps(summary))
+    else:
+        out_console.print(f"{len(summary['ran'])} cells run ({len(summary['failed'])} failed), "
+                          f"{len(summary['done_before'])} done before, {len(summary['left'])} left, "
+                          f"{summary['seconds']:.1f} s; tables: {Path(out) / 'results.md'}, report: "
+                          f"{Path(out) / 'report.html'}")
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
 def _register_verify() -> None:
     """`netmend verify MODEL --property P`: the complete verifier (netmend.verify), its options from its own module."""
     from .verify.command import verify_command

@@ -1,0 +1,339 @@
+"""Grid files for `netmend bench`: TOML read into strict pydantic models, checked against the registries and
+expanded into cells — all before anything is written, so a mistake costs one line and no half-made folder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from ..errors import NetmendError, first_line
+
+
+class _Strict(BaseModel):
+    # strict: a "3" in a number field is a mistake to name, not something to coerce quietly
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Attack(_Strict):
+    """One poisoning recipe: a trigger (netmend's TriggerSpec fields), the target class and the poison rate."""
+    kind: str | None = None             # trigger kind; default: the attack's own name
+    size: int = 3
+    position: str = "br"
+    margin: int = 0
+    pattern: str = "white"
+    alpha: float = 0.2
+    pattern_seed: int | None = None     # random patterns / blend images / warps; default: the cell's seed
+    params: dict[str, Any] = {}
+    target: int = 0
+    poison_rate: float = 0.1
+
+    @field_validator("poison_rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError(f"must be in [0, 1], got {v}")
+        return v
+
+
+class Train(_Strict):
+    """How models are trained (netmend's TrainConfig; the seed comes from the grid's seeds)."""
+    epochs: int | None = None           # default: netmend's default for the dataset and architecture
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "sgd"] = "adam"
+    pool_fraction: float = 0.1          # training images held out as the clean pool repairs draw from
+
+    @field_validator("pool_fraction")
+    @classmethod
+    def _pool(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"must be in (0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _numbers(self) -> "Train":
+        from ..registry import check_number
+
+        for k, v in self.model_dump().items():          # netmend's one rule: epochs, lr, batch size > 0, ...
+            if v is not None:
+                try:
+                    check_number(k, v, "train")
+                except NetmendError as exc:
+                    raise ValueError(str(exc).replace(" for train", "")) from None
+        return self
+
+
+class Method(_Strict):
+    """A repair as one column of the grid: a method preset (or localiser + repairer) with its options."""
+    method: str | None = None           # preset name; default: the entry's own name
+    localiser: str | None = None
+    repairer: str | None = None
+    locate: dict[str, Any] = {}
+    repair: dict[str, Any] = {}
+    defect: dict[str, Any] = {}         # defect options for this method only (e.g. pairs = 20)
+    max_accuracy_drop: float = 1.0      # acceptance gate, in accuracy points (as `netmend repair`)
+    gate: bool = True
+
+
+class Grid(_Strict):
+    title: str | None = None
+    seeds: list[int]
+    methods: dict[str, Method] | list[str]
+    datasets: list[str] = []
+    archs: list[str] = []
+    attacks: dict[str, Attack] = {}
+    train: Train = Train()
+    models: list[str] = []              # existing model folders instead of datasets × archs × attacks
+    defect: dict[str, Any] = {}         # defect options shared by every method
+    device: str = "cpu"
+    data_dir: str | None = None
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v):
+        return {name: Method() for name in v} if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Grid":
+        trained = bool(self.datasets or self.archs or self.attacks)
+        if trained and self.models:
+            raise ValueError("give either datasets, archs and attacks (models to train) or models (existing "
+                             "model folders), not both")
+        if not trained and not self.models:
+            raise ValueError("the grid is empty: give datasets, archs and attacks, or models")
+        for key in (("datasets", "archs", "attacks") if trained else ()) + ("seeds", "methods"):
+            if not getattr(self, key):
+                raise ValueError(f"the grid is empty: {key} lists nothing")
+        for key in ("seeds", "datasets", "archs", "models"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key} lists a value twice")
+        if any(s < 0 for s in self.seeds):
+            raise ValueError("seeds must be ≥ 0")
+        if any(not 0 <= m.max_accuracy_drop <= 100 for m in self.methods.values()):
+            raise ValueError("max_accuracy_drop takes accuracy points in [0, 100]")
+        return self
+
+
+def canonical(obj: Any) -> str:
+    """The JSON every hash is taken of: sorted keys, no spaces, so equal recipes hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256(obj: Any) -> str:
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_.")[:60] or "x"
+
+
+@dataclass
+class Cell:
+    """One model × method × seed: everything a worker needs, as plain JSON-able data."""
+    id: str
+    coords: dict[str, Any]              # the table's key columns (dataset, arch, attack | model; method; seed)
+    model_key: str
+    method: dict[str, Any]
+    defect: dict[str, Any]
+    seed: int
+    device: str
+    data_dir: str | None
+
+
+@dataclass
+class Plan:
+    grid: Grid
+    path: Path
+    hash: str                           # identifies the grid's output folder (resume or refuse)
+    models: dict[str, dict[str, Any]]   # model key -> recipe ({"train": ...} or {"folder": ...})
+    cells: list[Cell] = field(default_factory=list)
+
+
+def load_grid(path: str | Path) -> Plan:
+    """Read, check and expand a grid file; every mistake is one NetmendError naming the file and the key."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetmendError(f"grid file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise NetmendError(f"grid {path}: not valid TOML: {first_line(exc)}") from None
+    try:
+        grid = Grid.model_validate(raw)
+    except ValidationError as exc:
+        raise NetmendError(f"grid {path}: {_one_line(exc)}") from None
+    return _plan(grid, path)
+
+
+def _one_line(exc: ValidationError) -> str:
+    errors = exc.errors()
+    e = errors[0]
+    where = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "dict[", "list[")))
+    msg = {"missing": "missing key", "extra_forbidden": "unknown key"}.get(e["type"], e["msg"])
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return (f"{where}: {msg}" if where else msg) + more
+
+
+def _check_options(kind: str, config: type | None, options: dict[str, Any]) -> None:
+    from ..registry import make_config
+
+    try:
+        make_config(config, options)
+    except NetmendError as exc:
+        raise NetmendError(f"{kind}: {exc}") from None
+
+
+def _check_method(label: str, m: Method, defect_kinds: set[str], defect_config, shared_defect: dict) -> dict:
+    """The method's resolved recipe; unknown names and options are refused here, not in a worker."""
+    from ..registry import LOCALISERS, METHODS, REPAIRERS
+
+    where = f"methods.{label}"
+    name = m.method or (None if m.repairer else label)
+    preset = None
+    if name:
+        try:
+            METHODS.entry(name)
+        except NetmendError as exc:
+            raise NetmendError(f"{where}: {exc}") from None
+        preset = METHODS.get(name)
+        bad = sorted(k for k in defect_kinds if not preset.applies_to(k))
+        if bad:
+            raise NetmendError(f"{where}: method {name!r} does not repair a {bad[0]} defect")
+    loc = m.localiser if m.localiser is not None else (preset.localiser if preset else None)
+    rep = m.repairer or (preset.repairer if preset else None)
+    for reg, comp, opts, preset_opts in ((LOCALISERS, loc, m.locate, preset.locate_options if preset else {}),
+                                         (REPAIRERS, rep, m.repair, preset.repair_options if preset else {})):
+        if comp is None:
+            if opts:
+                raise NetmendError(f"{where}: options given for a {reg.kind} the method does not use")
+            continue
+        try:
+            entry = reg.entry(comp)
+        except NetmendError as exc:
+            raise NetmendError(f"{where}: {exc}") from None
+        _check_options(where, entry.config, {**preset_opts, **opts})
+    if "seed" in m.defect or "seed" in shared_defect:
+        raise NetmendError(f"{where}: the defect's seed is each cell's seed (give seeds = [...])")
+    if defect_config is not None:
+        _check_options(f"{where}.defect", defect_config, {**shared_defect, **m.defect})
+    return {"label": label, "method": name, "localiser": m.localiser, "repairer": m.repairer,
+            "locate": m.locate, "repair": m.repair, "max_accuracy_drop": m.max_accuracy_drop, "gate": m.gate}
+
+
+def _plan(grid: Grid, path: Path) -> Plan:
+    from ..registry import ARCHITECTURES, DATASETS, DEFECTS, TRIGGERS
+
+    import torch
+
+    try:                                   # a name only: the cells may run on other machines (Ray), not here
+        torch.device(grid.device)
+    except (RuntimeError, ValueError):
+        raise NetmendError(f"grid {path}: device: {grid.device!r} is not a torch device name") from None
+    base = path.resolve().parent
+    data_dir = str((base / grid.data_dir).resolve()) if grid.data_dir else None
+    models: dict[str, dict[str, Any]] = {}
+    per_model: list[tuple[str, dict[str, Any], int]] = []      # (model key, coords without seed/method, seed)
+    if grid.models:
+        from ..modelio import read_info
+
+        kinds = set()
+        for m in grid.models:
+            folder = (base / m).resolve()
+            try:
+                info = read_info(folder)
+            except NetmendError as exc:
+                raise NetmendError(f"grid {path}: models: {exc}") from None
+            kind = (info.get("defect") or {}).get("kind")
+            if kind in (None, "clean"):
+                raise NetmendError(f"grid {path}: models: {m} records no defect to repair")
+            kinds.add(kind)
+            recipe = {"folder": str(folder), "content": _folder_hash(folder)}
+            key = sha256(recipe)
+            models[key] = recipe
+            per_model += [(key, {"model": m}, s) for s in grid.seeds]
+        configs = {DEFECTS.entry(k).config for k in kinds}
+        defect_config = configs.pop() if len(configs) == 1 else None
+    else:
+        for kind, reg, names in (("datasets", DATASETS, grid.datasets), ("archs", ARCHITECTURES, grid.archs)):
+            for n in names:
+                try:
+                    entry = reg.entry(n)
+                except NetmendError as exc:
+                    raise NetmendError(f"grid {path}: {kind}: {exc}") from None
+                if kind == "datasets" and entry.extra.get("trainer"):
+                    raise NetmendError(f"grid {path}: datasets: {n} is tabular; bench trains backdoored image "
+                                       f"models — list trained {n} model folders under models instead")
+        for name, a in grid.attacks.items():
+            try:
+                TRIGGERS.entry(a.kind or name)
+            except NetmendError as exc:
+                raise NetmendError(f"grid {path}: attacks.{name}: {exc}") from None
+        kinds, defect_config = {"backdoor"}, DEFECTS.entry("backdoor").config
+        train = grid.train.model_dump()
+        for ds in grid.datasets:
+            for arch in grid.archs:
+                for aname, a in grid.attacks.items():
+                    for seed in grid.seeds:
+                        recipe = {"train": _train_recipe(ds, arch, aname, a, train, seed, grid.device)}
+                        key = sha256(recipe)
+                        models[key] = recipe
+                        per_model.append((key, {"dataset": ds, "arch": arch, "attack": aname}, seed))
+    try:
+        methods = {label: _check_method(label, m, kinds, defect_config, grid.defect)
+                   for label, m in grid.methods.items()}
+    except NetmendError as exc:
+        raise NetmendError(f"grid {path}: {exc}") from None
+    cells = []
+    for label, mrec in methods.items():
+        defect = {**grid.defect, **grid.methods[label].defect}
+        for key, coords, seed in per_model:
+            recipe = {"model": key, "method": mrec, "defect": defect, "seed": seed, "device": grid.device}
+            h = sha256(recipe)[:10]
+            name = "-".join(_slug(str(v)) for v in (*coords.values(), label)) + f"-s{seed}-{h}"
+            cells.append(Cell(name, {**coords, "method": label, "seed": seed}, key, mrec, defect, seed, grid.device,
+                              data_dir))
+    # the table's order: model coordinates, then method, then seed — the same whichever way the grid ran
+    order = {k: i for i, k in enumerate(dict.fromkeys(tuple(c.items()) for _, c, _ in per_model))}
+    labels = list(methods)
+    cells.sort(key=lambda c: (order[tuple((k, v) for k, v in c.coords.items() if k not in ("method", "seed"))],
+                              labels.index(c.coords["method"]), c.seed))
+    dump = grid.model_dump()
+    dump["models"] = [models[k]["folder"] + "#" + models[k]["content"] for k in dict.fromkeys(m for m, _, _ in per_model)] \
+        if grid.models else []
+    dump["data_dir"] = None                           # where the data lies is not what the grid computes
+    return Plan(grid, path, sha256(dump), models, cells)
+
+
+def _train_recipe(ds: str, arch: str, name: str, a: Attack, train: dict[str, Any], seed: int,
+                  device: str) -> dict[str, Any]:
+    """The training recipe a model's cache key is the hash of: nothing about where it runs."""
+    from ..data.triggers import TriggerSpec
+    from ..train import default_epochs
+
+    spec = TriggerSpec(kind=a.kind or name, size=a.size, position=a.position, margin=a.margin, pattern=a.pattern,
+                       alpha=a.alpha, seed=seed if a.pattern_seed is None else a.pattern_seed, params=dict(a.params))
+    cfg = {k: v for k, v in train.items() if k != "pool_fraction"}
+    cfg["epochs"] = cfg["epochs"] or default_epochs(arch, ds)
+    return {"dataset": ds, "arch": arch, "trigger": spec.to_json(), "target": a.target, "poison_rate": a.poison_rate,
+            "train": {**cfg, "seed": seed}, "pool_fraction": train["pool_fraction"], "device": device}
+
+
+def _folder_hash(folder: Path) -> str:
+    """A model folder's content hash (its files, by name), so an edited model is not mistaken for the old one."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(folder)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
