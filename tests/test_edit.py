@@ -24,6 +24,37 @@ def test_apply_then_revert_restores_every_parameter_bit_for_bit():
         assert torch.equal(v, orig[k]), k
 
 
+def test_applied_reverts_on_leaving_the_block_even_after_an_exception():
+    m = _model()
+    orig = {k: v.clone() for k, v in m.state_dict().items()}
+    edit = Edit({"fc1.weight": torch.randn_like(m.fc1.weight) * 1e-3})
+    with edit.applied(m) as inside:
+        assert inside is m and not torch.equal(m.fc1.weight, orig["fc1.weight"])
+    assert all(torch.equal(v, orig[k]) for k, v in m.state_dict().items())
+    with pytest.raises(ZeroDivisionError):
+        with edit.applied(m):
+            1 / 0
+    assert all(torch.equal(v, orig[k]) for k, v in m.state_dict().items())
+    assert not edit._backup                                  # nothing held back after the block
+
+
+def test_a_half_applied_edit_is_rolled_back():
+    """A delta that cannot be added (here: a tensor whose conversion fails) leaves no earlier delta in place."""
+    m = _model()
+    orig = {k: v.clone() for k, v in m.state_dict().items()}
+
+    class Broken(torch.Tensor):
+        def to(self, *a, **k):
+            raise RuntimeError("out of memory")
+
+    bad = torch.zeros_like(m.conv1.bias).as_subclass(Broken)
+    edit = Edit({"fc1.weight": torch.ones_like(m.fc1.weight), "conv1.bias": bad})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        edit.apply(m)
+    assert all(torch.equal(v, orig[k]) for k, v in m.state_dict().items())
+    assert not edit._backup
+
+
 def test_between_then_apply_reproduces_the_target():
     a = _model()
     b = copy.deepcopy(a)

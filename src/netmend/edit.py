@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -86,12 +87,32 @@ class Edit:
             p = params[k]
             if p.shape != d.shape:
                 raise NetmendError(f"edit for {k} has shape {tuple(d.shape)}, model has {tuple(p.shape)}")
-        with torch.no_grad():
-            for k, d in self.deltas.items():
-                p = params[k]
-                self._backup[k] = p.detach().clone()
-                p.add_(d.to(p.device, p.dtype))
+        done: list[str] = []
+        try:
+            with torch.no_grad():
+                for k, d in self.deltas.items():
+                    p = params[k]
+                    self._backup[k] = p.detach().clone()
+                    p.add_(d.to(p.device, p.dtype))
+                    done.append(k)
+        except BaseException:                 # half applied (e.g. out of device memory): put back what was changed
+            with torch.no_grad():
+                for k in done:
+                    params[k].copy_(self._backup.pop(k))
+            for k in set(self._backup) - set(done):
+                self._backup.pop(k, None)
+            raise
         return model
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """`with edit.applied(model):` the deltas are in place inside the block and reverted, bit for bit, on
+        leaving it — on an exception too, so a failed trial never leaves a half-edited model behind."""
+        self.apply(model)
+        try:
+            yield model
+        finally:
+            self.revert(model)
 
     def revert(self, model: nn.Module) -> nn.Module:
         """Undo `apply`: restore the exact saved values, or subtract the deltas if none were saved."""
