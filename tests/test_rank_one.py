@@ -244,3 +244,26 @@ def test_moment_cache_hits_again_after_an_upstream_edit_is_reverted():
     edit.apply(model)                        # kept this time: the moment is stale and recomputed
     c2 = cached_moment(model, "fc2", x)
     assert c2 is not c1 and torch.allclose(c2, second_moment(model, "fc2", x)[0])
+
+
+def test_prefetched_and_shared_moments_are_the_tensors_second_moment_computes():
+    """One pass fills every layer's C (the same batches, the same sums: equal bit for bit to a pass per layer),
+    and a deep copy of the model gets them without another pass while its upstream weights are the same bytes."""
+    import copy
+
+    from netmend.repair.rank_one import cached_moment, prefetch_moments, share_moments
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("relu", nn.ReLU()), ("fc2", nn.Linear(6, 5)),
+                                       ("relu2", nn.ReLU()), ("fc3", nn.Linear(5, 3))]))
+    x = torch.randn(300, 4)
+    prefetch_moments(model, ["fc2", "fc3"], x, batch_size=64)
+    for layer in ("fc2", "fc3"):
+        assert torch.equal(cached_moment(model, layer, x, batch_size=64), second_moment(model, layer, x, 64)[0])
+    twin = copy.deepcopy(model)
+    assert share_moments(model, twin) == 2
+    assert cached_moment(twin, "fc3", x, batch_size=64) is cached_moment(model, "fc3", x, batch_size=64)
+    with torch.no_grad():
+        twin.fc1.weight.add_(1.0)                      # the copy's upstream changes: its moments are its own again
+    assert torch.equal(cached_moment(twin, "fc3", x, batch_size=64), second_moment(twin, "fc3", x, 64)[0])
+    assert not torch.equal(cached_moment(twin, "fc3", x, batch_size=64), cached_moment(model, "fc3", x, batch_size=64))

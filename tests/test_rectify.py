@@ -190,3 +190,28 @@ def test_a_repair_data_estimate_drives_the_loop_without_a_probe(digits_model):
             assert t["cost"] == t["estimate"] and t["overshoot"] in (1.0, 1.25, 1.5, 2.0, 3.0)
     plain = repair(model, defect, method="rectify", repair_options={**opts, "estimate": False})
     assert plain.edit.meta["driven_by"] == "pairs" and "estimate" not in plain.edit.meta["rounds"][0]
+
+
+def test_one_probe_pass_for_many_edits_gives_each_edits_own_rates(digits_model):
+    """probe_rates_many runs the shared prefix once and each edit's scales through the suffix only: every
+    (edit, γ) must give the rates of the model with γ·ΔW applied, and the base rates those of the unedited model."""
+    from netmend.edit import Edit
+    from netmend.repair.rectify import RectifyConfig, make_probe, probe_rates, probe_rates_many
+
+    model, info = digits_model
+    defect = defect_for(info, pairs=1, repair_fraction=0.25)
+    probe = make_probe(model, defect, RectifyConfig())
+    g = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    edits = [Edit({name: 0.5 * torch.randn(params[name].shape, generator=g)})
+             for name in [n for n in params if n.endswith("weight")][:2]]
+    gammas = [0.0, 1.0, 2.5]
+    many, base = probe_rates_many(model, edits, gammas, probe, with_base=True)
+    assert base == pytest.approx(probe_rates(model, probe))
+    for edit, rates in zip(edits, many):
+        for gamma, r in zip(gammas, rates):
+            scaled = Edit({k: gamma * v for k, v in edit.deltas.items()})
+            with scaled.applied(model):
+                expect = probe_rates(model, probe)
+            for k in ("probe_pull_rate", "probe_accuracy", "probe_flip_rate"):
+                assert r[k] == pytest.approx(expect[k], abs=1 / len(probe.pairs)), (edit.parameters, gamma, k)

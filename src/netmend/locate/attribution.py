@@ -21,7 +21,8 @@ from ..defects.base import Defect
 from ..errors import require
 from ..hooks import capture, get_layer, weight_layers
 from ..registry import LOCALISERS
-from ..repair.rank_one import _key_mask, _pairs, cached_moment, check_editable, flat_keys, solve, statistics_inputs
+from ..repair.rank_one import (_key_mask, _pairs, cached_moment, check_editable, flat_keys, prefetch_moments, solve,
+                               statistics_inputs)
 from ..sites import Site, Sites
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Softplus)
@@ -183,7 +184,11 @@ def attribution_sites(model: nn.Module, defect: Defect, cfg: AttributionConfig) 
     delta = float((f_x - f_b).sum())
     details: dict = {}
     sites = []
-    for cand in candidate_sites(model, cfg.layers):
+    cands = candidate_sites(model, cfg.layers)
+    # every site's C (for its direction d) from one pass over the statistics set, not one pass per site
+    prefetch_moments(model, [c.weight for c in cands], statistics_inputs(defect, cfg.stats_include_val),
+                     cfg.batch_size, cfg.device)
+    for cand in cands:
         M = layer_attribution(model, cand.point, x, xb, y, cfg).detach()
         total = float(M.sum())
         m = M.flatten(2).sum(2) if M.dim() > 2 else M.reshape(len(M), -1)

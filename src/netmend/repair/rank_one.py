@@ -103,22 +103,101 @@ def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     return order
 
 
+def _upstream(model: nn.Module, layer: str, inputs: torch.Tensor) -> list[str]:
+    order = execution_order(model, inputs)
+    return order[: order.index(layer)] if layer in order else order
+
+
 def cached_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int = 256,
                   device: str = "cpu") -> torch.Tensor:
     """`second_moment`, cached per (model, layer, inputs); recomputed lazily when an upstream weight changed.
     Inputs are keyed by content: callers build them afresh each time, and a freed tensor's id can come back."""
     key = (id(model), layer, content_digest(inputs))
-    order = execution_order(model, inputs)
-    upstream = order[: order.index(layer)] if layer in order else order
+    upstream = _upstream(model, layer, inputs)
     fp = _fingerprint(model, upstream)
     hit = _MOMENTS.get(key)
     if hit is not None and hit[0]() is model and hit[1] == fp:
         return hit[2]
-    C, _ = second_moment(model, layer, inputs, batch_size, device)
+    C, count = second_moment(model, layer, inputs, batch_size, device)
+    _store_moment(key, model, fp, C, count, upstream)
+    return C
+
+
+def _store_moment(key: tuple, model: nn.Module, fp: tuple, C: torch.Tensor, count: int, upstream: list[str]) -> None:
     if len(_MOMENTS) > 32:
         _MOMENTS.clear()
-    _MOMENTS[key] = (weakref.ref(model), fp, C)
-    return C
+    _MOMENTS[key] = (weakref.ref(model), fp, C, upstream)
+    _prune(_COUNTS)
+    _COUNTS[id(C)] = (weakref.ref(C), count)
+
+
+def _prune(cache: dict) -> None:
+    """Drop the entries whose tensor is gone (their factor would otherwise outlive it: a C is tens of MB)."""
+    for k in [k for k, v in cache.items() if v[0]() is None]:
+        del cache[k]
+
+
+_COUNTS: dict[int, tuple] = {}
+
+
+def moment_count(C: torch.Tensor) -> int | None:
+    """How many keys the cached moment C was estimated from (None when C did not come from the cache)."""
+    hit = _COUNTS.get(id(C))
+    return hit[1] if hit is not None and hit[0]() is C else None
+
+
+def prefetch_moments(model: nn.Module, layers: list[str], inputs: torch.Tensor, batch_size: int = 256,
+                     device: str = "cpu") -> None:
+    """Fill the moment cache for several layers with one forward pass over `inputs` (instead of one pass per
+    layer): every layer's C is the very tensor `second_moment` computes (the same batches, the same sums)."""
+    dig = content_digest(inputs)
+    missing: dict[str, tuple] = {}
+    for layer in dict.fromkeys(layers):
+        try:
+            mod = check_editable(model, layer)
+        except NetmendError:
+            continue                                     # cached_moment raises it where the layer is used
+        key = (id(model), layer, dig)
+        upstream = _upstream(model, layer, inputs)
+        fp = _fingerprint(model, upstream)
+        hit = _MOMENTS.get(key)
+        if not (hit is not None and hit[0]() is model and hit[1] == fp):
+            missing[layer] = (mod, key, fp, upstream)
+    if len(missing) < 2:                                 # nothing to share: cached_moment does it on demand
+        return
+    S: dict[str, torch.Tensor | None] = dict.fromkeys(missing)
+    count = dict.fromkeys(missing, 0)
+    model.eval()
+    with torch.no_grad(), capture(model, list(missing)) as cap:
+        for xb in _batches(inputs, batch_size):
+            model(xb.to(device))
+            for layer, (mod, *_r) in missing.items():
+                K = flat_keys(mod, cap.inputs[layer]).double()
+                S[layer] = K.T @ K if S[layer] is None else S[layer].addmm_(K.T, K)
+                count[layer] += len(K)
+    for layer, (_mod, key, fp, upstream) in missing.items():
+        if count[layer] > 0:
+            _store_moment(key, model, fp, S[layer] / count[layer], count[layer], upstream)
+
+
+def share_moments(src: nn.Module, dst: nn.Module) -> int:
+    """Make the moments cached for `src` valid for `dst`, a deep copy of it (`copy.deepcopy`: the same modules and
+    buffers), where dst's upstream weights have the same bytes as those each moment was computed with. Returns
+    how many were shared. Rectification works on a copy of the model it was given: without this, every moment
+    the localiser computed is computed again."""
+    n = 0
+    for key, (ref, fp, C, upstream) in list(_MOMENTS.items()):
+        if key[0] != id(src) or ref() is not src:
+            continue
+        try:
+            fp_dst = _fingerprint(dst, upstream)
+        except NetmendError:
+            continue
+        if [d for _i, d in fp_dst] != [d for _i, d in fp]:
+            continue
+        _MOMENTS[(id(dst), *key[1:])] = (weakref.ref(dst), fp_dst, C, upstream)
+        n += 1
+    return n
 
 
 def content_digest(x: torch.Tensor) -> tuple:
@@ -148,40 +227,108 @@ def ridge(C: torch.Tensor, rho: float) -> float:
     return rho * tr / C.shape[0]
 
 
+_FACTORS: dict[tuple, tuple] = {}
+
+
+def _factor(C: torch.Tensor, rho: float) -> tuple[float, str, tuple]:
+    """(ε, solver, factor) of C + εI, kept per C object and ρ: Cholesky L, or the ridge-clipped eigenpairs (w, V)
+    where rounding made it indefinite. Every direction solved at a layer (the localiser's d and each edit tried
+    there) uses the same factor, so it is computed once."""
+    key = (id(C), float(rho))
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0]() is C:
+        return hit[1]
+    eps = ridge(C, rho)
+    A = C.clone()
+    A.diagonal().add_(eps)                               # C + εI (the same sums as C + ε·eye, without the eye)
+    L, err = torch.linalg.cholesky_ex(A)
+    if int(err) == 0:
+        out = (eps, "cholesky", (L,))
+    else:   # indefinite through rounding: clip the spectrum at the ridge
+        w, V = torch.linalg.eigh(A)
+        out = (eps, "eigh", (w.clamp_min(eps), V))
+    _prune(_FACTORS)
+    if len(_FACTORS) > 32:
+        _FACTORS.clear()
+    _FACTORS[key] = (weakref.ref(C), out)
+    return out
+
+
 def solve(C: torch.Tensor, rhs: torch.Tensor, rho: float = 1e-4) -> tuple[torch.Tensor, dict[str, Any]]:
     """(C + εI)⁻¹ rhs in float64 by Cholesky; fall back to an eigendecomposition (never an explicit inverse)."""
     C = C.double()
     rhs = rhs.double().to(C.device)
     vec = rhs.dim() == 1
     b = rhs[:, None] if vec else rhs
-    eps = ridge(C, rho)
-    A = C + eps * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    info: dict[str, Any] = {"rho": rho, "ridge": eps, "solver": "cholesky"}
-    L, err = torch.linalg.cholesky_ex(A)
-    if int(err) == 0:
-        x = torch.cholesky_solve(b, L)
-    else:   # indefinite through rounding: clip the spectrum at the ridge
-        w, V = torch.linalg.eigh(A)
-        w = w.clamp_min(eps)
+    eps, solver, f = _factor(C, rho)
+    info: dict[str, Any] = {"rho": rho, "ridge": eps, "solver": solver}
+    if solver == "cholesky":
+        x = torch.cholesky_solve(b, f[0])
+    else:
+        w, V = f
         x = V @ ((V.T @ b) / w[:, None])
-        info["solver"] = "eigh"
     return (x[:, 0] if vec else x), info
 
 
 _EIGENVALUES: dict[int, tuple] = {}
 
 
+EXACT_CONDITION_DIM = 1024   # above this width the condition number is estimated (an eigvalsh of a 3 136-wide C
+                             # takes seconds on one thread; the estimate agrees with it to the digits it resolves)
+
+
 def condition(C: torch.Tensor, eps: float) -> float:
     """Condition number of C + εI. The spectrum is kept per C object: every edit tried at a layer reports it,
-    and the moment cache hands them the same C (an eigendecomposition of a 1 568-wide C takes ~0.5 s)."""
+    and the moment cache hands them the same C. Up to `EXACT_CONDITION_DIM` keys wide it is exact (eigvalsh);
+    wider, λ_max is found by power iteration and λ_min is 0 when C comes from fewer keys than its width (it is
+    singular: the ridge decides the condition), else by inverse iteration with the cached Cholesky factor."""
     hit = _EIGENVALUES.get(id(C))
     if hit is None or hit[0]() is not C:
         if len(_EIGENVALUES) > 32:
             _EIGENVALUES.clear()
-        hit = (weakref.ref(C), torch.linalg.eigvalsh(C.double()))
+        hit = (weakref.ref(C), _extreme_eigenvalues(C, eps))
         _EIGENVALUES[id(C)] = hit
     w = hit[1]
     return float((w[-1] + eps) / (w[0].clamp_min(0) + eps))
+
+
+def _extreme_eigenvalues(C: torch.Tensor, eps: float, iters: int = 500, tol: float = 1e-12) -> torch.Tensor:
+    """(λ_min, λ_max) of C (the whole ascending spectrum when it is small enough to compute exactly)."""
+    C = C.double()
+    n = C.shape[0]
+    if n <= EXACT_CONDITION_DIM:
+        return torch.linalg.eigvalsh(C)
+
+    def power(apply) -> float:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(n, dtype=C.dtype, generator=g).to(C.device)
+        v = v / v.norm()
+        lam = 0.0
+        for _ in range(iters):
+            u = apply(v)
+            new = float(v @ u)
+            nu = u.norm()
+            if not float(nu) > 0:
+                return new
+            v = u / nu
+            if abs(new - lam) <= tol * abs(new):
+                return new
+            lam = new
+        return lam
+
+    top = power(lambda v: C @ v)
+    count = moment_count(C)
+    if count is not None and count < n:
+        low = 0.0                                         # rank ≤ count < n: singular
+    else:
+        hit = next((h[1] for k, h in list(_FACTORS.items()) if k[0] == id(C) and h[0]() is C and h[1][0] == eps), None)
+        e, solver, f = hit if hit is not None else _factor(C, float(eps) * n / max(float(torch.trace(C)), 1e-300))
+        if solver == "cholesky":
+            inv = power(lambda v: torch.cholesky_solve(v[:, None], f[0])[:, 0])
+            low = max(1.0 / inv - e, 0.0) if inv > 0 else 0.0
+        else:
+            low = max(float(f[0][0]) - e, 0.0)
+    return torch.tensor([low, top], dtype=torch.float64)
 
 
 def shared_direction(C: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None = None,

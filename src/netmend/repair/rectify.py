@@ -46,14 +46,14 @@ from torch import nn
 
 from ..defects.base import Defect, Pairs
 from ..edit import Edit
-from ..errors import require
+from ..errors import NetmendError, require
 from ..hooks import capture, carried_at, get_layer, run_from
 from ..locate.attribution import AttributionConfig, attribution_sites
 from ..metrics import logits, predict
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
-from .rank_one import RankOneConfig, _pairs, execution_order, rank_one_edit
+from .rank_one import RankOneConfig, _pairs, execution_order, rank_one_edit, share_moments
 
 
 @dataclass
@@ -187,32 +187,89 @@ def probe_rates_scaled(model: nn.Module, edit: Edit, gammas: list[float], probe:
                        batch_size: int = 512) -> list[dict[str, float]]:
     """`probe_rates` of the model with γ·ΔW applied, for every γ: the prefix up to the edited layer runs once
     per batch, only the suffix per γ (the edit's output change is linear in γ)."""
+    return probe_rates_many(model, [edit], gammas, probe, device, batch_size)[0][0]
+
+
+def _edited_layer(model: nn.Module, edit: Edit) -> str | None:
+    """The Linear/Conv2d whose weight is the edit's only delta (None for any other edit)."""
     names = list(edit.deltas)
     layer = names[0].rsplit(".", 1)[0] if len(names) == 1 and names[0].endswith(".weight") else None
-    mod = get_layer(model, layer) if layer else None
-    if not isinstance(mod, (nn.Linear, nn.Conv2d)):          # any other edit: apply each scale in turn
-        out = []
-        for g in gammas:
-            e = _scaled(edit, g)
-            e.apply(model)
-            out.append(probe_rates(model, probe, device))
-            e.revert(model)
-        return out
-    dW = edit.deltas[names[0]]
-    dW = dW.to(device=mod.weight.device, dtype=mod.weight.dtype)
-    preds = {g: ([], []) for g in gammas}
-    for lo in range(0, len(probe.pairs), batch_size):
-        for side, x in enumerate((probe.pairs.clean[lo: lo + batch_size], probe.pairs.corrupted[lo: lo + batch_size])):
-            x = x.to(device)
-            with capture(model, [layer]) as cap:
-                model(x)
-            k, base = cap.inputs[layer], cap.outputs[layer]
-            change = F.linear(k, dW) if isinstance(mod, nn.Linear) else F.conv2d(
-                k, dW, None, mod.stride, mod.padding, mod.dilation, mod.groups)
-            carry = carried_at(model, layer, x)      # a skip connection across the cut: computed once per batch
+    return layer if layer and isinstance(get_layer(model, layer), (nn.Linear, nn.Conv2d)) else None
+
+
+def _conv_factors(edit: Edit, dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(d, Λ as a one-input-channel kernel) of a rank-one conv edit ΔW[:, :, y, x] = Λ[:, y, x] dᵀ (d the unit
+    direction the edit records), or None when ΔW is not of that form: its output change is then a conv of the
+    keys' projection on d, one channel wide instead of C_in."""
+    d = edit.meta.get("d")
+    if d is None or dW.dim() != 4 or dW.shape[1] != len(d) or edit.meta.get("mode", "shared") != "shared":
+        return None
+    d = torch.tensor(d, dtype=torch.float64)
+    lam = torch.einsum("ocyx,c->oyx", dW.double().cpu(), d) / (d @ d)
+    if not torch.allclose(torch.einsum("oyx,c->ocyx", lam, d), dW.double().cpu(), rtol=1e-5,
+                          atol=1e-6 * float(dW.abs().max())):
+        return None
+    return d.to(device=dW.device, dtype=dW.dtype), lam[:, None].to(device=dW.device, dtype=dW.dtype)
+
+
+@torch.no_grad()
+def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], probe: Probe, device: str = "cpu",
+                     batch_size: int = 512, with_base: bool = False
+                     ) -> tuple[list[list[dict[str, float]]], dict[str, float] | None]:
+    """`probe_rates_scaled` of several edits of the model as it stands (each tried alone), with one forward pass
+    per probe batch for all of them: the pass captures every edited layer's input and output, and each edit's
+    scales run only the model's suffix from its layer. With `with_base`, also the unedited model's own
+    `probe_rates`, read from the same pass. Each edit's predictions are the ones its own pass would give."""
+    layers = [_edited_layer(model, e) for e in edits]
+    out: list[list[dict[str, float]] | None] = [None] * len(edits)
+    for i, (e, layer) in enumerate(zip(edits, layers)):
+        if layer is None:                                 # any other edit: apply each scale in turn
+            rates = []
             for g in gammas:
-                preds[g][side].append(run_from(model, layer, base + g * change, x, carry).argmax(1).cpu())
-    return [_rates(torch.cat(preds[g][0]), torch.cat(preds[g][1]), probe.pairs.labels, probe.pulled) for g in gammas]
+                s = _scaled(e, g)
+                s.apply(model)
+                rates.append(probe_rates(model, probe, device))
+                s.revert(model)
+            out[i] = rates
+    fast = [i for i, layer in enumerate(layers) if layer is not None]
+    base: dict[str, float] | None = None
+    if fast or with_base:
+        mods = {i: get_layer(model, layers[i]) for i in fast}
+        dWs = {i: edits[i].deltas[f"{layers[i]}.weight"].to(device=mods[i].weight.device, dtype=mods[i].weight.dtype)
+               for i in fast}
+        factors = {i: f for i in fast if isinstance(mods[i], nn.Conv2d) and (f := _conv_factors(edits[i], dWs[i])) is not None}
+        preds = {i: {g: ([], []) for g in gammas} for i in fast}
+        own: tuple[list, list] = ([], [])
+        cut = sorted({layers[i] for i in fast})
+        for lo in range(0, len(probe.pairs), batch_size):
+            for side, x in enumerate((probe.pairs.clean[lo: lo + batch_size],
+                                      probe.pairs.corrupted[lo: lo + batch_size])):
+                x = x.to(device)
+                with capture(model, cut) as cap:
+                    y = model(x)
+                if with_base:
+                    own[side].append(y.argmax(1).cpu())
+                for i in fast:
+                    layer, mod = layers[i], mods[i]
+                    k, h0 = cap.inputs[layer], cap.outputs[layer]
+                    if isinstance(mod, nn.Linear):
+                        change = F.linear(k, dWs[i])
+                    elif i in factors:            # ΔW = Λ ⊗ d: project the keys on d, then a one-channel conv
+                        d, lam = factors[i]
+                        change = F.conv2d(torch.einsum("c,nchw->nhw", d, k)[:, None], lam, None, mod.stride,
+                                          mod.padding, mod.dilation)
+                    else:
+                        change = F.conv2d(k, dWs[i], None, mod.stride, mod.padding, mod.dilation, mod.groups)
+                    carry = carried_at(model, layer, x)   # a skip connection across the cut: computed once per batch
+                    for g in gammas:
+                        preds[i][g][side].append(run_from(model, layer, h0 + g * change, x, carry).argmax(1).cpu())
+        for i in fast:
+            out[i] = [_rates(torch.cat(preds[i][g][0]), torch.cat(preds[i][g][1]), probe.pairs.labels, probe.pulled)
+                      for g in gammas]
+        if with_base:
+            base = _rates(torch.cat(own[0]), torch.cat(own[1]), probe.pairs.labels, probe.pulled) if own[0] else \
+                probe_rates(model, probe, device)
+    return out, base
 
 
 def _scaled(edit: Edit, g: float) -> Edit:
@@ -224,7 +281,7 @@ def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: flo
     """Scale Λ by the γ minimising the probe's cost (`PROBE_COSTS[cfg.probe_cost]`), costing at most ε of the
     probe's clean accuracy `acc0`; without a probe but with a `defect` to estimate on, the γ minimising its
     repair-data estimate within ε of the repair accuracy `acc0`; else γ = 1."""
-    gammas = sorted(set(cfg.overshoot) | {1.0})
+    gammas = overshoot_gammas(cfg)
     if probe is None and defect is not None:
         best: tuple[float, dict[str, float]] | None = None
         for g in gammas:                 # the estimate is not linear in the edit: apply each scale in turn
@@ -240,7 +297,16 @@ def choose_overshoot(work: nn.Module, edit: Edit, probe: Probe | None, acc0: flo
         return (_scaled(edit, best[0]), {"overshoot": best[0], **best[1]}) if best else (edit, {"overshoot": 1.0})
     if probe is None:
         return edit, {"overshoot": 1.0}
-    all_rates = probe_rates_scaled(work, edit, gammas, probe, cfg.device)
+    return pick_overshoot(edit, gammas, probe_rates_scaled(work, edit, gammas, probe, cfg.device), acc0, cfg)
+
+
+def overshoot_gammas(cfg: RectifyConfig) -> list[float]:
+    return sorted(set(cfg.overshoot) | {1.0})
+
+
+def pick_overshoot(edit: Edit, gammas: list[float], all_rates: list[dict[str, float]], acc0: float,
+                   cfg: RectifyConfig) -> tuple[Edit, dict[str, Any]]:
+    """The probe's choice among the scales' rates (see `choose_overshoot`)."""
     cost = PROBE_COSTS[cfg.probe_cost]    # resolved from the defect by rectify_dynamic
     for g, rates in sorted(zip(gammas, all_rates), key=lambda t: cost(t[1])):
         if acc0 - rates["probe_accuracy"] <= cfg.epsilon:   # cheapest first; ties keep the smaller γ (stable sort)
@@ -382,6 +448,16 @@ def own_class_group(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Pai
     return pairs.transplant(defect.repair.x_fit[own][:k], defect.repair.y_fit[own][:k])
 
 
+def _probe_round(work: nn.Module, defect: Defect, sites, probe: Probe, cfg: RectifyConfig, rcfg: RankOneConfig,
+                 with_base: bool = False) -> tuple[list[tuple[Edit, list[dict[str, float]]]], dict[str, float] | None]:
+    """The edit at each of the first `lookahead` sites (each fitted to the model as it stands) and its probe rates
+    at every overshoot γ, from one pass over the probe; with `with_base` also the model's own probe rates."""
+    top = list(sites)[: max(1, cfg.lookahead)]
+    edits = [rank_one_edit(work, defect, s.layer, rcfg, value=s.info.get("value_point")) for s in top]
+    rates, base = probe_rates_many(work, edits, overshoot_gammas(cfg), probe, cfg.device, with_base=with_base)
+    return list(zip(edits, rates)), base
+
+
 def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
     require(cfg.rounds >= 1, f"rounds must be ≥ 1, got {cfg.rounds}")
     if cfg.probe_cost is None:
@@ -389,13 +465,23 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
     require(cfg.probe_cost in PROBE_COSTS, f"probe_cost must be one of {sorted(PROBE_COSTS)}, got {cfg.probe_cost!r}")
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()
+    share_moments(model, work)           # the localiser's key statistics hold for the copy: not computed again
     acfg, rcfg = _sub(cfg, AttributionConfig), _sub(cfg, RankOneConfig)
     probe = make_probe(work, defect, cfg)
     e0 = defect.repair_estimate(work) if probe is None and cfg.estimate else None     # None: the defect has none
     estimate = e0 is not None
     delta = cfg.delta_probe if probe is not None else cfg.delta_estimate if estimate else cfg.delta
-    m0 = _measure(work, defect, probe, cfg, known=estimated(work, defect, cfg, e0) if estimate else None,
-                  estimate=estimate)
+    given = sites is not None and sites.localiser == "attribution" and len(sites) > 0
+    # with a probe and the first round's sites given, that round's edits are fitted before the model is measured:
+    # one pass over the probe measures the model and every (edit, γ) of the round (nothing in them depends on it)
+    first = None
+    if probe is not None and given and cfg.rounds >= 1:
+        try:
+            first = _probe_round(work, defect, sites, probe, cfg, rcfg, with_base=True)
+        except NetmendError:             # an edit that cannot be made: raised where the round makes it, if it does
+            first = None
+    m0 = _measure(work, defect, probe, cfg, known=estimated(work, defect, cfg, e0) if estimate
+                  else first[1] if first is not None else None, estimate=estimate)
     # the accuracy ε is measured on: the validation split (Algorithm 1), or with a probe or an estimate all repair
     # samples (a 50-image validation split cannot resolve a 1-point budget)
     accuracy = ((lambda m: m["probe_accuracy"]) if probe is not None else (lambda m: m["repair_accuracy"]) if estimate
@@ -408,12 +494,20 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
     for r in range(1, cfg.rounds + 1):
         if gap <= delta:
             break
-        ranked = sites if (r == 1 and sites is not None and sites.localiser == "attribution" and len(sites)) \
-            else attribution_sites(work, defect, acfg)
+        ranked = sites if (r == 1 and given) else attribution_sites(work, defect, acfg)
+        top = list(ranked)[: max(1, cfg.lookahead)]
+        if probe is not None:            # every site's edit first, then one pass over the probe for all of them
+            fitted = first[0] if (r == 1 and first is not None) else _probe_round(work, defect, top, probe, cfg, rcfg)[0]
+            fitted = [pick_overshoot(e, overshoot_gammas(cfg), rates, acc0, cfg) for e, rates in fitted]
+        else:
+            fitted = None
         tried, choice = [], None
-        for site in list(ranked)[: max(1, cfg.lookahead)]:
-            edit = rank_one_edit(work, defect, site.layer, rcfg, value=site.info.get("value_point"))
-            edit, over = choose_overshoot(work, edit, probe, acc0, cfg, defect if estimate else None)
+        for j, site in enumerate(top):
+            if fitted is not None:
+                edit, over = fitted[j]
+            else:
+                edit = rank_one_edit(work, defect, site.layer, rcfg, value=site.info.get("value_point"))
+                edit, over = choose_overshoot(work, edit, probe, acc0, cfg, defect if estimate else None)
             edit.apply(work)
             m = _measure(work, defect, probe, cfg, known={k: v for k, v in over.items() if k != "overshoot"},
                          estimate=estimate)
