@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import statistics
 import sys
@@ -89,7 +90,8 @@ def write_report(rows: list[dict], args, wanted: int) -> None:
     ran = [r for r in rows if r.get("fidelity")]           # rows of instances the repair ran on (not a failed one)
     fid = [float(r["fidelity"]) for r in ran]
     lines = ["# Repairing every violated ACAS Xu instance, each repair proved by the verifier", "",
-             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, 1 thread, CPU. Seed "
+             f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores shared with other jobs (two "
+             f"instances ran at a time), torch {torch.__version__}, 1 thread each, CPU. Seed "
              f"{args.seed}. Command: `python benchmarks/acasxu_all.py --seed {args.seed}` (the violated rows of "
              "results/verify_acasxu.csv).", "",
              "Method: `property-tune` (sampled steps on fresh box / domain points, then bound-guided rounds: the verifier "
@@ -100,7 +102,10 @@ def write_report(rows: list[dict], args, wanted: int) -> None:
              "(inside-box satisfying samples where the box covers the domain, φ7). Violation rate: 10⁶ uniform box "
              "samples. Change: ‖ΔW‖/‖W‖ over the edited parameters.", ""]
     if ran:
-        lines += [f"**{len(ver)} of {len(rows)} repaired instances verified** ({wanted} violated instances in all). "
+        acc = [r for r in rows if r["accepted"] == "True"]
+        lines += [f"**{len(ver)} of {len(rows)} repaired instances verified** ({wanted} violated instances in all); "
+                  f"**{len(acc)} accepted** by the acceptance gate (a verified candidate is still rejected when the "
+                  "gate's own fresh samples outside the box lose more than 1 point of fidelity). "
                   f"Fidelity: mean {100 * statistics.mean(fid):.2f} %, min {100 * min(fid):.2f} %, max "
                   f"{100 * max(fid):.2f} %. Time per instance (repair + verification): median "
                   f"{statistics.median(float(r['total_s']) for r in ran):.0f} s, max "
