@@ -76,3 +76,97 @@ def test_reader_of_finds_the_weights_reading_a_layer_or_says_why_not():
         site_masks(m, Sites([Site("relu", "neuron", index=1)], "causal"), torch.rand(2, 4))
     with pytest.raises(NetmendError, match="pso: cannot bake a scale of -1 on 'relu'"):
         bake(m, {("relu", 1): -1.0}, torch.rand(2, 4))
+
+
+# ----------------------------------------------------------------------------- hooks.py is the one home of hooks
+
+def test_no_module_but_hooks_registers_a_raw_hook():
+    from pathlib import Path
+
+    import netmend
+
+    raw = ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+           "register_full_backward_pre_hook", ".register_hook(")
+    root = Path(netmend.__file__).parent
+    found = [f"{p.relative_to(root)}: {r}" for p in sorted(root.rglob("*.py")) if p != root / "hooks.py"
+             for r in raw if r in p.read_text(encoding="utf-8")]
+    assert not found, f"raw hook registrations outside netmend/hooks.py: {found}"
+
+
+class _Boom(Exception):
+    pass
+
+
+def _no_hooks(m):
+    return not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_forward_hook_and_forward_hooks_remove_their_handles(cnn):
+    from netmend.hooks import forward_hook, forward_hooks
+
+    x = torch.rand(2, 1, 8, 8)
+    seen = []
+    with forward_hook(cnn.fc1, lambda _m, _i, o: seen.append(o)):
+        out = cnn(x)
+    assert len(seen) == 1 and torch.allclose(cnn.fc2(cnn.relu3(seen[0])), out) and _no_hooks(cnn.fc1)
+    with forward_hook(cnn.fc1, lambda _m, _i, o: torch.zeros_like(o)):       # a returned value replaces the output
+        assert torch.allclose(cnn(x), cnn.fc2.bias.expand(2, -1))
+    with pytest.raises(_Boom), forward_hook(cnn.fc1, lambda *_a: None):
+        raise _Boom
+    assert _no_hooks(cnn.fc1)
+    order = []
+    with forward_hooks([(cnn.fc2, lambda *_a: order.append("fc2")), (cnn.conv1, lambda *_a: order.append("conv1"))]):
+        cnn(x)
+    assert order == ["conv1", "fc2"] and _no_hooks(cnn.fc2) and _no_hooks(cnn.conv1)
+    with pytest.raises(_Boom), forward_hooks([(cnn.fc2, lambda *_a: None), (cnn.conv1, lambda *_a: None)]):
+        raise _Boom
+    assert _no_hooks(cnn.fc2) and _no_hooks(cnn.conv1)
+    # a hook that raises inside the forward pass: handles still removed
+    def boom(*_a):
+        raise _Boom
+    with pytest.raises(_Boom), forward_hooks([(cnn.fc1, lambda *_a: None), (cnn.fc2, boom)]):
+        cnn(x)
+    assert _no_hooks(cnn.fc1) and _no_hooks(cnn.fc2)
+
+
+def test_pre_hook_removes_its_handle(cnn):
+    from netmend.hooks import pre_hook
+
+    x = torch.rand(2, 1, 8, 8)
+    with pre_hook(cnn.fc2, lambda _m, inp: (torch.zeros_like(inp[0]),)):   # a returned tuple replaces the input
+        assert torch.allclose(cnn(x), cnn.fc2.bias.expand(2, -1))
+    assert _no_hooks(cnn.fc2) and not torch.allclose(cnn(x), cnn.fc2.bias.expand(2, -1))
+    with pytest.raises(_Boom), pre_hook(cnn.fc2, lambda *_a: None):
+        raise _Boom
+    assert _no_hooks(cnn.fc2)
+
+
+def test_add_forward_hook_and_add_pre_hook_return_live_handles(cnn):
+    from netmend.hooks import add_forward_hook, add_pre_hook
+
+    x = torch.rand(2, 1, 8, 8)
+    calls = []
+    hf = add_forward_hook(cnn.fc1, lambda *_a: calls.append("forward"))
+    hp = add_pre_hook(cnn.fc1, lambda *_a: calls.append("pre"))
+    cnn(x)
+    cnn(x)
+    assert calls == ["pre", "forward"] * 2                  # stays registered across forwards
+    hf.remove()
+    hp.remove()
+    cnn(x)
+    assert calls == ["pre", "forward"] * 2 and _no_hooks(cnn.fc1)
+
+
+def test_execution_order_lists_weight_layers_as_run_and_leaves_no_hook():
+    from netmend.hooks import execution_order, weight_layers
+    from netmend.repair.rank_one import execution_order as from_rank_one
+
+    assert from_rank_one is execution_order
+    torch.manual_seed(0)
+    net = create_model("preact-resnet18", (3, 8, 8), 4, width=8).eval()
+    order = execution_order(net, torch.rand(5, 3, 8, 8))
+    assert sorted(order) == sorted(weight_layers(net)) and len(set(order)) == len(order)
+    assert order[0] == weight_layers(net)[0] and all(_no_hooks(m) for m in net.modules())
+    torch.manual_seed(0)
+    cnn = create_model("small-cnn", (1, 8, 8), 10)
+    assert execution_order(cnn, torch.rand(3, 1, 8, 8)) == ["conv1", "conv2", "fc1", "fc2"]

@@ -9,11 +9,12 @@ import operator
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import NetmendError
 
@@ -64,6 +65,62 @@ def input_block(reader: nn.Module, units: int, i: int) -> tuple[slice, slice | i
     if blk * units != reader.in_features:
         raise NetmendError(f"a layer with {units} units cannot feed a Linear taking {reader.in_features} inputs")
     return slice(None), slice(i * blk, (i + 1) * blk)
+
+
+def add_forward_hook(module: nn.Module, fn: Callable) -> RemovableHandle:
+    """Register fn(module, inputs, output) as a forward hook on `module` and return its handle; for a hook that
+    outlives one block (the caller removes it, or it lives as long as the module). Prefer `forward_hook`."""
+    return module.register_forward_hook(fn)
+
+
+def add_pre_hook(module: nn.Module, fn: Callable) -> RemovableHandle:
+    """Register fn(module, inputs) as a forward pre-hook on `module` and return its handle (see `add_forward_hook`).
+    Prefer `pre_hook`."""
+    return module.register_forward_pre_hook(fn)
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Within the block, each fn(module, inputs, output) of the (module, fn) pairs is a forward hook on its module
+    (registered in the given order); every handle is removed on exit, also after an exception."""
+    handles: list[RemovableHandle] = []
+    try:
+        for module, fn in hooks:
+            handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def forward_hook(module: nn.Module, fn: Callable) -> Iterator[None]:
+    """Within the block, fn(module, inputs, output) is a forward hook on `module` (removed on exit)."""
+    with forward_hooks([(module, fn)]):
+        yield
+
+
+@contextmanager
+def pre_hook(module: nn.Module, fn: Callable) -> Iterator[None]:
+    """Within the block, fn(module, inputs) is a forward pre-hook on `module` (removed on exit, also after an
+    exception)."""
+    handle = module.register_forward_pre_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Dotted names of the weight modules in the order a forward pass runs them (one sample, on the model's device)."""
+    param = next(model.parameters(), None)
+    x = x[:1].to(param.device) if param is not None else x[:1]
+    order: list[str] = []
+    hooks = [(get_layer(model, n), lambda *_a, _n=n: order.append(_n) if _n not in order else None)
+             for n in weight_layers(model)]
+    with forward_hooks(hooks), torch.no_grad():
+        model(x)
+    return order
 
 
 class Capture:

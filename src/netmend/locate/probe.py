@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..defects.base import Defect
 from ..errors import NetmendError, require
-from ..hooks import get_layer, weight_layers
+from ..hooks import add_forward_hook, forward_hooks, get_layer, weight_layers
 from ..metrics import predict
 from ..registry import LOCALISERS
 from ..sites import Site, Sites
@@ -80,19 +80,15 @@ def find_blocks(model: nn.Module, x: torch.Tensor, names: list[str] | None) -> l
     names = names or weight_layers(model)
     require(len(names) > 0, "the model has no Linear or Conv2d layer to probe")
     order: list[tuple[str, nn.Module, int, int]] = []
-    handles = []
+    hooks = []
     for n, m in model.named_modules():
         if n and not list(m.children()):
             def hook(mod, inp, out, _n=n):
                 i = inp[0] if isinstance(inp, tuple) and inp else inp
                 order.append((_n, mod, id(i), id(out)))
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x[:2])
-    finally:
-        for h in handles:
-            h.remove()
+            hooks.append((m, hook))
+    with forward_hooks(hooks), torch.no_grad():
+        model(x[:2])
     pos = {n: i for i, (n, *_rest) in reversed(list(enumerate(order)))}
     blocks = []
     for spec in names:
@@ -126,16 +122,11 @@ def block_features(model: nn.Module, blocks: list[Block], x: torch.Tensor, batch
                    device: str = "cpu") -> dict[str, torch.Tensor]:
     """Pooled readout features of every block, captured in one forward per batch."""
     outs: dict[str, list[torch.Tensor]] = {b.weight: [] for b in blocks}
-    handles = []
-    for b in blocks:
-        handles.append(get_layer(model, b.readout).register_forward_hook(
-            lambda _m, _i, o, _w=b.weight: outs[_w].append(pooled(o).detach().cpu())))
-    try:
+    hooks = [(get_layer(model, b.readout), lambda _m, _i, o, _w=b.weight: outs[_w].append(pooled(o).detach().cpu()))
+             for b in blocks]
+    with forward_hooks(hooks):
         for i in range(0, len(x), batch):
             model(x[i: i + batch].to(device))
-    finally:
-        for h in handles:
-            h.remove()
     return {k: torch.cat(v) if v else torch.zeros(0) for k, v in outs.items()}
 
 
@@ -316,7 +307,7 @@ class _capture_input:
         self.layer, self.keys, self.h = get_layer(model, name), [], None
 
     def __enter__(self):
-        self.h = self.layer.register_forward_hook(lambda _m, i, _o: self.keys.append(i[0].detach()))
+        self.h = add_forward_hook(self.layer, lambda _m, i, _o: self.keys.append(i[0].detach()))
         return self.keys
 
     def __exit__(self, *exc):

@@ -23,7 +23,7 @@ from torch import nn
 from ..defects.base import Defect
 from ..edit import Edit
 from ..errors import NetmendError, require
-from ..hooks import capture, get_layer, weight_layers
+from ..hooks import capture, get_layer, pre_hook, weight_layers
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
@@ -148,15 +148,12 @@ def a_clarc(model: nn.Module, defect: Defect, sites: Sites | None, cfg: AClarcCo
         keep = pick.view(-1, *([1] * (h.dim() - 1)))
         return (torch.where(keep, moved, h),) + tuple(inp[1:])
 
-    handle = get_layer(work, layer).register_forward_pre_hook(add_artefact)
-    _freeze_batchnorm(work)
-    x, y = defect.tuning_set(cfg.use_pairs)
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
-                     weight_decay=cfg.weight_decay, seed=cfg.seed)
-    try:
+    with pre_hook(get_layer(work, layer), add_artefact):
+        _freeze_batchnorm(work)
+        x, y = defect.tuning_set(cfg.use_pairs)
+        tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
+                         weight_decay=cfg.weight_decay, seed=cfg.seed)
         fit(work, x, y, tc, cfg.device, desc="a-clarc", params=params, output=defect.decision_logits)
-    finally:
-        handle.remove()
     work.cpu()
     return Edit.between(before, work, {"repairer": "a-clarc", "layer": layer, "tuned": tuned, "samples": len(y), **info},
                         names=list(before))

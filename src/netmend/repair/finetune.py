@@ -16,7 +16,7 @@ from torch import nn
 from ..defects.base import Defect
 from ..edit import Edit
 from ..errors import require
-from ..hooks import get_layer
+from ..hooks import add_pre_hook, get_layer
 from ..registry import REPAIRERS
 from .masked_tune import on_weightless_layer, site_masks
 from ..sites import Sites
@@ -112,4 +112,4 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
-    model.register_forward_pre_hook(train_hook)
+    add_pre_hook(model, train_hook)

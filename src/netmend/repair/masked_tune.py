@@ -21,7 +21,7 @@ from torch import nn
 from ..defects.base import Defect
 from ..edit import Edit
 from ..errors import NetmendError, require
-from ..hooks import capture, get_layer, input_block, reader_of, weight_layers
+from ..hooks import capture, forward_hook, get_layer, input_block, reader_of, run_to, weight_layers
 from ..locate.probe import (ProbeConfig, ProbeSet, defective_data, find_blocks, pooled, train_probes,
                             violation_rate)
 from ..metrics import accuracy, predict
@@ -151,36 +151,15 @@ def _scenario(defect: Defect) -> str:
     return getattr(getattr(trig, "spec", None), "kind", None) or defect.kind
 
 
-class _Readout(Exception):
-    """Carries a block's output out of the forward pass: the layers after it are not run."""
-
-    def __init__(self, output: torch.Tensor):
-        super().__init__()
-        self.output = output
-
-
 def _readout(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """The output of layer `name` on `x` (with its autograd graph), stopping the forward pass there."""
-    def stop(_m, _i, o):
-        raise _Readout(o)
-
-    h = get_layer(model, name).register_forward_hook(stop)
-    try:
-        model(x)
-    except _Readout as r:
-        return r.output
-    finally:
-        h.remove()
-    raise NetmendError(f"layer {name!r} did not run in the forward pass")
+    return run_to(model, name, x)
 
 
 def _forward_with_readout(model: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = []
-    h = get_layer(model, name).register_forward_hook(lambda _m, _i, o: out.append(o))
-    try:
+    with forward_hook(get_layer(model, name), lambda _m, _i, o: out.append(o)):
         logits = model(x)
-    finally:
-        h.remove()
     return logits, out[0]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,7 +29,7 @@ from torch import nn
 from ..defects.base import Defect
 from ..edit import Edit
 from ..errors import NetmendError, require
-from ..hooks import get_layer, input_block, leaf_modules, reader_of
+from ..hooks import forward_hooks, get_layer, input_block, leaf_modules, reader_of
 from ..locate.causal import Cut, unique_rows
 from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
@@ -260,15 +259,9 @@ class ScaledModel:
         o = out.reshape(p, -1, *out.shape[1:])
         return (o * m.view(p, 1, m.shape[1], *([1] * (out.dim() - 2)))).reshape(out.shape)
 
-    @contextmanager
     def _hooks(self, layers):
-        handles = [get_layer(self.model, l).register_forward_hook(
-            lambda _m, _i, out, _l=l: self._scale(out, self._mults[_l])) for l in layers]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return forward_hooks([(get_layer(self.model, l), lambda _m, _i, out, _l=l: self._scale(out, self._mults[_l]))
+                              for l in layers])
 
     @torch.no_grad()
     def logits(self, scales: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from ..defects.base import Defect, Pairs
 from ..edit import Edit
 from ..errors import NetmendError, require
-from ..hooks import capture, get_layer, weight_layers
+from ..hooks import capture, execution_order, forward_hook, get_layer, weight_layers
 from ..registry import REPAIRERS
 from ..sites import Sites
 
@@ -85,22 +85,6 @@ def _fingerprint(model: nn.Module, upstream: list[str]) -> tuple:
         for p in get_layer(model, name).parameters(recurse=False):
             fp.append((id(p), content_digest(p)))
     return tuple(fp)
-
-
-def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Dotted names of the weight modules in the order a forward pass runs them (one sample, on the model's device)."""
-    param = next(model.parameters(), None)
-    x = x[:1].to(param.device) if param is not None else x[:1]
-    order: list[str] = []
-    handles = [get_layer(model, n).register_forward_hook(lambda *_a, _n=n: order.append(_n) if _n not in order else None)
-               for n in weight_layers(model)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
 
 
 def _upstream(model: nn.Module, layer: str, inputs: torch.Tensor) -> list[str]:
@@ -467,12 +451,11 @@ def _fit_lambda(model: nn.Module, layer: str, value: str, mod: nn.Module, d: tor
     lam = lam0.to(W0.dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([lam], lr=cfg.lr)
     out: dict[str, torch.Tensor] = {}
-    h = get_layer(model, value).register_forward_hook(lambda _m, _i, o: out.__setitem__("v", o))
     wts = None
     if vmask is not None and v_target.dim() == 4:
         wts = _key_mask(vmask, tuple(v_target.shape[-2:])).to(v_target)[:, None].sqrt()
     losses = []
-    try:
+    with forward_hook(get_layer(model, value), lambda _m, _i, o: out.__setitem__("v", o)):
         for step in range(cfg.steps):
             W = W0 + _delta(mod, lam, d32)
             functional_call(model, {wname: W}, (x_bad,))
@@ -486,8 +469,6 @@ def _fit_lambda(model: nn.Module, layer: str, value: str, mod: nn.Module, d: tor
             losses.append(float(loss.detach()))
             if step >= cfg.patience and abs(losses[-cfg.patience] - losses[-1]) <= cfg.tol * abs(losses[-cfg.patience]):
                 break
-    finally:
-        h.remove()
     return lam.detach().double(), {"fit_steps": len(losses), "fit_loss_first": losses[0] if losses else None,
                                    "fit_loss_last": losses[-1] if losses else None}
 
