@@ -371,3 +371,23 @@ def test_certified_repair_takes_its_evidence_from_the_verifier_when_the_falsifie
     with pytest.raises(NetmendError, match="nothing to repair.*verified"):
         certified_repair(safe, SafetyDefect(safe, p, SafetyOptions(**blind)), verify_timeout=10,
                          method="property-tune")
+
+
+def test_active_mean_has_the_value_and_gradient_of_the_full_batch_mean():
+    """The keep / box hinges back-propagate through the active samples only; value and gradient must be those
+    of the plain mean over every sample (inactive hinges contribute exactly zero)."""
+    from netmend.repair.property_tune import active_mean, decision_terms
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(2000, 5), torch.randint(0, 4, (2000,))
+    terms = lambda xx, yy: decision_terms(net(xx), yy, 0.5)       # noqa: E731
+    full = terms(x, y).mean()
+    g_full = torch.autograd.grad(full, list(net.parameters()))
+    part = active_mean(terms, x, y)
+    g_part = torch.autograd.grad(part, list(net.parameters()))
+    assert 0 < int((terms(x, y) > 0).sum()) < len(x)                # some active, some not
+    assert torch.allclose(part, full, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_part, g_full))
+    none = active_mean(lambda xx, yy: decision_terms(net(xx), yy, -1e6), x, y)      # nothing active
+    assert float(none) == 0 and none.requires_grad

@@ -63,12 +63,35 @@ class PropertyTuneConfig:
     device: str = "cpu"
 
 
+def decision_terms(z: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per sample: the amount by which class y does not win the (argmax) decision logits z by `margin`."""
+    others = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
+    return torch.relu(others - z.gather(1, y[:, None]).squeeze(1) + margin)
+
+
 def decision_hinge(z: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
     """Mean amount by which class y does not win the (argmax) decision logits z by `margin`."""
     if not len(y):
         return z.sum() * 0
-    others = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
-    return torch.relu(others - z.gather(1, y[:, None]).squeeze(1) + margin).mean()
+    return decision_terms(z, y, margin).mean()
+
+
+def active_mean(terms, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    """mean(terms(x, *rest)) with the graph built only through the samples whose hinge is active.
+
+    A hinge term that is zero has zero gradient, so a pass without gradient over the whole batch, then a pass with
+    gradient over the active samples only, gives the same value and the same gradient as one pass over all of them
+    — at the cost of a forward pass instead of a forward and backward pass for the (many) inactive ones. That makes
+    large fresh batches cheap, and batch size is what limits the keep term (its sampling noise moves the decisions).
+    """
+    n = len(x)
+    if n == 0:
+        return x.new_zeros(())
+    with torch.no_grad():
+        active = terms(x, *rest) > 0
+    if not bool(active.any()):
+        return terms(x[:1], *[r[:1] for r in rest]).sum() * 0          # zero, with a graph to the weights
+    return terms(x[active], *[r[active] for r in rest]).sum() / n
 
 
 @REPAIRERS.register("property_tune", "fine-tune the weights on fresh samples of a property's box (hinge: safe by a "
@@ -106,8 +129,8 @@ def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Pr
         for i in range(steps):
             xb, xk, yk = defect.sample_fresh(cfg.box_batch, cfg.keep_batch, g)
             xb, xk, yk = xb.to(dev), xk.to(dev), yk.to(dev)
-            box = torch.relu(defect.property_margin(work(xb)) + cfg.margin).mean()
-            keep = decision_hinge(defect.decision_logits(work(xk)), yk, cfg.keep_margin)
+            box = active_mean(lambda x: torch.relu(defect.property_margin(work(x)) + cfg.margin), xb)
+            keep = active_mean(lambda x, y: decision_terms(defect.decision_logits(work(x)), y, cfg.keep_margin), xk, yk)
             ev = decision_hinge(defect.decision_logits(work(x_ev)), y_ev, 0.01)
             loss = cfg.box_weight * box + cfg.keep_weight * keep + cfg.evidence_weight * ev
             if cover is not None:
