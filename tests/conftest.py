@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny backdoored digits model (trained once per session) and the shared data path."""
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,14 @@ def defect(backdoored, digits):
 
     _, info = backdoored
     return backdoor_from_info(info, BackdoorOptions(pairs=2, repair_fraction=0.1), data=digits)
+
+
+def import_user_module(root: Path, name: str, source: str):
+    """Write a user's module `name`.py into `root` and import it, as `netmend repair NAME:factory` would find it
+    (root on sys.path only while importing)."""
+    (root / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(root))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import import_user_module
 import torch
 
 from netmend.errors import NetmendError
@@ -96,12 +97,7 @@ def user(tmp_path_factory, digits):
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("bad-input-user")
-    (root / "badinputnet.py").write_text(USER_NET)
-    sys.path.insert(0, str(root))
-    try:
-        import badinputnet
-    finally:
-        sys.path.remove(str(root))
+    badinputnet = import_user_module(root, "badinputnet", USER_NET)
     torch.manual_seed(0)
     net = badinputnet.make()
     opt = torch.optim.Adam(net.parameters(), 1e-2)

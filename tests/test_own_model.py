@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import import_user_module
 import torch
 from test_cli import assert_user_error
 
@@ -76,12 +77,7 @@ def run(*args, cwd=None, check=True):
 def user(tmp_path_factory, digits):
     """A folder as a user has it: their module, weights, ONNX and .pt2 exports, x.npz and ev.npz."""
     root = tmp_path_factory.mktemp("own")
-    (root / "usernet.py").write_text(NET_SOURCE)
-    sys.path.insert(0, str(root))
-    try:
-        import usernet
-    finally:
-        sys.path.remove(str(root))
+    usernet = import_user_module(root, "usernet", NET_SOURCE)
     torch.manual_seed(0)
     x, y = digits.x_train, digits.y_train
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
