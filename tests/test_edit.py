@@ -82,3 +82,21 @@ def test_bad_edits_are_refused(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(NetmendError, match="cannot read"):
         Edit.load(tmp_path / "bad.safetensors")
+
+
+def test_written_files_and_run_folders_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through private temporaries (0600 / 0700); what the user gets must not stay private."""
+    import os
+
+    from netmend.edit import atomic_write
+    from netmend.modelio import fresh_folder
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: open(tmp, "w").write("{}"))
+        with fresh_folder(tmp_path / "run") as d:
+            (d / "x.txt").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755

@@ -161,6 +161,14 @@ def _timeless(o: Any) -> Any:
     return o
 
 
+def usual_permissions(path: str | os.PathLike) -> None:
+    """The permissions a plain open() / mkdir() would have given (0666 / 0777 less the umask): mkstemp and
+    mkdtemp make private 0600 / 0700 temporaries, which must not become the user's output files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 def atomic_write(path: str | os.PathLike, writer) -> None:
     """Call writer(tmp_path) then rename onto `path`, so a crash never leaves a half-written file."""
     path = Path(path)
@@ -169,6 +177,7 @@ def atomic_write(path: str | os.PathLike, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        usual_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .edit import atomic_write
+from .edit import atomic_write, usual_permissions
 from .errors import NetmendError, first_line
 from .schema import check_parameter_count, validate_arch, validate_model_info
 
@@ -127,6 +127,7 @@ def fresh_folder(out: str | os.PathLike) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        usual_permissions(tmp)
     except OSError as exc:
         raise NetmendError(f"cannot create {out}: {first_line(exc)}") from None
     try:

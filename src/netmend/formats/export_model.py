@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import NetmendError, first_line
+from ..edit import usual_permissions
 from .onnx_model import ModulePaths, file_sha256
 
 aten = torch.ops.aten
@@ -545,6 +546,7 @@ def write_pt2(source: Pt2Source, model: nn.Module, out_path: str | os.PathLike) 
     try:
         with _quiet_export_logs():
             torch.export.save(ep, tmp)
+        usual_permissions(tmp)
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
