@@ -100,3 +100,23 @@ def test_written_files_and_run_folders_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_run_killed_outright_leaves_nothing_the_next_run_keeps(tmp_path):
+    """SIGKILL cannot be caught: the hidden sibling a run folder was being built in stays. The next run for the
+    same --out removes it (its process is gone) and leaves a sibling whose process still runs."""
+    import os
+    import subprocess
+    import sys
+
+    from netmend.modelio import fresh_folder
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".run.partial-{int(gone.stdout)}-abcdefgh"
+    live = tmp_path / f".run.partial-{os.getpid()}-ijklmnop"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    with fresh_folder(tmp_path / "run") as d:
+        (d / "x.txt").write_text("x")
+    assert not dead.exists() and live.exists() and (tmp_path / "run" / "x.txt").exists()

@@ -49,9 +49,34 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-# the hidden sibling a folder is built in is ".NAME.partial-" + 8 random characters; a run folder's model is built
-# in a sibling of that sibling (write_run -> save_model_folder), so a new --out's name may grow by twice as much
-_PARTIAL_EXTRA = len(".") + len(".partial-") + 8
+# the hidden sibling a folder is built in is ".NAME.partial-PID-" + 8 random characters (PID: the building process, up
+# to 7 digits); a run folder's model is built in a sibling of that sibling (write_run -> save_model_folder), so a new
+# --out's name may grow by twice as much
+_PARTIAL_EXTRA = len(".") + len(".partial-") + 8 + 8
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                  # exists, owned by someone else
+        return True
+    return True
+
+
+def _sweep_partials(out: Path) -> None:
+    """Remove the hidden siblings that runs killed outright (SIGKILL, power loss) left behind for this --out: their
+    building process is gone. A sibling whose process still runs is another run in progress and is left alone."""
+    prefix = f".{out.name}.partial-"
+    try:
+        siblings = [p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return
+    for p in siblings:
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def check_fresh_out(out: str | os.PathLike) -> Path:
@@ -126,7 +151,8 @@ def fresh_folder(out: str | os.PathLike) -> Iterator[Path]:
     out = check_fresh_out(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        _sweep_partials(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
         usual_permissions(tmp)
     except OSError as exc:
         raise NetmendError(f"cannot create {out}: {first_line(exc)}") from None
