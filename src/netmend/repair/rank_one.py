@@ -60,17 +60,25 @@ def _batches(x: torch.Tensor, batch_size: int):
 def second_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int = 256,
                   device: str = "cpu") -> tuple[torch.Tensor, int]:
     """C = mean k kᵀ over every key the inputs produce at `layer` (float64, streamed: S += KᵀK)."""
-    mod = check_editable(model, layer)
-    S, count = None, 0
+    S, count = _key_sums(model, {layer: check_editable(model, layer)}, inputs, batch_size, device)
+    require(count[layer] > 0, "no statistics inputs to estimate the key second moment")
+    return S[layer] / count[layer], count[layer]
+
+
+def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int,
+              device: str) -> tuple[dict[str, torch.Tensor | None], dict[str, int]]:
+    """Σ k kᵀ (float64) and the number of keys at every layer of `mods`, from one forward pass per batch."""
+    S: dict[str, torch.Tensor | None] = dict.fromkeys(mods)
+    count = dict.fromkeys(mods, 0)
     model.eval()
-    with torch.no_grad(), capture(model, layer) as cap:
+    with torch.no_grad(), capture(model, list(mods)) as cap:
         for xb in _batches(inputs, batch_size):
             model(xb.to(device))
-            K = flat_keys(mod, cap.inputs[layer]).double()
-            S = K.T @ K if S is None else S.addmm_(K.T, K)
-            count += len(K)
-    require(count > 0, "no statistics inputs to estimate the key second moment")
-    return S / count, count
+            for layer, mod in mods.items():
+                K = flat_keys(mod, cap.inputs[layer]).double()
+                S[layer] = K.T @ K if S[layer] is None else S[layer].addmm_(K.T, K)
+                count[layer] += len(K)
+    return S, count
 
 
 _MOMENTS: dict[tuple, tuple] = {}
@@ -99,12 +107,18 @@ def cached_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size
     key = (id(model), layer, content_digest(inputs))
     upstream = _upstream(model, layer, inputs)
     fp = _fingerprint(model, upstream)
-    hit = _MOMENTS.get(key)
-    if hit is not None and hit[0]() is model and hit[1] == fp:
-        return hit[2]
+    hit = _cached(key, model, fp)
+    if hit is not None:
+        return hit
     C, count = second_moment(model, layer, inputs, batch_size, device)
     _store_moment(key, model, fp, C, count, upstream)
     return C
+
+
+def _cached(key: tuple, model: nn.Module, fp: tuple) -> torch.Tensor | None:
+    """The cached C for key, if it was computed on this very model with these upstream weights."""
+    hit = _MOMENTS.get(key)
+    return hit[2] if hit is not None and hit[0]() is model and hit[1] == fp else None
 
 
 def _store_moment(key: tuple, model: nn.Module, fp: tuple, C: torch.Tensor, count: int, upstream: list[str]) -> None:
@@ -144,21 +158,11 @@ def prefetch_moments(model: nn.Module, layers: list[str], inputs: torch.Tensor, 
         key = (id(model), layer, dig)
         upstream = _upstream(model, layer, inputs)
         fp = _fingerprint(model, upstream)
-        hit = _MOMENTS.get(key)
-        if not (hit is not None and hit[0]() is model and hit[1] == fp):
+        if _cached(key, model, fp) is None:
             missing[layer] = (mod, key, fp, upstream)
     if len(missing) < 2:                                 # nothing to share: cached_moment does it on demand
         return
-    S: dict[str, torch.Tensor | None] = dict.fromkeys(missing)
-    count = dict.fromkeys(missing, 0)
-    model.eval()
-    with torch.no_grad(), capture(model, list(missing)) as cap:
-        for xb in _batches(inputs, batch_size):
-            model(xb.to(device))
-            for layer, (mod, *_r) in missing.items():
-                K = flat_keys(mod, cap.inputs[layer]).double()
-                S[layer] = K.T @ K if S[layer] is None else S[layer].addmm_(K.T, K)
-                count[layer] += len(K)
+    S, count = _key_sums(model, {layer: m[0] for layer, m in missing.items()}, inputs, batch_size, device)
     for layer, (_mod, key, fp, upstream) in missing.items():
         if count[layer] > 0:
             _store_moment(key, model, fp, S[layer] / count[layer], count[layer], upstream)
