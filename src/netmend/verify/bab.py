@@ -105,6 +105,17 @@ def _spec(prop: Property, dtype, device, combine: bool = True):
     return C, d, mask, tol, groups
 
 
+def bisect(lo: torch.Tensor, hi: torch.Tensor, dim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Halve every box (lo[i], hi[i]) along dimension dim[i]: the lower halves are (lo, hi_left), the upper
+    halves (lo_right, hi); returns (hi_left, lo_right)."""
+    ar = torch.arange(len(lo), device=lo.device)
+    mid = (lo[ar, dim] + hi[ar, dim]) / 2
+    hi_left, lo_right = hi.clone(), lo.clone()
+    hi_left[ar, dim] = mid
+    lo_right[ar, dim] = mid
+    return hi_left, lo_right
+
+
 def _disjunct_values(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """rows (..., R) -> (..., J): per disjunct, the max over its rows."""
     neg = torch.tensor(float("-inf"), dtype=rows.dtype, device=rows.device)
@@ -317,11 +328,7 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
             stuck_lb += bval[tiny].tolist()
             keep = ~tiny
             lo, hi, root, depth, dim, bval = lo[keep], hi[keep], root[keep], depth[keep], dim[keep], bval[keep]
-        ar = torch.arange(len(lo), device=dev)
-        mid = (lo[ar, dim] + hi[ar, dim]) / 2
-        hi_left, lo_right = hi.clone(), lo.clone()
-        hi_left[ar, dim] = mid
-        lo_right[ar, dim] = mid
+        hi_left, lo_right = bisect(lo, hi, dim)
         lo_q = torch.cat([lo_q, lo, lo_right])
         hi_q = torch.cat([hi_q, hi_left, hi])
         root_q = torch.cat([root_q, root, root])

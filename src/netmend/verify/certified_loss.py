@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data.vnnlib import Property
-from .bab import _disjunct_values, _spec
+from .bab import _disjunct_values, _spec, bisect
 from .bounds import crown_bounds, relu_chain
 
 
@@ -35,12 +35,7 @@ class BoxCover:
     def _halve(self, idx: torch.Tensor) -> None:
         """Split the sub-boxes idx in two along their widest side (width relative to the root box)."""
         lo, hi = self.lo[idx], self.hi[idx]
-        dim = (hi - lo).argmax(-1)
-        ar = torch.arange(len(idx), device=lo.device)
-        mid = (lo[ar, dim] + hi[ar, dim]) / 2
-        hi_left, lo_right = hi.clone(), lo.clone()
-        hi_left[ar, dim] = mid
-        lo_right[ar, dim] = mid
+        hi_left, lo_right = bisect(lo, hi, (hi - lo).argmax(-1))
         keep = torch.ones(len(self.lo), dtype=torch.bool, device=lo.device)
         keep[idx] = False
         self.lo = torch.cat([self.lo[keep], lo, lo_right])
