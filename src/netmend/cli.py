@@ -158,27 +158,7 @@ def build_defect(info: dict[str, Any], kind: str | None, data_dir: str | None, g
         raise NetmendError(f"{flags} does not apply to a {kind} defect (its options: {', '.join(sorted(fields)) or 'none'})")
     info = {**info, "defect": {**info.get("defect", {}), "kind": kind}}
     extra = {"model": model} if (model is not None and entry.extra.get("needs_model")) else {}
-    config = make_config(entry.config, given)
-    if kind == "safety" and model is not None:
-        _check_property_fits(info, config, data_dir, model)
-    return entry.obj(info, config, data_dir=data_dir, **extra)
-
-
-def _check_property_fits(info: dict[str, Any], config, data_dir, model) -> None:
-    """A safety property speaks of as many inputs and outputs as the network has (checked before the defect
-    samples anything, so a 7-input property on a 5-input network is one line, not a shape error)."""
-    from .data.vnnlib import check_network
-    from .defects.safety import resolve_property
-
-    d = info.get("defect", {})
-    spec = getattr(config, "property", "") or d.get("property", "")
-    box = getattr(config, "box", "official")
-    if not getattr(config, "property", "") and d.get("box") and box == "official":
-        box = d["box"]
-    if not spec:
-        return                                       # the defect says what is missing
-    in_shape = (info.get("arch_args") or {}).get("in_shape")
-    check_network(resolve_property(spec, box, data_dir), model, in_shape)
+    return entry.obj(info, make_config(entry.config, given), data_dir=data_dir, **extra)
 
 
 def _print_result_table(results: list[dict[str, Any]], title: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NetmendError
+from ..errors import NetmendError, first_line
 
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 _VAR = re.compile(r"^([XY])_(\d+)$")
@@ -290,7 +290,7 @@ def check_network(prop: Property, model, in_shape=None) -> None:
                                   else torch.float32, device=p.device if p is not None else "cpu"))
     except (RuntimeError, ValueError, IndexError) as exc:
         raise NetmendError(f"property {prop.name} speaks of {prop.n_inputs} inputs (X_0..X_{prop.n_inputs - 1}); the "
-                           f"network does not take that many ({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__})") from None
+                           f"network does not take that many ({first_line(exc, 120)})") from None
     if y.shape[-1] != prop.n_outputs:
         raise NetmendError(f"property {prop.name} has {prop.n_outputs} outputs, the network {y.shape[-1]}")
 

@@ -576,7 +576,7 @@ def safety_from_info(info: dict, options: SafetyOptions, data_dir=None, model: n
         options.box = d["box"]
     prop = resolve_property(spec, options.box, data_dir)
     net = model if model is not None else _load_source(info)
-    check_network(prop, net)
+    check_network(prop, net, (info.get("arch_args") or {}).get("in_shape"))   # before anything is sampled
     norm = dict(info.get("arch_args", {}))
     norm = {k: v for k, v in norm.items() if k.startswith(("input_", "output_"))} or getattr(net, "normalisation", None)
     return SafetyDefect(net, prop, options, norm)
