@@ -29,7 +29,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     "notes" list (netmend.jsonsafe)."""
     from .jsonsafe import json_safe_with_notes
 
-    obj = json_safe_with_notes(obj, default=_json_default)
+    obj = json_safe_with_notes(obj)
 
     def writer(tmp):
         with open(tmp, "w") as f:
@@ -37,16 +37,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
             f.write("\n")
 
     atomic_write(path, writer)
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # the hidden sibling a folder is built in is ".NAME.partial-PID-" + 8 random characters (PID: the building process, up
@@ -205,19 +195,22 @@ def build_model(info: dict[str, Any]) -> nn.Module:
     num_classes = args.pop("num_classes", None)
     if in_shape is None or num_classes is None:
         raise NetmendError("model.json arch_args must give in_shape and num_classes")
+    def about_model_json(exc: NetmendError) -> NetmendError:
+        return NetmendError(exc if str(exc).startswith("model.json") else f"model.json: {exc}")
+
     try:
         with torch.device("meta"):
             probe = create_model(info["arch"], in_shape, num_classes, **args)
         counted = sum(t.numel() for t in list(probe.parameters()) + list(probe.buffers()))
     except NetmendError as exc:
-        raise NetmendError(exc if str(exc).startswith("model.json") else f"model.json: {exc}") from None
+        raise about_model_json(exc) from None
     except Exception:      # an architecture that cannot be built on the meta device: built for real below
         counted = 0
     check_parameter_count(counted)
     try:
         return create_model(info["arch"], in_shape, num_classes, **args)
     except NetmendError as exc:
-        raise NetmendError(f"model.json: {exc}") from None
+        raise about_model_json(exc) from None
     except (ValueError, RuntimeError) as exc:
         raise NetmendError(f"model.json: cannot build {info['arch']!r} from its arch_args: {first_line(exc)}") from None
 
