@@ -92,7 +92,12 @@ _NON_NEGATIVE = re.compile(r"(epochs|steps|rounds|samples|iter|pairs|batch|num|s
 
 
 def check_number(name: str, value: Any, owner: str) -> None:
-    """The shared rule for a numeric option `name` (see _POSITIVE / _NON_NEGATIVE); a one-line error if broken."""
+    """The shared rule for a numeric option `name` (see _POSITIVE / _NON_NEGATIVE), for a number or each number of
+    a list; a one-line error if broken."""
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_number(name, v, owner)
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return
     if not math.isfinite(float(value)):
@@ -107,9 +112,7 @@ def check_config(cfg: Any, owner: str | None = None) -> Any:
     """Every numeric field of a dataclass config (and every number in a list field) against check_number."""
     owner = owner or type(cfg).__name__
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            check_number(f.name, v, owner)
+        check_number(f.name, getattr(cfg, f.name), owner)
     return cfg
 
 
@@ -120,8 +123,7 @@ def _checked(owner: str, name: str, annotation: str, value: Any) -> Any:
     kinds = [t.strip() for t in annotation.split("|")]
     if value is None and "None" in kinds:
         return value
-    for v in (value if isinstance(value, (list, tuple)) else [value]):
-        check_number(name, v, owner)
+    check_number(name, value, owner)
     if any(t.startswith(("list", "tuple", "Sequence")) for t in kinds):
         return value if isinstance(value, (list, tuple)) else [value]
     if "str" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -365,8 +365,7 @@ def defect_from_files(model: nn.Module, data: str, evidence: str | None = None, 
 
     options = dict(options or {})
     for name, value in options.items():
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            check_number(name, v, f"a {kind or 'user'} defect (-d)")
+        check_number(name, value, f"a {kind or 'user'} defect (-d)")
     d = fit_channels(model, load_user_data(data, label_column, normalize, test_fraction, seed, test_data))
     k = output_classes(model, d.x)
     for what, y in ((f"{data}: labels", d.y), (f"{test_data or data}: test labels", d.y_test)):
