@@ -295,7 +295,7 @@ def test_certified_repair_verifies_or_rejects():
     d = SafetyDefect(net, p, SafetyOptions(**SMALL))
     weak = certified_repair(net, d, rounds=1, verify_timeout=10, method="property-tune", gate=False,
                             repair_options={"steps": 1, "box_batch": 8, "keep_batch": 8, "lr": 1e-4, "bound_rounds": 0})
-    assert not weak.accepted and weak.after["verified"] is False and "verifier says" in weak.gate["reason"]
+    assert not weak.accepted and weak.after["verified"] is False and "after 2 repair(s): the verifier says" in weak.gate["reason"]
     assert [r["status"] for r in weak.certify["rounds"]] == ["violated", "violated"]
     assert weak.certify["rounds"][0]["added"] >= 1              # the counterexample joined the evidence
     assert all(torch.equal(a, b) for a, b in zip(weak.model.state_dict().values(), net.state_dict().values()))

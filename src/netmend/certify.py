@@ -52,30 +52,36 @@ def certified_repair(model: nn.Module, defect, rounds: int = 3, verify_timeout: 
     require(verify_timeout > 0, f"the verifier's timeout must be positive, got {verify_timeout}")
     history: list[dict[str, Any]] = []
     t_repair = t_verify = 0.0
+
+    def check(net: nn.Module, what: str, seed: int):
+        nonlocal t_verify
+        t0 = time.perf_counter()
+        with stage(f"certify: verifying {what}"):
+            v = verify(net, defect.prop, timeout=verify_timeout, seed=seed)
+        t_verify += time.perf_counter() - t0
+        return v
+
+    def add_evidence(v, seed: int) -> int:
+        return defect.add_counterexamples(_cloud(v.counterexample.flatten(), defect.prop, cloud, radius, seed))
+
     if len(defect.x_bad) == 0:
         # The falsifier found nothing, yet the property may be violated (a counterexample in a thin region):
         # the verifier decides, and its counterexample becomes the evidence the repair fits.
-        t0 = time.perf_counter()
-        with stage("certify: no sampled counterexample; verifying the input model"):
-            v = verify(model, defect.prop, timeout=verify_timeout, seed=0)
-        t_verify += time.perf_counter() - t0
+        v = check(model, "the input model (no sampled counterexample)", 0)
         history.append({"round": "input", "status": v.status, "verify_seconds": round(v.seconds, 3), "boxes": v.boxes})
         if v.status != "violated":
             raise NetmendError(f"nothing to repair: the falsifier found no counterexample to {defect.prop.name} and the "
                                f"verifier says {v.status}" + (" (the property holds)" if v.status == "verified" else
                                                              f" after {verify_timeout:g} s"))
-        history[-1]["added"] = defect.add_counterexamples(_cloud(v.counterexample.flatten(), defect.prop, cloud, radius, 0))
+        history[-1]["added"] = add_evidence(v, 0)
     before = None
-    result, status = None, "unknown"
+    result, status, repairs = None, "unknown", 0
     for r in range(rounds + 1):
         result = api.repair(model, defect, before=before, keep_rejected=True, **repair_kwargs)
         before = result.before
         t_repair += result.seconds
-        cand = _candidate(result, model)
-        t0 = time.perf_counter()
-        with stage(f"certify round {r}: verifying the candidate"):
-            v = verify(cand, defect.prop, timeout=verify_timeout, seed=r)
-        t_verify += time.perf_counter() - t0
+        repairs += 1
+        v = check(_candidate(result, model), f"the candidate of round {r}", r)
         status = v.status
         entry = {"round": r, "status": v.status, "gate_accepted": result.accepted, "repair_seconds": result.seconds,
                  "verify_seconds": round(v.seconds, 3), "boxes": v.boxes, "evidence": int(len(defect.x_bad))}
@@ -83,8 +89,7 @@ def certified_repair(model: nn.Module, defect, rounds: int = 3, verify_timeout: 
         log.info("certify round %d: %s (%d sub-boxes, %.1f s)", r, v.status, v.boxes, v.seconds)
         if v.status != "violated" or r == rounds:
             break
-        added = defect.add_counterexamples(_cloud(v.counterexample.flatten(), defect.prop, cloud, radius, r))
-        entry["added"] = added
+        entry["added"] = add_evidence(v, r)
     assert result is not None
     verified = status == "verified"
     result.after = {**result.after, "verified": verified, "verify_status": status}
@@ -92,7 +97,7 @@ def certified_repair(model: nn.Module, defect, rounds: int = 3, verify_timeout: 
                                 "verify_seconds": round(t_verify, 3), "verify_timeout": verify_timeout}
     result.certify = result.config["certify"]
     if not verified:
-        why = (f"not verified after {len(history)} repair(s): the verifier says {status}"
+        why = (f"not verified after {repairs} repair(s): the verifier says {status}"
                + (" (a counterexample remains)" if status == "violated" else " at the timeout"))
         reason = "; ".join(r for r in [(result.gate or {}).get("reason", ""), why] if r)
         result.gate = {**(result.gate or {}), "accepted": False, "reason": reason,
