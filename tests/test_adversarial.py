@@ -96,13 +96,14 @@ def test_bad_inputs_give_clear_errors(mlp, digits):
 def test_masked_tune_regenerates_adversarial_evidence_against_the_model_in_repair(mlp, digits):
     import copy
 
-    from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, site_masks
+    from netmend.registry import fill_defaults
+    from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, masked_tune_defaults
     from netmend.sites import Site, Sites
 
     d = adversarial_from_info(INFO, AdversarialOptions(pairs=40, eps=0.3, repair_fraction=0.05), data=digits, model=mlp)
     work = copy.deepcopy(mlp)
     layer = [n for n, m in work.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-    masks = site_masks(work, Sites([Site(layer=layer)], localiser="test"))
+    masks = Sites([Site(layer=layer)], localiser="test").masks(work)
     for refresh in (True, False):
         t = _Tuner(copy.deepcopy(work), d, masks, None, MaskedTuneConfig(refresh=refresh))
         first = t.dd.x_fit.clone()
@@ -124,7 +125,8 @@ def test_adversarial_repair_measures_misclassification_with_a_two_point_budget(m
     import copy
 
     from netmend.locate.probe import violation_rate
-    from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, site_masks
+    from netmend.registry import fill_defaults
+    from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, masked_tune_defaults
     from netmend.sites import Site, Sites
 
     d = adversarial_from_info(INFO, AdversarialOptions(pairs=40, eps=0.3, repair_fraction=0.05), data=digits, model=mlp)
@@ -133,9 +135,10 @@ def test_adversarial_repair_measures_misclassification_with_a_two_point_budget(m
     wrong, to_target = float((pred != y).float().mean()), float((pred == 0).float().mean())
     assert wrong > to_target + 0.5
     assert violation_rate(d, mlp, x, y) == pytest.approx(wrong)
-    masks = site_masks(mlp, Sites([Site(layer="out")], localiser="test"))
-    assert _Tuner(copy.deepcopy(mlp), d, masks, None, MaskedTuneConfig()).tol == 0.02
-    assert _Tuner(copy.deepcopy(mlp), d, masks, None, MaskedTuneConfig(acc_tolerance=0.005)).tol == 0.005
+    masks = Sites([Site(layer="out")], localiser="test").masks(mlp)
+    for given, tol in ((MaskedTuneConfig(), 0.02), (MaskedTuneConfig(acc_tolerance=0.005), 0.005)):
+        cfg = fill_defaults(given, masked_tune_defaults, d)           # what api.repair resolves before the run
+        assert _Tuner(copy.deepcopy(mlp), d, masks, None, cfg).tol == tol
 
 
 def test_finetune_with_refresh_is_adversarial_training(mlp, digits):

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from netmend.edit import Edit
+from netmend.edit import Edit, saved_values
 from netmend.errors import NetmendError
 from netmend.zoo.models import create_model
 
@@ -35,7 +35,23 @@ def test_applied_reverts_on_leaving_the_block_even_after_an_exception():
         with edit.applied(m):
             1 / 0
     assert all(torch.equal(v, orig[k]) for k, v in m.state_dict().items())
-    assert not edit._backup                                  # nothing held back after the block
+    assert not saved_values(m, edit)                         # nothing held back after the block
+
+
+def test_one_edit_applied_to_two_models_reverts_each_exactly():
+    """The exact values an apply saves are kept per (model, edit), outside the Edit value."""
+    a, b = _model(), _model()
+    with torch.no_grad():
+        b.fc1.weight.mul_(3)
+    wa, wb = a.fc1.weight.clone(), b.fc1.weight.clone()
+    edit = Edit({"fc1.weight": torch.randn_like(a.fc1.weight) * 0.1})
+    edit.apply(a)
+    edit.apply(b)
+    assert set(saved_values(a, edit)) == set(saved_values(b, edit)) == {"fc1.weight"}
+    edit.revert(b)
+    edit.revert(a)
+    assert torch.equal(a.fc1.weight, wa) and torch.equal(b.fc1.weight, wb)
+    assert Edit(dict(edit.deltas)) != edit and edit == edit        # a value compared by identity
 
 
 def test_a_half_applied_edit_is_rolled_back():
@@ -52,7 +68,7 @@ def test_a_half_applied_edit_is_rolled_back():
     with pytest.raises(RuntimeError, match="out of memory"):
         edit.apply(m)
     assert all(torch.equal(v, orig[k]) for k, v in m.state_dict().items())
-    assert not edit._backup
+    assert not saved_values(m, edit)
 
 
 def test_between_then_apply_reproduces_the_target():

@@ -56,7 +56,6 @@ def test_reader_of_finds_the_weights_reading_a_layer_or_says_why_not():
     from torch import nn
 
     from netmend.hooks import input_block, reader_of
-    from netmend.repair.masked_tune import site_masks
     from netmend.repair.pso import bake
     from netmend.sites import Site, Sites
 
@@ -73,7 +72,7 @@ def test_reader_of_finds_the_weights_reading_a_layer_or_says_why_not():
         input_block(m.fc2, 4, 0)
     # the same messages reach the repairers' users
     with pytest.raises(NetmendError, match="through 'soft'"):
-        site_masks(m, Sites([Site("relu", "neuron", index=1)], "causal"), torch.rand(2, 4))
+        Sites([Site("relu", "neuron", index=1)], "causal").masks(m, torch.rand(2, 4))
     with pytest.raises(NetmendError, match="pso: cannot bake a scale of -1 on 'relu'"):
         bake(m, {("relu", 1): -1.0}, torch.rand(2, 4))
 
@@ -159,9 +158,9 @@ def test_add_forward_hook_and_add_pre_hook_return_live_handles(cnn):
 
 def test_execution_order_lists_weight_layers_as_run_and_leaves_no_hook():
     from netmend.hooks import execution_order, weight_layers
-    from netmend.repair.rank_one import execution_order as from_rank_one
+    from netmend.editing import execution_order as from_editing
 
-    assert from_rank_one is execution_order
+    assert from_editing is execution_order
     torch.manual_seed(0)
     net = create_model("preact-resnet18", (3, 8, 8), 4, width=8).eval()
     order = execution_order(net, torch.rand(5, 3, 8, 8))

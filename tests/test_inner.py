@@ -7,7 +7,7 @@ import torch
 from netmend import api
 from netmend.errors import NetmendError
 from netmend.locate.probe import ProbeConfig, find_blocks, locate_probe
-from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, masked_tune, site_masks
+from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, masked_tune
 from netmend.sites import Site, Sites
 
 FAST_LOCATE = {"layers": ["conv2", "fc2"], "rep_layer_num": 2, "route_num": 8, "route_steps": 5, "probe_epochs": 5}
@@ -90,7 +90,7 @@ def test_clean_term_draws_from_every_clean_fit_image(backdoored, defect):
     model, _ = backdoored
     sites = Sites([Site("fc1", "weight", 1.0, mask=torch.ones_like(model.fc1.weight))], "test")
     work = copy.deepcopy(model).eval()
-    tuner = _Tuner(work, defect, site_masks(work, sites), None, MaskedTuneConfig(**FAST_REPAIR))
+    tuner = _Tuner(work, defect, sites.masks(work), None, MaskedTuneConfig(**FAST_REPAIR))
     fit = defect.repair.y_fit
     assert len(tuner.dd.y_fit) < len(fit) and len(tuner.y_clean) == len(fit)
     assert torch.equal(tuner.y_clean.sort().values, fit.sort().values)
@@ -121,12 +121,11 @@ def test_bad_options_give_clear_errors(backdoored, defect):
 def test_neuron_sites_on_weightless_layers_mask_the_weights_that_read_them(backdoored):
     """CARE's sites sit on flatten / activation outputs: masked_tune and finetune tune fc1's columns for them."""
     from netmend.repair.finetune import site_parameters
-    from netmend.repair.masked_tune import site_masks
 
     model, _ = backdoored
     x = torch.rand(2, 1, 8, 8)
     sites = Sites([Site("flatten", "neuron", 1.0, index=5), Site("relu2", "neuron", 0.5, index=3)], "causal")
-    masks = site_masks(model, sites, x)
+    masks = sites.masks(model, x)
     assert set(masks) == {"fc1"}
     m = masks["fc1"]
     per_channel = model.fc1.in_features // model.conv2.out_channels         # relu2 channel → a block of fc1 inputs
@@ -137,9 +136,9 @@ def test_neuron_sites_on_weightless_layers_mask_the_weights_that_read_them(backd
     params, grad_masks = site_parameters(model, sites, x)
     assert len(params) == 1 and params[0] is model.fc1.weight and torch.equal(grad_masks[model.fc1.weight], m)
     with pytest.raises(NetmendError, match="outside flatten"):
-        site_masks(model, Sites([Site("flatten", "neuron", index=10 ** 6)], "causal"), x)
+        Sites([Site("flatten", "neuron", index=10 ** 6)], "causal").masks(model, x)
     with pytest.raises(NetmendError, match="example input"):
-        site_masks(model, sites)
+        sites.masks(model)
 
 
 def test_care_sites_drive_masked_tune(backdoored, defect):
@@ -167,20 +166,24 @@ def test_finetune_on_weight_sites_leaves_everything_off_the_mask_exactly(backdoo
     assert (d[mask == 0] == 0).all() and (d[mask == 1] != 0).any()
 
 
-def test_scenario_settings_resolve_user_value_then_table_then_default():
+def test_per_defect_settings_resolve_user_value_then_table_then_default():
+    """INNER's per-attack settings are defaults the repairer registers: filled in for None fields only, by the
+    defect's variant (a trigger's kind), so the config holds the values used; what the user sets wins."""
     from types import SimpleNamespace
 
-    from netmend.repair.masked_tune import ACC_TOLERANCE, EPOCH2, ROUNDS, TAU, by_scenario
+    from netmend.registry import REPAIRERS, fill_defaults
+    from netmend.repair.masked_tune import ACC_TOLERANCE, TAU, MaskedTuneConfig, masked_tune_defaults
 
-    adversarial = SimpleNamespace(kind="adversarial")
-    wanet = SimpleNamespace(kind="backdoor", trigger=SimpleNamespace(spec=SimpleNamespace(kind="wanet")))
-    assert by_scenario(None, ROUNDS, adversarial, 20) == 40
-    assert by_scenario(None, ROUNDS, wanet, 20) == 20
-    assert by_scenario(7, ROUNDS, adversarial, 20) == 7            # what the user sets wins
-    assert by_scenario(None, EPOCH2, wanet, 2) == 4 and by_scenario(None, TAU, wanet, 0.22) == TAU["wanet"]
-    assert by_scenario(None, ACC_TOLERANCE, adversarial, 0.01) == 0.02
-    assert by_scenario(None, ACC_TOLERANCE, wanet, 0.01) == 0.01
-    assert by_scenario(None, ACC_TOLERANCE, SimpleNamespace(kind="wrong-predictions"), 0.01) == 0.0
+    assert REPAIRERS.entry("masked_tune").extra["defaults"] is masked_tune_defaults
+    adversarial = SimpleNamespace(kind="adversarial", variant="adversarial")
+    wanet = SimpleNamespace(kind="backdoor", variant="wanet")
+    cfg = fill_defaults(MaskedTuneConfig(), masked_tune_defaults, adversarial)
+    assert (cfg.epochs, cfg.epoch2, cfg.acc_tolerance) == (40, 2, 0.02)
+    assert fill_defaults(MaskedTuneConfig(epochs=7), masked_tune_defaults, adversarial).epochs == 7   # the user's
+    cfg = fill_defaults(MaskedTuneConfig(), masked_tune_defaults, wanet)
+    assert (cfg.epochs, cfg.epoch2, cfg.asr_threshold, cfg.acc_tolerance) == (20, 4, TAU["wanet"], 0.01)
+    wrong = SimpleNamespace(kind="wrong-predictions", variant="wrong-predictions")
+    assert fill_defaults(MaskedTuneConfig(), masked_tune_defaults, wrong).acc_tolerance == ACC_TOLERANCE["wrong-predictions"] == 0.0
 
 
 def test_masked_tune_says_why_it_kept_the_model_unchanged(backdoored, defect):

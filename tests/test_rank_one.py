@@ -10,7 +10,8 @@ from torch import nn
 from netmend.defects.base import Defect, Pairs, RepairData
 from netmend.errors import NetmendError
 from netmend.hooks import capture
-from netmend.repair.rank_one import (RankOneConfig, rank_one_edit, second_moment, shared_direction, solve)
+from netmend.editing import second_moment, shared_direction, solve
+from netmend.repair.rank_one import RankOneConfig, rank_one_edit
 
 
 class ToyDefect(Defect):
@@ -212,7 +213,7 @@ def test_protected_edit_keeps_the_clean_twin_and_stays_rank_one():
 def test_moment_cache_is_keyed_by_content_not_by_tensor_identity():
     """Callers rebuild the statistics tensor on every call: equal content hits the cache, other content of the
     same shape never gets a stale C, and an edit upstream invalidates it."""
-    from netmend.repair.rank_one import cached_moment
+    from netmend.editing import cached_moment
 
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("relu", nn.ReLU()), ("fc2", nn.Linear(6, 3))]))
@@ -230,7 +231,7 @@ def test_moment_cache_hits_again_after_an_upstream_edit_is_reverted():
     """Dynamic rectification tries edits and reverts them to the exact weights: the moments downstream are
     valid again and must not be recomputed (they were, with a version-counter fingerprint: half its time)."""
     from netmend.edit import Edit
-    from netmend.repair.rank_one import cached_moment
+    from netmend.editing import cached_moment
 
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("relu", nn.ReLU()), ("fc2", nn.Linear(6, 3))]))
@@ -251,7 +252,7 @@ def test_prefetched_and_shared_moments_are_the_tensors_second_moment_computes():
     and a deep copy of the model gets them without another pass while its upstream weights are the same bytes."""
     import copy
 
-    from netmend.repair.rank_one import cached_moment, prefetch_moments, share_moments
+    from netmend.editing import cached_moment, prefetch_moments, share_moments
 
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict([("fc1", nn.Linear(4, 6)), ("relu", nn.ReLU()), ("fc2", nn.Linear(6, 5)),

@@ -1,19 +1,14 @@
-"""Imports every module that registers a component. Add one line per new module."""
-from .zoo import models  # noqa: F401
-from .zoo import acasxu  # noqa: F401
-from .data import datasets, triggers  # noqa: F401
-from .data import wanet  # noqa: F401
-from .defects import backdoor  # noqa: F401
-from .defects import adversarial, wrong_predictions  # noqa: F401
-from .defects import spurious, leakage  # noqa: F401  (leakage registers the blockmnist dataset via data.blockmnist)
-from .defects import safety  # noqa: F401
-from .defects import fairness  # noqa: F401
-from .locate import simple  # noqa: F401
-from .locate import probe  # noqa: F401
-from .repair import finetune, prune  # noqa: F401
-from .repair import clarc  # noqa: F401
-from .repair import masked_tune  # noqa: F401
-from .repair import pso  # noqa: F401  (CARE; imports locate.causal, which registers the causal localiser)
-from .repair import rank_one, rectify  # noqa: F401  (rectify imports locate.attribution)
-from .repair import property_tune  # noqa: F401
-from . import methods  # noqa: F401
+"""Imports every module of the packages that register components, so that a new method, localiser, repairer,
+defect, dataset or architecture is one new file in its package (registering itself), with no list to edit."""
+import importlib
+import pkgutil
+
+from . import methods  # noqa: F401  (the presets of the baselines)
+
+PACKAGES = ("zoo", "data", "defects", "locate", "repair")
+
+for _package in PACKAGES:
+    _pkg = importlib.import_module(f"{__package__}.{_package}")
+    for _info in sorted(pkgutil.iter_modules(_pkg.__path__), key=lambda i: i.name):
+        if not _info.name.startswith("_"):
+            importlib.import_module(f"{_pkg.__name__}.{_info.name}")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .defects.base import Defect
+from .defects.capabilities import check_needs
 from .edit import Edit
 from .errors import NetmendError
 from .methods import MethodPreset
@@ -27,7 +28,7 @@ from .modelio import load_any_model
 from .gate import DEFAULT_MAX_ACCURACY_DROP
 from .gate import check as check_gate
 from .progress import log, stage
-from .registry import DEFECTS, LOCALISERS, METHODS, REPAIRERS, make_config
+from .registry import DEFECTS, LOCALISERS, METHODS, REPAIRERS, fill_defaults, make_config
 from .sites import Sites
 
 
@@ -100,19 +101,21 @@ def defect_for(info: dict[str, Any], data_dir=None, model: nn.Module | None = No
     return entry.obj(info, make_config(entry.config, options), data_dir=data_dir, **extra)
 
 
-def _config(entry, overrides: dict[str, Any], common: dict[str, Any]):
+def _config(entry, overrides: dict[str, Any], common: dict[str, Any], defect: Defect | None = None):
+    """The component's typed config: its defaults, then the per-defect defaults it registered, then the options."""
     if entry.config is None:
         return make_config(None, overrides)
     names = {f.name for f in dataclasses.fields(entry.config)}
     merged = {k: v for k, v in common.items() if k in names and v is not None}
     merged.update(overrides)
-    return make_config(entry.config, merged)
+    return fill_defaults(make_config(entry.config, merged), entry.extra.get("defaults"), defect)
 
 
 def locate(model: nn.Module, defect: Defect, localiser: str, options: dict[str, Any] | None = None,
            seed: int = 0, device: str = "cpu") -> Sites:
     entry = LOCALISERS.entry(localiser)
-    cfg = _config(entry, options or {}, {"seed": seed, "device": device})
+    check_needs(defect, entry.extra.get("needs", ()), localiser)
+    cfg = _config(entry, options or {}, {"seed": seed, "device": device}, defect)
     t0 = time.perf_counter()
     sites = entry.obj(model, defect, cfg)
     sites.seconds = sites.seconds or time.perf_counter() - t0
@@ -142,10 +145,13 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
     rep_name = repairer or preset.repairer
     loc_opts = {**preset.locate_options, **(locate_options or {})}
     rep_opts = {**preset.repair_options, **(repair_options or {})}
+    rep_entry = REPAIRERS.entry(rep_name)
     torch.manual_seed(seed)
     original = model.eval()
     with stage(f"measuring the {defect.kind} before the repair"):
         defect.prepare(original)
+        for entry in ([LOCALISERS.entry(loc_name)] if loc_name else []) + [rep_entry]:   # its evidence is bound now
+            check_needs(defect, entry.extra.get("needs", ()), method or entry.name)
         before = before if before is not None else defect.metrics(original)
     work = copy.deepcopy(original).to(device).eval()
     t0 = time.perf_counter()
@@ -154,8 +160,7 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
         with stage(f"locating: {loc_name}"):
             sites = locate(work, defect, loc_name, loc_opts, seed, device)
     t1 = time.perf_counter()
-    rep_entry = REPAIRERS.entry(rep_name)
-    rep_cfg = _config(rep_entry, rep_opts, {"seed": seed, "device": device})
+    rep_cfg = _config(rep_entry, rep_opts, {"seed": seed, "device": device}, defect)
     with stage(f"repairing: {rep_name}"):
         edit = rep_entry.obj(work, defect, sites, rep_cfg)
     t2 = time.perf_counter()
@@ -171,7 +176,7 @@ def repair(model: nn.Module, defect: Defect, method: str | None = None, localise
     name = method or f"{loc_name or '-'}+{rep_name}"
     edit.meta.update({"method": name, "localiser": loc_name, "repairer": rep_name})
     config = {"method": name, "localiser": loc_name, "repairer": rep_name,
-              "locate_options": dataclasses.asdict(_config(LOCALISERS.entry(loc_name), loc_opts, {"seed": seed, "device": device}))
+              "locate_options": dataclasses.asdict(_config(LOCALISERS.entry(loc_name), loc_opts, {"seed": seed, "device": device}, defect))
               if loc_name and LOCALISERS.entry(loc_name).config else loc_opts,
               "repair_options": dataclasses.asdict(rep_cfg) if rep_cfg is not None else {},
               "seed": seed, "device": device, "defect": defect.describe(), "versions": versions()}

@@ -44,9 +44,10 @@ def certified_repair(model: nn.Module, defect, rounds: int = 3, verify_timeout: 
                      radius: float = 0.01, keep_rejected: bool = False, **repair_kwargs: Any):
     """`api.repair` in a loop with the verifier; the result says `verified` and how the time was spent."""
     from . import api
+    from .defects.capabilities import EvidenceRounds, PropertyRegion
     from .verify import verify
 
-    require(defect.kind == "safety" and hasattr(defect, "add_counterexamples"),
+    require(isinstance(defect, EvidenceRounds) and isinstance(defect, PropertyRegion),
             f"--certify proves safety properties; a {defect.kind} defect has none to prove")
     require(rounds >= 0, f"certify rounds must be ≥ 0, got {rounds}")
     require(verify_timeout > 0, f"the verifier's timeout must be positive, got {verify_timeout}")

@@ -107,6 +107,7 @@ def _user_defect(net, info: dict[str, Any], data: str | None, evidence: str | No
                  pairs: int | None, seed: int, test_fraction: float | None, options: dict[str, Any],
                  test_data: str | None = None):
     """The defect from the user's files; a run folder of a user model remembers the files it was repaired with."""
+    from .defects.capabilities import Targeted
     from .defects.user import defect_from_files
 
     given = {"data": data, "evidence": evidence, "label_column": label_column, "protected": protected,
@@ -129,7 +130,7 @@ def _user_defect(net, info: dict[str, Any], data: str | None, evidence: str | No
     # (not re-derived from the repaired model) and the evidence it held out
     info["user_data"] = {**{k: v for k, v in given.items() if v is not None}, "kind": defect.kind,
                          **({"pairs": pairs} if pairs is not None else {}),
-                         **({"target": defect.target} if getattr(defect, "target", None) is not None else {})}
+                         **({"target": defect.target} if isinstance(defect, Targeted) and defect.target is not None else {})}
     return defect
 
 

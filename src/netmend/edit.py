@@ -1,13 +1,16 @@
 """Edit: a repair as data — parameter deltas that can be applied, reverted, saved and inspected.
 
 A repaired model is the original plus an Edit. `apply` keeps an exact copy of every touched
-parameter so `revert` restores it bit for bit (adding then subtracting a float delta would not).
+parameter so `revert` restores it bit for bit (adding then subtracting a float delta would not). The copies live
+beside the value, keyed by (model, edit) and dropped with either, so an Edit is only its deltas and metadata and one
+Edit can be applied to several models at once.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +30,21 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@dataclass
+# model -> edit -> {parameter name: its exact value before the edit was applied}
+_SAVED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+
+
+def saved_values(model: nn.Module, edit: "Edit") -> dict[str, torch.Tensor]:
+    """The exact values `edit.apply(model)` saved for `revert` (empty when none are held)."""
+    return _SAVED.get(model, {}).get(edit, {})
+
+
+@dataclass(eq=False)
 class Edit:
-    """Additive parameter deltas {parameter name: ΔW}, plus free-form metadata (JSON-able)."""
+    """Additive parameter deltas {parameter name: ΔW}, plus free-form metadata (JSON-able). Compared by identity."""
 
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    _backup: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def between(before: nn.Module | dict[str, torch.Tensor], after: nn.Module, meta: dict | None = None,
@@ -87,21 +98,20 @@ class Edit:
             p = params[k]
             if p.shape != d.shape:
                 raise NetmendError(f"edit for {k} has shape {tuple(d.shape)}, model has {tuple(p.shape)}")
-        done: list[str] = []
+        saved: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
                 for k, d in self.deltas.items():
                     p = params[k]
-                    self._backup[k] = p.detach().clone()
+                    value = p.detach().clone()
                     p.add_(d.to(p.device, p.dtype))
-                    done.append(k)
+                    saved[k] = value
         except BaseException:                 # half applied (e.g. out of device memory): put back what was changed
             with torch.no_grad():
-                for k in done:
-                    params[k].copy_(self._backup.pop(k))
-            for k in set(self._backup) - set(done):
-                self._backup.pop(k, None)
+                for k, v in saved.items():
+                    params[k].copy_(v)
             raise
+        _SAVED.setdefault(model, weakref.WeakKeyDictionary())[self] = saved
         return model
 
     @contextmanager
@@ -117,10 +127,11 @@ class Edit:
     def revert(self, model: nn.Module) -> nn.Module:
         """Undo `apply`: restore the exact saved values, or subtract the deltas if none were saved."""
         params = _named_tensors(model)
+        saved = _SAVED.get(model, {}).pop(self, {})
         with torch.no_grad():
             for k, d in self.deltas.items():
-                if k in self._backup:
-                    params[k].copy_(self._backup.pop(k))
+                if k in saved:
+                    params[k].copy_(saved[k])
                 else:
                     params[k].sub_(d.to(params[k].device, params[k].dtype))
         return model

@@ -59,7 +59,7 @@ def check(defect: Defect, original: nn.Module, candidate: nn.Module, max_accurac
         checks.append(f"{name}: {show(b)} → {show(a)}")
         if a > b + 1e-12:
             reasons.append(f"{name} got worse on data the repair did not fit ({show(b)} → {show(a)})")
-        if getattr(defect, "gate_must_clear", False) and a > 0:
+        if defect.gate_must_clear and a > 0:
             reasons.append(f"{name} is not cleared ({a:.4g} left; a {defect.kind} repair must leave none)")
     b, a = before["accuracy"], after["accuracy"]
     checks.append(f"{before['accuracy_name']}: {_pts(b)} → {_pts(a)} %")

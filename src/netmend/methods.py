@@ -1,7 +1,7 @@
 """Method presets: names for a (localiser, repairer, options) triple. Users may also name the halves.
 
 Add a preset with `METHODS.add(name, MethodPreset(...), description)` in the module that
-implements it (and list that module in `_builtin.py`).
+implements it (any module in netmend.repair, .locate, .defects, .data or .zoo is imported on first use).
 """
 from __future__ import annotations
 

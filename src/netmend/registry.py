@@ -82,6 +82,20 @@ def make_config(config_cls: type | None, overrides: dict[str, Any] | None):
     return config_cls(**{k: _checked(config_cls.__name__, k, str(fields[k].type), v) for k, v in overrides.items()})
 
 
+def fill_defaults(cfg: Any, defaults: Callable[[Any, Any], dict[str, Any]] | None, defect: Any) -> Any:
+    """`cfg` with its None fields set from `defaults(defect, cfg)`: the values a component takes for this defect
+    (CARE's α per defect kind, INNER's τ per attack, ...). A component registers that function (`defaults=`), and
+    api.repair resolves it before the run, so config.json records the values used, not None."""
+    if cfg is None or defaults is None or defect is None:
+        return cfg
+    values = defaults(defect, cfg)
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise ValueError(f"{type(cfg).__name__}: per-defect defaults name unknown fields {unknown}")
+    fill = {k: v for k, v in values.items() if getattr(cfg, k) is None and v is not None}
+    return check_config(dataclasses.replace(cfg, **fill)) if fill else cfg
+
+
 _SCALARS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,)}
 
 # One rule for every numeric option of every config (methods, defects, training), by the option's name: a

@@ -137,7 +137,7 @@ def read_pixel_csv(path: str | os.PathLike, side: int = 28) -> tuple[np.ndarray,
     return pixels.reshape(-1, side, side).astype(np.uint8), labels.astype(np.int64)
 
 
-def _decode(data: bytes) -> np.ndarray:
+def decode_image(data: bytes) -> np.ndarray:
     """An image file's bytes as H×W×3 uint8. Its size is read from the header first: an image declaring more
     than MAX_IMAGE_PIXELS is refused (ValueError) before anything is decoded, never a decompression bomb."""
     import warnings
@@ -214,7 +214,7 @@ def read_class_folders(root: str | os.PathLike) -> dict[str, tuple[np.ndarray, n
         decoded = []
         for _, d, name in g:
             try:
-                decoded.append(_decode(d))
+                decoded.append(decode_image(d))
             except (OSError, ValueError) as exc:
                 raise NetmendError(f"cannot decode {name} in {root}: {first_line(exc)}") from None
         shapes = sorted({a.shape for a in decoded})

@@ -55,7 +55,7 @@ class Trigger:
             raise NetmendError(f"trigger built for images {self.image_shape}, got {tuple(x.shape[-3:])}")
 
 
-def _box(spec: TriggerSpec, h: int, w: int) -> tuple[int, int]:
+def trigger_box(spec: TriggerSpec, h: int, w: int) -> tuple[int, int]:
     s, m = spec.size, spec.margin
     if s < 1 or s + m > min(h, w):
         raise NetmendError(f"trigger size {s} (margin {m}) does not fit a {h}×{w} image")
@@ -72,7 +72,7 @@ class PatchTrigger(Trigger):
     def __init__(self, spec: TriggerSpec, image_shape):
         super().__init__(spec, image_shape)
         c, h, w = self.image_shape
-        top, left = _box(spec, h, w)
+        top, left = trigger_box(spec, h, w)
         s = spec.size
         if spec.pattern == "white":
             patch = torch.ones(c, s, s)
@@ -107,7 +107,7 @@ class BlendTrigger(Trigger):
         self.pattern = image
         self.mask = torch.ones(h, w)
         if spec.params.get("local"):
-            top, left = _box(spec, h, w)
+            top, left = trigger_box(spec, h, w)
             self.mask = torch.zeros(h, w)
             self.mask[top: top + spec.size, left: left + spec.size] = 1.0
 

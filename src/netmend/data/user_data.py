@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import NetmendError, require
-from .datasets import IMAGE_SUFFIXES, _decode, read_class_folders
+from .datasets import IMAGE_SUFFIXES, decode_image, read_class_folders
 
 
 @dataclass
@@ -172,7 +172,7 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         raise NetmendError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0][:120]})") from None
 
 
-def _held_out(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
+def held_out(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
     require(0 < fraction < 1, f"--test-fraction must be in (0, 1), got {fraction}")
     n = len(y)
     n_test = int(round(fraction * n))
@@ -253,7 +253,7 @@ def load_user_data(path: str | os.PathLike, label_column: str | None = None, nor
                                                               f"from x samples {tuple(x.shape[1:])}")
         test_from = "given"
     else:
-        x, y, x_test, y_test = _held_out(x, y, test_fraction, seed)
+        x, y, x_test, y_test = held_out(x, y, test_fraction, seed)
         test_from = f"held out of the data: {test_fraction:g} share, seed {seed}"
     norm = None
     if normalize is not None:
@@ -358,7 +358,7 @@ def _evidence_folder(p: Path) -> Evidence:
         imgs = []
         for n in names:
             try:
-                imgs.append(_decode(files[d][n].read_bytes()))
+                imgs.append(decode_image(files[d][n].read_bytes()))
             except (OSError, ValueError) as exc:
                 raise NetmendError(f"cannot decode {files[d][n]}: {exc}") from None
         shapes = {a.shape for a in imgs}

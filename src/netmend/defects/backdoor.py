@@ -52,6 +52,10 @@ class BackdoorDefect(Defect):
     kind = "backdoor"
     transplantable = True
 
+    @property
+    def variant(self) -> str:
+        return self.trigger.spec.kind
+
     def __init__(self, data: ImageData, splits: dict[str, list[int]], trigger: Trigger, target: int,
                  options: BackdoorOptions | None = None):
         o = options or BackdoorOptions()

@@ -151,6 +151,12 @@ class Defect:
     num_classes: int = 0
     in_shape: list[int] = []
 
+    @property
+    def variant(self) -> str:
+        """The kind, refined where a kind has variants that methods treat apart (a trigger's kind: badnets,
+        blended, wanet); methods with settings per variant (INNER's τ per attack) key them by it."""
+        return self.kind
+
     def decision_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Outputs turned into logits whose argmax is the decision (negated for argmin networks), so
         cross-entropy pushes the decided class up whichever way the network decides."""
@@ -188,18 +194,10 @@ class Defect:
 
     def require_pairs(self, method: str) -> "Pairs":
         """The evidence pairs, or a one-line error that says how to get them (or that this defect has none)."""
-        if self.pairs is not None and len(self.pairs):
-            return self.pairs
-        if hasattr(getattr(self, "options", None), "pairs"):
-            raise NetmendError(f"{method} needs evidence pairs x̃ → x (use --pairs N with N ≥ 1)")
-        raise NetmendError(f"{method} needs evidence pairs x̃ → x (an input and its cleansed twin); a {self.kind} "
-                           f"defect has none: use care or finetune")
+        from .capabilities import require_capability
 
-    def require_argmax(self, method: str) -> None:
-        """One-line error for methods that read decisions as the argmax of the outputs."""
-        if self.decision != "argmax":
-            raise NetmendError(f"{method} reads the network's decision as the largest output; the {self.kind} defect "
-                               f"decides by {self.decision}: use care or finetune")
+        require_capability(self, "pairs", method)
+        return self.pairs
 
     def violation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample differentiable measure of the misbehaviour on evidence inputs x (true labels y)."""
@@ -229,9 +227,10 @@ class Defect:
         Default: validation accuracy, and the violation rate of `validation_objective` or the `repair_estimate`."""
         out: dict[str, Any] = {"accuracy": float(self.validation_score(model)), "accuracy_name": "validation accuracy",
                                "accuracy_samples": int(len(self.repair.y_val))}
-        fn = getattr(self, "validation_objective", None)
-        if callable(fn):
-            obj = fn(model)
+        from .capabilities import ValidationObjective
+
+        if isinstance(self, ValidationObjective):
+            obj = self.validation_objective(model)
             out.update(defect=violated_rate(model, obj), defect_name="violations on validation evidence")
         else:
             est = self.repair_estimate(model)

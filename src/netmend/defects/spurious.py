@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.datasets import ImageData, load_dataset, split_indices
-from ..data.triggers import Trigger, TriggerSpec, _box, build_trigger, stamp_batched
+from ..data.triggers import Trigger, TriggerSpec, trigger_box, build_trigger, stamp_batched
 from ..errors import require
 from ..metrics import logits, per_class_accuracy, predict
 from ..registry import DEFECTS
@@ -75,7 +75,7 @@ class MovedPattern(Trigger):
         spec = TriggerSpec(**{**base.spec.to_json(), "size": max(h, w)})
         if position is not None:
             spec.position = position
-        top, left = _box(spec, *m.shape) if position is not None else (top0, left0)
+        top, left = trigger_box(spec, *m.shape) if position is not None else (top0, left0)
         self.mask = torch.zeros_like(m)
         self.mask[top: top + h, left: left + w] = m[top0: top0 + h, left0: left0 + w]
         self.pattern = torch.zeros_like(base.pattern)
@@ -96,6 +96,10 @@ class SpuriousDefect(Defect):
     kind = "spurious"
     transplantable = True
     stamp_goal = "invariant"   # the pattern must count neither for nor against the class
+
+    @property
+    def variant(self) -> str:
+        return self.trigger.spec.kind
 
     def __init__(self, data: ImageData, splits: dict[str, list[int]], trigger: Trigger, cls: int,
                  options: SpuriousOptions | None = None, candidates: list[int] | None = None):

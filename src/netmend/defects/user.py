@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.datasets import ImageData
 from ..data.tabular import TabularData
-from ..data.user_data import Evidence, Mistakes, UserData, _held_out, as_float, as_images, as_labels, check_labels
+from ..data.user_data import Evidence, Mistakes, UserData, held_out, as_float, as_images, as_labels, check_labels
 from ..errors import NetmendError, first_line, require
 from ..metrics import attack_success_rate, predict, robust_accuracy
 from .backdoor import BackdoorDefect, make_repair_data
@@ -57,7 +57,7 @@ def user_data(repair_data: Any, test_data: Any = None, test_fraction: float = 0.
     x, y = tensors(repair_data, "repair_data")
     x = _images(x, "repair_data")
     if test_data is None:
-        x, y, xt, yt = _held_out(x, y, test_fraction, seed)
+        x, y, xt, yt = held_out(x, y, test_fraction, seed)
         test_from = f"held out of the data: {test_fraction:g} share, seed {seed}"
     else:
         xt, yt = tensors(test_data, "test_data")
@@ -112,6 +112,8 @@ class EvidenceBackdoor(BackdoorDefect):
     inputs is the pairs' difference transplanted (`Pairs.transplant`). ASR is measured on the rest of the
     triggered samples (`asr`, the attack as it was given) and on clean test images carrying the pairs' stamp
     (`asr_transplant`), both over inputs whose true class is not the target."""
+
+    variant = "backdoor"            # no trigger spec: the attack is only what the samples show
 
     def __init__(self, data: UserData, evidence: Evidence, pairs: int = 1, target: int | None = None,
                  val_fraction: float = 0.2, seed: int = 0, num_classes: int | None = None,

@@ -63,6 +63,7 @@ class WrongPredictionsDefect(Defect):
         n = eval_count(o.eval_limit, len(data.y_test))
         self.x_test, self.y_test = data.x_test[:n], data.y_test[:n]
         self._pairs: Pairs | None = None
+        self.evidence_classes: list[int] = []      # bound by prepare: the classes of the evidence
         self.heldout: torch.Tensor | None = None
         if model is not None:
             self.prepare(model)
@@ -95,7 +96,7 @@ class WrongPredictionsDefect(Defect):
     def gate_check(self, model: nn.Module) -> dict[str, Any]:
         """Validation accuracy, and the error on validation samples of the evidence classes."""
         out = super().gate_check(model)
-        classes = torch.tensor(getattr(self, "evidence_classes", []) or list(range(self.num_classes)))
+        classes = torch.tensor(self.evidence_classes or list(range(self.num_classes)))
         keep = torch.isin(self.repair.y_val, classes)
         if keep.any():
             wrong = predict(model, self.repair.x_val[keep]) != self.repair.y_val[keep]

@@ -21,8 +21,8 @@ from ..defects.base import Defect
 from ..errors import require
 from ..hooks import capture, get_layer, weight_layers
 from ..registry import LOCALISERS
-from ..repair.rank_one import (_key_mask, _pairs, cached_moment, check_editable, flat_keys, prefetch_moments, solve,
-                               statistics_inputs)
+from ..editing import (cached_moment, check_editable, flat_keys, key_mask, prefetch_moments, select_pairs, solve,
+                       statistics_inputs)
 from ..sites import Site, Sites
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Softplus)
@@ -160,7 +160,7 @@ def site_direction(model: nn.Module, defect: Defect, weight: str, x_bad: torch.T
     k = cap.inputs[weight]
     keys = flat_keys(mod, k)
     if isinstance(mod, nn.Conv2d) and cfg.mask_keys and masks is not None:
-        m = _key_mask(masks, tuple(k.shape[-2:])).reshape(-1).to(keys.device)
+        m = key_mask(masks, tuple(k.shape[-2:])).reshape(-1).to(keys.device)
         if m.sum() > 0:
             keys = keys[m > 0]
     kbar = keys.double().mean(0)
@@ -176,7 +176,7 @@ def attribution_sites(model: nn.Module, defect: Defect, cfg: AttributionConfig) 
     require(cfg.output in OUTPUTS, f"unknown attribution output {cfg.output!r}; use one of {sorted(OUTPUTS)}")
     require(cfg.variant in VARIANTS, f"unknown IG variant {cfg.variant!r}; use one of {sorted(VARIANTS)}")
     model.eval()
-    pairs = _pairs(defect, cfg.pairs)
+    pairs = select_pairs(defect, cfg.pairs)
     dev = cfg.device
     x, xb, y = pairs.clean.to(dev), pairs.corrupted.to(dev), pairs.labels.to(dev)
     with torch.no_grad():
@@ -208,7 +208,7 @@ def attribution_sites(model: nn.Module, defect: Defect, cfg: AttributionConfig) 
 
 
 @LOCALISERS.register("attribution", "layer IG along x̃ → x times the rank-one direction norm: editability per layer "
-                                    "(Yang et al.)", config=AttributionConfig)
+                                    "(Yang et al.)", config=AttributionConfig,
+                     needs=("pairs",))
 def locate_attribution(model: nn.Module, defect: Defect, cfg: AttributionConfig) -> Sites:
-    defect.require_pairs("attribution localisation")
     return attribution_sites(model, defect, cfg)

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from ..defects.base import Defect
+from ..defects.capabilities import Counterfactual, PropertyRegion
 from ..errors import NetmendError, require
 from ..hooks import (Split, get_layer, leaf_modules, replace_output, split_at, split_sequential, unsplittable,
                      weight_layers)
-from ..registry import LOCALISERS, Registry
+from ..registry import LOCALISERS, Registry, fill_defaults
 from ..sites import Site, Sites
 
 PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
@@ -225,13 +226,13 @@ def _safety_probe(model, defect, cfg) -> Probe:
     """Mean COC / WL scores on property-satisfying box samples; counterexamples only widen the range."""
     obj = defect.objective(model)
     outs = list(cfg.outputs) if cfg.outputs is not None else [0, 1]
-    rep = getattr(defect, "repair", None)
+    rep = defect.repair
     # the drawndown box samples only (CARE): the objective's keep set also holds outside-box samples
     # (SafetyOptions.outside), which would rank neurons by their effect over the whole domain
     pool = rep.x_fit if (cfg.box_only and rep is not None and len(rep.x_fit)) else obj.x_good
     x = _sample(pool, cfg.samples, cfg.seed + 123)
     idx = torch.tensor(outs)
-    keep = obj.x_good[~defect.prop.in_box(obj.x_good)] if cfg.specific and hasattr(defect, "prop") else None
+    keep = obj.x_good[~defect.prop.in_box(obj.x_good)] if cfg.specific and isinstance(defect, PropertyRegion) else None
     return Probe(x, obj.x_bad, lambda z: z[..., idx.to(z.device)].mean(-2), [f"score_{o}" for o in outs], keep)
 
 
@@ -244,11 +245,9 @@ def _generic_probe(model, defect, cfg) -> Probe:
 def fairness_flips(defect: Defect, x: torch.Tensor) -> torch.Tensor:
     """(N, F, D) copies of x with the protected attribute(s) set to each other value (x itself where
     an alternative equals its own value). Uses the defect's own flip method."""
-    for name in ("counterfactuals", "flips", "flip"):
-        fn = getattr(defect, name, None)
-        if callable(fn):
-            return fn(x)
-    raise NetmendError("fairness defect exposes no counterfactual flips (counterfactuals(x) -> (N, F, D))")
+    if not isinstance(defect, Counterfactual):
+        raise NetmendError(f"the fairness causal output flips protected attributes; a {defect.kind} defect has none")
+    return defect.flip(x)
 
 
 def _fairness_probe(model, defect, cfg) -> Probe:
@@ -283,6 +282,14 @@ CAUSAL_OUTPUTS.add("generic", CausalOutput(_generic_probe, steps=4, keep=5, scor
 
 def output_for(kind: str) -> CausalOutput:
     return CAUSAL_OUTPUTS.get(kind if kind in CAUSAL_OUTPUTS else "generic")
+
+
+def causal_defaults(defect: Defect, cfg: "CausalConfig") -> dict:
+    """The causal output named for the defect's kind (`generic` for kinds without their own) and that output's
+    steps, keep, score and CNN layer. `inputs` stays None: rank the input features where the model allows it."""
+    name = cfg.output or (defect.kind if defect.kind in CAUSAL_OUTPUTS else "generic")
+    spec = CAUSAL_OUTPUTS.get(name)
+    return {"output": name, "steps": spec.steps, "keep": spec.keep, "score": spec.score, "cnn_layer": spec.cnn_layer}
 
 
 # ----------------------------------------------------------------------------- interventions
@@ -444,19 +451,18 @@ def rank(scores: torch.Tensor) -> list[int]:
 
 
 @LOCALISERS.register("causal", "CARE: neurons ranked by the causal effect of interventions do(h = v) on the defect",
-                     config=CausalConfig)
+                     config=CausalConfig, needs=("objective",), defaults=causal_defaults)
 def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
     t0 = time.perf_counter()
-    name = cfg.output or defect.kind
-    spec = CAUSAL_OUTPUTS.get(name) if cfg.output else output_for(name)
-    steps = cfg.steps or spec.steps
-    keep = cfg.keep or spec.keep
-    score_kind = cfg.score or spec.score
+    cfg = fill_defaults(cfg, causal_defaults, defect)         # a no-op after api.repair, which resolved them
+    name = cfg.output
+    spec = CAUSAL_OUTPUTS.get(name)
+    steps, keep, score_kind = cfg.steps, cfg.keep, cfg.score
     require(steps >= 2, f"causal: steps must be ≥ 2, got {steps}")
     require(score_kind in ("range", "mean", "drop"), f"causal: unknown score {score_kind!r}")
     dev = torch.device(cfg.device)
     model = model.to(dev).eval()
-    layers = list(cfg.layers or default_layers(model, cfg.cnn_layer or spec.cnn_layer))
+    layers = list(cfg.layers or default_layers(model, cfg.cnn_layer))
     want_inputs = spec.inputs if cfg.inputs is None else cfg.inputs
     if want_inputs:
         try:

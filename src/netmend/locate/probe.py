@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..defects.base import Defect
+from ..defects.capabilities import Regenerating, Stamped, Targeted
 from ..errors import NetmendError, require
 from ..hooks import add_forward_hook, forward_hooks, get_layer, weight_layers
 from ..metrics import predict
@@ -182,8 +183,8 @@ class DefectiveData:
 def defective_data(defect: Defect, n_max: int, seed: int = 0, val_fraction: float = 0.2) -> DefectiveData:
     """Backdoors: the repair data's non-target samples stamped with the trigger (INNER relabels triggered
     images to their true class), plus the evidence pairs. Other defects: their evidence, split fit/val."""
-    stamp, target = getattr(defect, "stamp", None), getattr(defect, "target", None)
-    if callable(stamp) and target is not None:
+    if isinstance(defect, Stamped) and isinstance(defect, Targeted) and defect.target is not None:
+        stamp, target = defect.stamp, defect.target
         r = defect.repair
         keep, keep_v = r.y_fit != target, r.y_val != target
         xf, yf = stamp(r.x_fit[keep][:n_max]), r.y_fit[keep][:n_max]
@@ -195,7 +196,7 @@ def defective_data(defect: Defect, n_max: int, seed: int = 0, val_fraction: floa
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 17))
     n_val = int(round(val_fraction * len(y))) if len(y) >= 5 else 0
     vi, fi = perm[:n_val], perm[n_val:][:n_max]
-    if callable(getattr(defect, "regenerate", None)) and defect.pairs is not None:
+    if isinstance(defect, Regenerating) and defect.pairs is not None:
         c = defect.pairs.clean
         return DefectiveData(x[fi], y[fi], x[vi], y[vi], "evidence, regenerated against the model in repair",
                              c[fi], c[vi])
@@ -208,8 +209,8 @@ def violation_rate(defect: Defect, model: nn.Module, x: torch.Tensor, y: torch.T
     if not len(y):
         return float("nan")
     pred = predict(model, x, device=device)
-    target = getattr(defect, "target", None)
-    if target is not None and getattr(defect, "violation_measure", "target") == "target":
+    target = defect.target if isinstance(defect, Targeted) else None
+    if target is not None and defect.violation_measure == "target":
         keep = y != target
         return float((pred[keep] == target).float().mean()) if keep.any() else float("nan")
     return float((pred != y).float().mean())
@@ -326,11 +327,10 @@ def fault_mask(counts: torch.Tensor, top: float | None) -> torch.Tensor:
 
 
 @LOCALISERS.register("probe", "INNER: probe-based layer scores, then per-weight routing masks (fault weights)",
-                     config=ProbeConfig)
+                     config=ProbeConfig, needs=("argmax",))
 def locate_probe(model: nn.Module, defect: Defect, cfg: ProbeConfig) -> Sites:
     require(cfg.routing_grad in ("routing", "weight"), f"routing_grad must be 'routing' or 'weight', got {cfg.routing_grad!r}")
     require(cfg.rep_layer_num >= 1, f"rep_layer_num must be ≥ 1, got {cfg.rep_layer_num}")
-    defect.require_argmax("INNER's probe localiser")
     model = model.to(cfg.device).eval()
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

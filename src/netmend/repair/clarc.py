@@ -28,7 +28,7 @@ from ..methods import MethodPreset
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
 from ..train import TrainConfig, fit
-from .finetune import _freeze_batchnorm
+from .finetune import freeze_batchnorm
 
 CLARC_PAPER = "Anders et al., Finding and removing Clever Hans (ClArC), Information Fusion 2022"
 
@@ -79,7 +79,7 @@ class PClarcConfig:
 
 
 @REPAIRERS.register("p-clarc", "P-ClArC: project the artefact CAV out of a layer's input, baked into its weights",
-                    config=PClarcConfig)
+                    config=PClarcConfig, needs=("pairs",))
 def p_clarc(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PClarcConfig) -> Edit:
     layer = _layer(model, cfg.layer or (sites.layers()[0] if sites is not None and len(sites) else None))
     v, info = artefact_cav(model, defect, layer, cfg.pairs)
@@ -122,7 +122,7 @@ class AClarcConfig:
 
 
 @REPAIRERS.register("a-clarc", "A-ClArC: fine-tune with the artefact direction added to samples of all classes",
-                    config=AClarcConfig)
+                    config=AClarcConfig, needs=("pairs",))
 def a_clarc(model: nn.Module, defect: Defect, sites: Sites | None, cfg: AClarcConfig) -> Edit:
     require(cfg.tune in ("from", "all"), f"tune must be 'from' or 'all', got {cfg.tune!r}")
     require(0 <= cfg.artefact_share <= 1, f"artefact_share must be in [0, 1], got {cfg.artefact_share}")
@@ -149,7 +149,7 @@ def a_clarc(model: nn.Module, defect: Defect, sites: Sites | None, cfg: AClarcCo
         return (torch.where(keep, moved, h),) + tuple(inp[1:])
 
     with pre_hook(get_layer(work, layer), add_artefact):
-        _freeze_batchnorm(work)
+        freeze_batchnorm(work)
         x, y = defect.tuning_set(cfg.use_pairs)
         tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                          weight_decay=cfg.weight_decay, seed=cfg.seed)

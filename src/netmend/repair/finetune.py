@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from ..defects.base import Defect
+from ..defects.capabilities import require_capability
 from ..edit import Edit
-from ..errors import require
 from ..hooks import add_pre_hook, get_layer
 from ..registry import REPAIRERS
-from .masked_tune import on_weightless_layer, site_masks
 from ..sites import Sites
 from ..train import TrainConfig, fit
 
@@ -44,39 +43,22 @@ def site_parameters(model: nn.Module, sites: Sites | None, example: torch.Tensor
     weightless layer (CARE's flatten / activation units) tune the next weight layer's columns reading them."""
     if sites is None or not len(sites):
         return None, None
-    params, masks = {}, {}
-
-    def restrict(p: torch.Tensor, m: torch.Tensor) -> None:
-        params[id(p)] = p
-        masks[p] = torch.maximum(masks[p], m) if p in masks else m
-
-    weightless = [s for s in sites if on_weightless_layer(model, s)]
-    if weightless:
-        for layer, m in site_masks(model, Sites(weightless, sites.localiser), example).items():
-            w = get_layer(model, layer).weight
-            restrict(w, m.to(w))
-    for layer in sites.layers():            # a weightless layer adds no parameter and no mask here
-        mod = get_layer(model, layer)
-        params.update((id(p), p) for _, p in mod.named_parameters(recurse=False))
-        weight_sites = [s for s in sites if s.layer == layer and s.kind == "weight" and s.mask is not None]
-        neuron_sites = [s for s in sites if s.layer == layer and s.kind == "neuron" and s.index is not None]
-        w = getattr(mod, "weight", None)
-        if w is not None and weight_sites:
-            m = torch.zeros_like(w)
-            for s in weight_sites:
-                m = torch.maximum(m, s.mask.to(w.device, w.dtype))
-            restrict(w, m)
-        elif w is not None and neuron_sites:
-            m = torch.zeros_like(w)
-            for s in neuron_sites:
-                m[s.index] = 1
-            restrict(w, m)
-            b = getattr(mod, "bias", None)
-            if b is not None:
-                mb = torch.zeros_like(b)
-                for s in neuron_sites:
-                    mb[s.index] = 1
-                masks[b] = mb
+    params: dict[int, nn.Parameter] = {}
+    masks: dict[torch.Tensor, torch.Tensor] = {}
+    for layer, m in sites.masks(model, example).items():          # the weights, by the one sites-to-masks rule
+        w = get_layer(model, layer).weight
+        params[id(w)] = w
+        masks[w] = m.to(w)
+    for layer in sites.layers():            # the sites' own layers' biases: a neuron's entry, else all of it
+        b = getattr(get_layer(model, layer), "bias", None)
+        if b is None:
+            continue
+        params[id(b)] = b
+        rows = [s.index for s in sites.neurons(layer) if s.index is not None]
+        if rows and not any(s.layer == layer and s.kind != "neuron" for s in sites):
+            mb = torch.zeros_like(b)
+            mb[rows] = 1
+            masks[b] = mb
     return list(params.values()), masks or None
 
 
@@ -87,12 +69,11 @@ def finetune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Finetun
     before = {k: v.detach().clone() for k, v in work.state_dict().items()}
     x, y = defect.tuning_set(cfg.use_pairs)
     params, masks = site_parameters(work, sites, defect.repair.x_fit)
-    _freeze_batchnorm(work)
+    freeze_batchnorm(work)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                      weight_decay=cfg.weight_decay, seed=cfg.seed)
     if cfg.refresh:
-        require(hasattr(defect, "regenerate"), f"refresh: the {defect.kind} defect cannot regenerate its evidence "
-                                               "(adversarial defects can)")
+        require_capability(defect, "regenerate", "finetune with refresh")
         pairs = defect.require_pairs("finetune with refresh")
         for epoch in range(cfg.epochs):
             fresh = defect.regenerate(work, pairs.clean)
@@ -105,7 +86,7 @@ def finetune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Finetun
     return Edit.between(before, work, {"repairer": "finetune", "samples": len(y)}, names=names)
 
 
-def _freeze_batchnorm(model: nn.Module) -> None:
+def freeze_batchnorm(model: nn.Module) -> None:
     """Repairs never update BN running statistics: keep BN layers in eval mode during tuning."""
     def train_hook(mod, _inp):
         for m in mod.modules():

@@ -20,13 +20,13 @@ from torch import nn
 
 from ..defects.base import Defect
 from ..edit import Edit
-from ..errors import NetmendError, require
-from ..hooks import capture, forward_hook, get_layer, input_block, reader_of, run_to, weight_layers
+from ..errors import require
+from ..hooks import forward_hook, get_layer, run_to
 from ..locate.probe import (ProbeConfig, ProbeSet, defective_data, find_blocks, pooled, train_probes,
                             violation_rate)
 from ..metrics import accuracy, predict
 from ..methods import MethodPreset
-from ..registry import METHODS, REPAIRERS
+from ..registry import METHODS, REPAIRERS, fill_defaults
 from ..sites import Sites
 from ..train import masked_step
 
@@ -45,17 +45,17 @@ ACC_TOLERANCE = {"adversarial": 0.02, "wrong-predictions": 0.0}
 
 @dataclass
 class MaskedTuneConfig:
-    epochs: int | None = None            # outer rounds at most; None: 20 (adversarial 40)
+    epochs: int | None = None            # outer rounds at most; default per defect: 20 (adversarial 40)
     lr: float = 7e-4
     momentum: float = 0.0
     batch_size: int = 64
     repair_sample_num: int = 1000        # defective samples (each pass pairs them with as many clean fit images)
     ce_weight: float = 0.8               # probe loss: ce_weight·CE + (1 − ce_weight)·KD
     kd_temperature: float = 3.0
-    epoch2: int | None = None            # final-output passes per round; None: 2 (blended 1, WaNet 4)
-    acc_tolerance: float | None = None   # stop only if val accuracy ≥ before − this; None: by scenario (1 pp,
+    epoch2: int | None = None            # final-output passes per round; default per attack: 2 (blended 1, WaNet 4)
+    acc_tolerance: float | None = None   # stop only if val accuracy ≥ before − this; default per defect (1 pp,
                                          # adversarial 2, wrong predictions 0)
-    asr_threshold: float | None = None   # τ on the val violation rate; None: by scenario (INNER's)
+    asr_threshold: float | None = None   # τ on the val violation rate; default per attack (INNER's)
     clean_weight: float = 0.0            # + this × CE of the final output on a clean batch (0: the code's loss)
     augment: bool = True                 # rotation ±30°, shift ±2 px, horizontal flip on the defective set
     refresh: bool = True                 # regenerate evidence the defect can regenerate (adversarial examples)
@@ -63,63 +63,6 @@ class MaskedTuneConfig:
     max_steps: int = 20000
     seed: int = 0
     device: str = "cpu"
-
-
-# What a neuron site on a weightless layer (flatten, pooling, activation: CARE's sites) passes through on its
-# way to the weights that read it — those weights' input columns become the mask.
-_READ_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
-                 nn.MaxPool2d, nn.MaxPool1d, nn.AvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-def on_weightless_layer(model: nn.Module, site) -> bool:
-    """A neuron site on a layer without weights (CARE's flatten / activation units)."""
-    return site.kind == "neuron" and site.index is not None and getattr(get_layer(model, site.layer), "weight", None) is None
-
-
-def site_masks(model: nn.Module, sites: Sites | None, example: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """{weight layer: 0/1 mask}, in site order. Weight sites give their mask; neuron sites all weights
-    of the neuron's row (output unit / channel), or — on a weightless layer — the columns of the next
-    weight layer that read the neuron (needs `example`, one input, to count the layer's units); plain
-    layer sites the whole weight."""
-    if sites is None or not len(sites):
-        raise NetmendError("masked_tune needs sites to repair: use a localiser (e.g. --locate probe)")
-    masks: dict[str, torch.Tensor] = {}
-    units = _weightless_units(model, sites, example)
-    for s in sites:
-        layer, index = s.layer, s.index
-        w = getattr(get_layer(model, layer), "weight", None)
-        if on_weightless_layer(model, s):
-            require(0 <= index < units[layer], f"neuron {index} outside {layer}'s {units[layer]} units")
-            layer, reader = reader_of(model, s.layer, _READ_THROUGH)
-            m = masks.setdefault(layer, torch.zeros_like(reader.weight, device="cpu"))
-            m[input_block(reader, units[s.layer], index)] = 1
-            continue
-        if w is None:
-            raise NetmendError(f"site layer {layer!r} has no weight to tune")
-        m = masks.setdefault(layer, torch.zeros_like(w, device="cpu"))
-        if s.kind == "weight" and s.mask is not None:
-            require(tuple(s.mask.shape) == tuple(w.shape),
-                    f"mask for {layer} has shape {tuple(s.mask.shape)}, weight {tuple(w.shape)}")
-            m.copy_(torch.maximum(m, s.mask.to(m.dtype)))
-        elif s.kind == "neuron" and index is not None:
-            require(0 <= index < w.shape[0], f"neuron {index} outside {layer}'s {w.shape[0]} units")
-            m[index] = 1
-        else:
-            m.fill_(1)
-    return masks
-
-
-def _weightless_units(model: nn.Module, sites: Sites, example: torch.Tensor | None) -> dict[str, int]:
-    """Output units (dim 1) of every weightless layer holding a neuron site, from one forward pass."""
-    names = sorted({s.layer for s in sites if on_weightless_layer(model, s)})
-    if not names:
-        return {}
-    require(example is not None and len(example) > 0, f"masked_tune: an example input is needed to map "
-                                                      f"neurons of {names[0]!r} to weights")
-    p = next(model.parameters(), None)
-    with torch.no_grad(), capture(model, names) as cap:
-        model(example[:1].to(p.device if p is not None else "cpu"))
-    return {n: int(cap.outputs[n].shape[1]) for n in names}
 
 
 def augment(x: torch.Tensor, g: torch.Generator, deg: float = 30.0, shift: float = 2.0) -> torch.Tensor:
@@ -141,14 +84,11 @@ def kd_loss(out: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tens
     return -(F.softmax(teacher / temp, 1) * F.log_softmax(out / temp, 1)).sum(1).mean()
 
 
-def by_scenario(value, table: dict, defect: Defect, default):
-    """A config value the user set, else the scenario's entry in `table` (INNER's per-attack settings), else `default`."""
-    return value if value is not None else table.get(_scenario(defect), default)
-
-
-def _scenario(defect: Defect) -> str:
-    trig = getattr(defect, "trigger", None)
-    return getattr(getattr(trig, "spec", None), "kind", None) or defect.kind
+def masked_tune_defaults(defect: Defect, cfg: MaskedTuneConfig) -> dict:
+    """INNER's settings per attack (the defect's variant: badnets, blended, wanet) and netmend's per defect kind."""
+    v = defect.variant
+    return {"epochs": ROUNDS.get(v, 20), "epoch2": EPOCH2.get(v, 2), "acc_tolerance": ACC_TOLERANCE.get(v, 0.01),
+            "asr_threshold": TAU.get(v, 0.22)}
 
 
 def _readout(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +107,7 @@ class _Tuner:
     """Holds the working copy, masks, optimiser steps and the validation bookkeeping."""
 
     def __init__(self, model, defect, masks, probes: ProbeSet | None, cfg: MaskedTuneConfig):
+        cfg = fill_defaults(cfg, masked_tune_defaults, defect)
         self.model, self.defect, self.masks, self.probes, self.cfg = model, defect, masks, probes, cfg
         self.dev = cfg.device
         self.g = torch.Generator().manual_seed(cfg.seed)
@@ -182,8 +123,7 @@ class _Tuner:
         for p in model.parameters():
             p.requires_grad_(False)
         self.acc0 = self.val_accuracy()
-        self.tol = by_scenario(cfg.acc_tolerance, ACC_TOLERANCE, defect, 0.01)
-        self.tau = by_scenario(cfg.asr_threshold, TAU, defect, 0.22)
+        self.tol, self.tau = cfg.acc_tolerance, cfg.asr_threshold
         self.history: list[dict] = []
 
     def within_tolerance(self, acc: float) -> bool:
@@ -280,21 +220,23 @@ class _Tuner:
 
 
 @REPAIRERS.register("masked_tune", "INNER: gradient-masked fine-tuning of the localised weights (probe loss + output CE)",
-                    config=MaskedTuneConfig)
+                    config=MaskedTuneConfig, needs=("argmax",), defaults=masked_tune_defaults)
 def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: MaskedTuneConfig) -> Edit:
-    defect.require_argmax("masked_tune")
+    cfg = fill_defaults(cfg, masked_tune_defaults, defect)    # a no-op after api.repair, which resolved them
     work = copy.deepcopy(model).to(cfg.device).eval()      # eval throughout: BN statistics never move
-    masks = site_masks(work, sites, defect.repair.x_fit)
+    require(sites is not None and len(sites) > 0, "masked_tune needs sites to repair: use a localiser "
+                                                  "(e.g. --locate probe)")
+    masks = sites.masks(work, defect.repair.x_fit)
     probes = getattr(sites, "probes", None)
     if probes is None or not set(masks) <= set(probes.probes):
         blocks = find_blocks(work, defect.repair.x_fit.to(cfg.device), list(masks))
         probes = train_probes(work, defect, blocks, ProbeConfig(seed=cfg.seed, device=cfg.device))
     before = {n: get_layer(work, n).weight.detach().clone() for n in masks}
     tuner = _Tuner(work, defect, masks, probes, cfg)
-    epoch2 = by_scenario(cfg.epoch2, EPOCH2, defect, 2)
+    epoch2 = cfg.epoch2
     stopped = tuner.check("start")
     rounds = 0
-    max_rounds = by_scenario(cfg.epochs, ROUNDS, defect, 20)
+    max_rounds = cfg.epochs
     while not stopped and rounds < max_rounds and tuner.steps < cfg.max_steps:
         rounds += 1
         for n in masks:

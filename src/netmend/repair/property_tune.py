@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..defects.base import Defect
+from ..defects.capabilities import require_capability
 from ..edit import Edit
 from ..errors import NetmendError, first_line, require
 from ..methods import MethodPreset
@@ -96,11 +97,9 @@ def active_mean(terms, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
 
 @REPAIRERS.register("property_tune", "fine-tune the weights on fresh samples of a property's box (hinge: safe by a "
                                      "margin) and of the rest of the domain (hinge: keep the original decision)",
-                    config=PropertyTuneConfig)
+                    config=PropertyTuneConfig, needs=("property-region",))
 def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PropertyTuneConfig) -> Edit:
-    if not hasattr(defect, "sample_fresh"):
-        raise NetmendError(f"property_tune samples the input region of a safety property; the {defect.kind} defect "
-                           "has none: use finetune")
+    require_capability(defect, "property-region", "property_tune")
     require(cfg.steps >= 1 and cfg.box_batch >= 1 and cfg.keep_batch >= 1,
             "property_tune: steps, box_batch and keep_batch must be ≥ 1")
     require(cfg.lr > 0, f"property_tune: lr must be > 0, got {cfg.lr}")

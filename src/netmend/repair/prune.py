@@ -16,7 +16,7 @@ from ..metrics import accuracy, predict
 from ..registry import REPAIRERS
 from ..sites import Sites
 from ..train import TrainConfig, fit
-from .finetune import _freeze_batchnorm
+from .finetune import freeze_batchnorm
 
 
 @dataclass
@@ -41,9 +41,9 @@ def _prune_columns(layer: nn.Module, units: list[int]) -> None:
             raise NetmendError(f"fine-pruning needs a Linear or Conv2d layer, got {type(layer).__name__}")
 
 
-@REPAIRERS.register("prune", "prune dormant units feeding a layer, then fine-tune (fine-pruning)", config=FinePruneConfig)
+@REPAIRERS.register("prune", "prune dormant units feeding a layer, then fine-tune (fine-pruning)", config=FinePruneConfig,
+                    needs=("argmax",))
 def fine_prune(model: nn.Module, defect: Defect, sites: Sites, cfg: FinePruneConfig) -> Edit:
-    defect.require_argmax("fine-pruning")
     if sites is None or not sites.neurons():
         raise NetmendError("fine-pruning needs neuron sites (use the 'dormant' localiser)")
     layer_name = sites.neurons()[0].layer
@@ -70,7 +70,7 @@ def fine_prune(model: nn.Module, defect: Defect, sites: Sites, cfg: FinePruneCon
         mask[:, pruned] = 0
     if cfg.finetune_epochs > 0:
         x, y = defect.tuning_set(True)
-        _freeze_batchnorm(work)
+        freeze_batchnorm(work)
         fit(work, x, y, TrainConfig(cfg.finetune_epochs, cfg.batch_size, cfg.lr, 5e-4, "sgd", cfg.seed), cfg.device,
             desc="fine-pruning: tune", grad_mask={layer.weight: mask})
         work.cpu()

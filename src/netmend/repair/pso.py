@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from ..defects.base import Defect
+from ..defects.capabilities import EvidenceRounds, ValidationObjective
 from ..edit import Edit
 from ..errors import NetmendError, require
 from ..hooks import forward_hooks, get_layer, input_block, leaf_modules, reader_of
 from ..locate.causal import Cut, unique_rows
 from ..methods import MethodPreset
-from ..registry import METHODS, REPAIRERS
+from ..registry import METHODS, REPAIRERS, fill_defaults
 from ..sites import Sites
 
 
@@ -125,6 +126,16 @@ ROUNDS_DEFAULT = {"safety": 3}
 # 0.95 raised census-sex's DI on the test split).
 BUDGET_DEFAULT: dict[str, float] = {"fairness": 0.005}
 KIND_DEFAULTS = {"backdoor": ("scale", 0.5), "safety": ("scale", 0.2), "fairness": ("offset", 0.3)}
+
+
+def pso_defaults(defect: Defect, cfg: "PSOConfig") -> dict:
+    """Per defect kind: the mode and α above, the falsify → repair rounds, and the accuracy budget where the user
+    chose no α (an α given means the α mix)."""
+    mode, alpha = KIND_DEFAULTS.get(defect.kind, ("scale", 0.2))
+    out = {"mode": mode, "alpha": alpha, "rounds": ROUNDS_DEFAULT.get(defect.kind, 0)}
+    if cfg.alpha is None:
+        out["budget"] = BUDGET_DEFAULT.get(defect.kind)
+    return out
 
 
 @dataclass
@@ -379,10 +390,9 @@ def _select_on_validation(work, units, vobj, alpha, cfg, mode, res, identity_cos
 def validation_objective(defect: Defect, model: nn.Module):
     """The defect's validation objective; for a backdoor without one, its own objective built on the repair
     validation split (the fit images are never reused), else None."""
-    fn = getattr(defect, "validation_objective", None)
-    if callable(fn):
-        return fn(model)
-    rep = getattr(defect, "repair", None)
+    if isinstance(defect, ValidationObjective):
+        return defect.validation_objective(model)
+    rep = defect.repair
     if defect.kind != "backdoor" or rep is None or rep.x_val is None or len(rep.x_val) == 0:
         return None
     import dataclasses
@@ -415,19 +425,18 @@ def neuron_units(sites: Sites | None, limit: int | None) -> list[tuple[str, int]
 
 
 @REPAIRERS.register("pso", "CARE: particle-swarm search of per-neuron activation scales, baked into weights",
-                    config=PSOConfig)
+                    config=PSOConfig, needs=("objective",), defaults=pso_defaults)
 def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOConfig) -> Edit:
     t0 = time.perf_counter()
+    cfg = fill_defaults(cfg, pso_defaults, defect)          # a no-op after api.repair, which resolved them
     units = neuron_units(sites, cfg.neurons)
-    mode_name, alpha_default = KIND_DEFAULTS.get(defect.kind, ("scale", 0.2))
-    mode_name = cfg.mode or mode_name
+    mode_name = cfg.mode
     require(mode_name in MODES, f"pso: unknown mode {mode_name!r}; known: {sorted(MODES)}")
     require(cfg.init in ("identity", "identity+uniform"), f"pso: unknown init {cfg.init!r}")
     require(cfg.select in ("validation", "fit"), f"pso: unknown select {cfg.select!r}")
     require(cfg.particles >= 1 and cfg.iterations >= 1, "pso: particles and iterations must be ≥ 1")
     mode = MODES[mode_name]
-    alpha = alpha_default if cfg.alpha is None else float(cfg.alpha)
-    budget = BUDGET_DEFAULT.get(defect.kind) if cfg.budget is None and cfg.alpha is None else cfg.budget
+    alpha, budget = float(cfg.alpha), cfg.budget
     require(budget is None or 0 <= budget <= 1, f"pso: budget must be a share in [0, 1], got {budget}")
     require(0 <= alpha <= 1, f"pso: alpha must be in [0, 1], got {alpha}")
     dev = torch.device(cfg.device)
@@ -446,10 +455,10 @@ def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOCo
             lo_i = torch.clamp(lower, min=mode.identity - cfg.spread)
             hi_i = torch.clamp(upper, max=mode.identity + cfg.spread)
         init0[1:] = lo_i + (hi_i - lo_i) * torch.rand(cfg.particles - 1, d, generator=g)
-    n_rounds = ROUNDS_DEFAULT.get(defect.kind, 0) if cfg.rounds is None else int(cfg.rounds)
+    n_rounds = int(cfg.rounds)
     require(n_rounds >= 0, f"pso: rounds must be ≥ 0, got {n_rounds}")
-    more = getattr(defect, "more_evidence", None) if n_rounds > 0 else None
-    if more is not None and callable(getattr(defect, "clear_rounds", None)):
+    more = defect.more_evidence if n_rounds > 0 and isinstance(defect, EvidenceRounds) else None
+    if more is not None:
         defect.clear_rounds()
     rounds_log: list[dict] = []
     eff, iterations, evaluations, trace, kept = None, 0, 0, [], None

@@ -46,14 +46,15 @@ from torch import nn
 
 from ..defects.base import Defect, Pairs
 from ..edit import Edit
+from ..editing import select_pairs, share_moments
 from ..errors import NetmendError, require
-from ..hooks import capture, carried_at, get_layer, run_from
+from ..hooks import capture, carried_at, execution_order, get_layer, run_from
 from ..locate.attribution import AttributionConfig, attribution_sites
 from ..metrics import logits, predict
 from ..methods import MethodPreset
-from ..registry import METHODS, REPAIRERS
+from ..registry import METHODS, REPAIRERS, fill_defaults
 from ..sites import Sites
-from .rank_one import RankOneConfig, _pairs, execution_order, rank_one_edit, share_moments
+from .rank_one import RankOneConfig, rank_one_edit
 
 
 @dataclass
@@ -70,8 +71,8 @@ class RectifyConfig:
                                       # repair data (`Defect.repair_estimate`), where the defect has one
     delta_estimate: float = 0.02      # with such an estimate: stop when it is at most this
     overshoot: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0])  # Λ scales tried
-    probe_cost: str | None = None     # what the probe prices edits by: a key of PROBE_COSTS (None: the defect's
-                                      # stamp_goal — "pull" to deny a backdoor's target, "flip" for invariance)
+    probe_cost: str | None = None     # what the probe prices edits by: a key of PROBE_COSTS; default by the defect's
+                                      # stamp_goal — "pull" to deny a backdoor's target, "flip" for invariance
     own_class_pairs: int = 20         # invariant stamps: after the evidence, fit the stamp transplanted onto this many
                                       # repair fit samples of the class it pulls to (0 = off; see own_class_group)
     restore_confidence: bool = True   # invariant stamps: finally shift the pulled class's output bias so its clean repair
@@ -112,7 +113,7 @@ def gap_of(model: nn.Module, p: Pairs, device: str = "cpu") -> float:
 
 
 def pair_gap(model: nn.Module, defect: Defect, n: int | None, device: str = "cpu") -> float:
-    return gap_of(model, _pairs(defect, n), device)
+    return gap_of(model, select_pairs(defect, n), device)
 
 
 @dataclass
@@ -137,7 +138,7 @@ def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | 
     x, y = torch.cat([r.x_val, r.x_fit])[: cfg.transplant], torch.cat([r.y_val, r.y_fit])[: cfg.transplant]
     if not len(y):
         return None
-    pairs = _pairs(defect, cfg.pairs)
+    pairs = select_pairs(defect, cfg.pairs)
     return Probe(pairs.transplant(x, y), pulled_class(model, pairs, cfg.device))
 
 
@@ -165,6 +166,11 @@ PROBE_COSTS = {
     "flip": lambda r: (1 - r["probe_accuracy"]) + r["probe_flip_rate"],
 }
 COST_FOR_GOAL = {"deny": "pull", "invariant": "flip"}
+
+
+def rectify_defaults(defect: Defect) -> dict:
+    """The probe's cost for what the defect's stamp should do: deny its pull, or leave the model invariant to it."""
+    return {"probe_cost": COST_FOR_GOAL.get(defect.stamp_goal, "pull")}
 # What the loop drives down and stops on, by the defect's stamp_goal: a backdoor's pull rate; for a cue that must be
 # irrelevant also the gain it still gives its own class (the spurious bias: stamped samples of the pulled class
 # classified right more often than their clean twins), which the pull rate cannot see.
@@ -339,7 +345,7 @@ def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyC
     out = {"pair_gap": pair_gap(work, defect, cfg.pairs, cfg.device)}
     if probe is not None:
         out.update(known if "probe_accuracy" in known else probe_rates(work, probe, cfg.device))
-        out["gap"] = GAP_FOR_GOAL[getattr(defect, "stamp_goal", "deny")](out)
+        out["gap"] = GAP_FOR_GOAL[defect.stamp_goal](out)
     elif estimate:
         out.update(known if "estimate" in known else estimated(work, defect, cfg))
         out["gap"] = out["estimate"]
@@ -350,8 +356,9 @@ def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyC
 
 @REPAIRERS.register("rectify", "dynamic rectification: re-localise by editability after every rank-one edit, "
                                "stop at gap < δ or R edits, roll back an edit costing > ε validation accuracy",
-                    config=RectifyConfig)
+                    config=RectifyConfig, needs=("pairs",), defaults=lambda defect, cfg: rectify_defaults(defect))
 def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
+    cfg = fill_defaults(cfg, lambda d, c: rectify_defaults(d), defect)   # a no-op after api.repair resolved them
     groups = defect.pair_groups()
     own = own_class_group(model, defect, cfg)
     if own is not None:
@@ -383,7 +390,7 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
 def invariant_evidence(defect: Defect, cfg: RectifyConfig) -> bool:
     """A stamp that must be irrelevant (`stamp_goal` "invariant"), with evidence pairs and the transplant probe on:
     where the own-class group and the confidence restore apply."""
-    return (getattr(defect, "stamp_goal", "deny") == "invariant" and defect.transplantable and cfg.transplant > 0
+    return (defect.stamp_goal == "invariant" and defect.transplantable and cfg.transplant > 0
             and defect.pairs is not None and len(defect.pairs) > 0)
 
 
@@ -406,7 +413,7 @@ def restore_confidence(model: nn.Module, work: nn.Module, defect: Defect,
     class equals the unrepaired model's. Made from repair data only; (None, reason) where no logit bias exists."""
     r = defect.repair
     x, y = torch.cat([r.x_val, r.x_fit]), torch.cat([r.y_val, r.y_fit])
-    c = pulled_class(model, _pairs(defect, cfg.pairs), cfg.device)
+    c = pulled_class(model, select_pairs(defect, cfg.pairs), cfg.device)
     own = x[y == c]
     name = output_bias(work, x)
     if name is None or not len(own):
@@ -440,7 +447,7 @@ def own_class_group(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Pai
     evidence and the repair data, so the evidence count n is unchanged; None when it does not apply."""
     if cfg.own_class_pairs <= 0 or not invariant_evidence(defect, cfg):
         return None
-    pairs = _pairs(defect, cfg.pairs)
+    pairs = select_pairs(defect, cfg.pairs)
     own = defect.repair.y_fit == pulled_class(model, pairs, cfg.device)
     if not own.any():
         return None
@@ -460,8 +467,6 @@ def _probe_round(work: nn.Module, defect: Defect, sites, probe: Probe, cfg: Rect
 
 def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
     require(cfg.rounds >= 1, f"rounds must be ≥ 1, got {cfg.rounds}")
-    if cfg.probe_cost is None:
-        cfg = dataclasses.replace(cfg, probe_cost=COST_FOR_GOAL.get(getattr(defect, "stamp_goal", "deny"), "pull"))
     require(cfg.probe_cost in PROBE_COSTS, f"probe_cost must be one of {sorted(PROBE_COSTS)}, got {cfg.probe_cost!r}")
     t0 = time.perf_counter()
     work = copy.deepcopy(model).eval()

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..defects.capabilities import Counterfactual, PropertyRegion, Stamped, Targeted
+
 MAX_PAIRS = 2          # evidence pairs shown (each: corrupted + clean)
 MAX_STAMPED = 3        # test images shown clean and stamped
 GRID = 64              # safety slice resolution
@@ -111,12 +113,12 @@ def _image_evidence(defect, before: nn.Module, after: nn.Module) -> dict[str, An
                 xs.append(pairs.clean[i])
                 labels.append(int(pairs.labels[i]))
                 roles.append("evidence: cleansed twin")
-    target = getattr(defect, "target", None)
+    target = defect.target if isinstance(defect, Targeted) else None
     if target is None:
-        target = getattr(defect, "cls", None)
-    stamp = getattr(defect, "stamp", None)
+        target = getattr(defect, "cls", None)            # a spurious cue's class
     x_test, y_test = getattr(defect, "x_test", None), getattr(defect, "y_test", None)
-    if getattr(defect, "transplantable", False) and callable(stamp) and x_test is not None and len(x_test):
+    if isinstance(defect, Stamped) and defect.transplantable and x_test is not None and len(x_test):
+        stamp = defect.stamp
         keep = (y_test != target).nonzero().flatten() if target is not None else torch.arange(len(y_test))
         pick = keep[:MAX_STAMPED]
         if len(pick):
@@ -198,9 +200,9 @@ def collect(defect, result) -> dict[str, Any]:
     """The evidence arrays for `result` (a RepairResult) of `defect`; {} when the defect has nothing to show."""
     before, after, after_label = before_and_after(result)
     kind = getattr(defect, "kind", "")
-    if kind == "fairness" and hasattr(defect, "idx"):
+    if kind == "fairness" and isinstance(defect, Counterfactual):
         out = _fairness_evidence(defect, before, after)
-    elif kind == "safety" and hasattr(defect, "prop"):
+    elif kind == "safety" and isinstance(defect, PropertyRegion):
         out = _safety_evidence(defect, before, after)
     elif len(getattr(defect, "in_shape", []) or []) == 3:
         out = _image_evidence(defect, before, after)

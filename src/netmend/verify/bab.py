@@ -66,7 +66,7 @@ class VerifyResult:
         return d
 
 
-def _spec(prop: Property, dtype, device, combine: bool = True):
+def output_spec(prop: Property, dtype, device, combine: bool = True):
     """All rows of all disjuncts stacked, the disjunct × row membership mask, and per-row tolerances.
 
     With `combine`, each disjunct of m ≥ 2 rows also gets the uniform averages of its row subsets (all pairs
@@ -116,7 +116,7 @@ def bisect(lo: torch.Tensor, hi: torch.Tensor, dim: torch.Tensor) -> tuple[torch
     return hi_left, lo_right
 
 
-def _disjunct_values(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def disjunct_values(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """rows (..., R) -> (..., J): per disjunct, the max over its rows."""
     neg = torch.tensor(float("-inf"), dtype=rows.dtype, device=rows.device)
     return torch.where(mask, rows.unsqueeze(-2), neg).amax(-1)
@@ -162,7 +162,7 @@ def _pgd(net: ReluNet, C, d, mask, x0, lo, hi, steps: int):
     for t in range(steps):
         x.requires_grad_(True)
         with torch.enable_grad():
-            v = _disjunct_values(net.forward(x) @ C.T + d, mask).amin(-1)
+            v = disjunct_values(net.forward(x) @ C.T + d, mask).amin(-1)
             (g,) = torch.autograd.grad(v.sum(), x)
         with torch.no_grad():
             vd = v.detach()
@@ -212,7 +212,7 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
         p.requires_grad_(False)
     check = _Checker(model, prop, dev)
     dt = torch.float64
-    C, d, mask, tol, groups = _spec(prop, dt, dev, combine)
+    C, d, mask, tol, groups = output_spec(prop, dt, dev, combine)
 
     def result(status, **kw):
         if kw.get("lower_bound") is not None and not math.isfinite(kw["lower_bound"]):
@@ -265,7 +265,7 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
         boxes += n
         max_depth = max(max_depth, int(depth.max()))
         eff = b.lower - tol                                   # (n, R)
-        dval = _disjunct_values(eff, mask)                    # (n, J)
+        dval = disjunct_values(eff, mask)                    # (n, J)
         bval = dval.amin(-1)                                  # (n,)
         if root_lb is None:
             root_lb = float(bval.min())
@@ -285,7 +285,7 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
         verts = torch.where(coef > 0, lo.unsqueeze(1), hi.unsqueeze(1))            # (m, R, n_in)
         cand = torch.cat([((lo + hi) / 2).unsqueeze(1), verts], 1)                 # (m, R+1, n_in)
         yv = net.forward(cand) @ C.T + d
-        sv = _disjunct_values(yv, mask).amin(-1)                                    # (m, R+1)
+        sv = disjunct_values(yv, mask).amin(-1)                                    # (m, R+1)
         bad = sv <= 0
         if bad.any():
             hit = check.first(cand[bad], root.unsqueeze(1).expand(-1, cand.shape[1])[bad])
@@ -296,7 +296,7 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
             start = cand[torch.arange(len(cand), device=dev), sv.argmin(1)]
             last, best = _pgd(net, C, d, mask, start, lo, hi, pgd_steps)
             xs = torch.cat([last, best])
-            sv2 = _disjunct_values(net.forward(xs) @ C.T + d, mask).amin(-1)
+            sv2 = disjunct_values(net.forward(xs) @ C.T + d, mask).amin(-1)
             if (sv2 <= 0).any():
                 hit = check.first(xs[sv2 <= 0], torch.cat([root, root])[sv2 <= 0])
                 if hit is not None:
@@ -367,7 +367,7 @@ def _lookahead(net, C, d, mask, tol, lo, hi, mode, batch):
     vals = []
     for i in range(0, len(lo_c), batch * 4):
         b = crown_bounds(net, lo_c[i:i + batch * 4], hi_c[i:i + batch * 4], C, d, mode=mode)
-        vals.append(_disjunct_values(b.lower - tol, mask).amin(-1))
+        vals.append(disjunct_values(b.lower - tol, mask).amin(-1))
     v = torch.cat(vals).reshape(m, n_in, 2)
     score = v.clamp_max(0).sum(-1)
     score = torch.where((hi - lo) > 0, score, torch.full_like(score, float("-inf")))

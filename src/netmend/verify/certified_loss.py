@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data.vnnlib import Property
-from .bab import _disjunct_values, _spec, bisect
+from .bab import disjunct_values, output_spec, bisect
 from .bounds import crown_bounds, relu_chain
 
 
@@ -30,7 +30,7 @@ class BoxCover:
         self.lo, self.hi, self.max_cells = lo, hi, max(int(max_cells), len(lo))
         while len(self.lo) < cells:
             self._halve(torch.arange(min(len(self.lo), cells - len(self.lo)), device=device))
-        self.C, self.d, self.mask, self.tol, _ = _spec(prop, dtype, device, combine=True)
+        self.C, self.d, self.mask, self.tol, _ = output_spec(prop, dtype, device, combine=True)
 
     def _halve(self, idx: torch.Tensor) -> None:
         """Split the sub-boxes idx in two along their widest side (width relative to the root box)."""
@@ -46,7 +46,7 @@ class BoxCover:
         (> 0: the sub-box is proved safe); differentiable in the model's weights."""
         net = relu_chain(model, live=True)
         b = crown_bounds(net, self.lo, self.hi, self.C, self.d, mode="forward")
-        return _disjunct_values(b.lower - self.tol, self.mask).amin(-1)
+        return disjunct_values(b.lower - self.tol, self.mask).amin(-1)
 
     @torch.no_grad()
     def presplit(self, model: nn.Module, margin: float) -> int:
