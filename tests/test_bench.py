@@ -204,3 +204,10 @@ def test_a_grid_of_existing_model_folders(two_workers, tmp_path):
     header, row = (tmp_path / "o" / "results.csv").read_text().splitlines()
     assert header.startswith("cell,model,method,seed,status") and f",{folder},finetune,3,ok," in row
     assert not (tmp_path / "o" / "models").exists()                   # nothing trained
+
+
+@pytest.mark.parametrize("grid", sorted((Path(__file__).parents[1] / "benchmarks" / "grids").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_grid_file_is_valid(grid):
+    """The grids that reproduce the results tables parse, name known datasets / methods / options and expand."""
+    assert len(load_grid(grid).cells) > 0
