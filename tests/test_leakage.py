@@ -182,10 +182,8 @@ def test_repair_estimate_is_net_leakage_on_the_repair_images_of_the_pairs_layout
     top_square[BLOCK:] = 0
     model = _linear_model(top_square + _centre_pixels())
     null_top, null_bottom = sorted(d.pair_groups(), key=lambda g: -float(g.masks[0, 0, 0]))
-    with d.using_pairs(null_top):
-        leaking = d.repair_estimate(model)
-    with d.using_pairs(null_bottom):
-        assert d.repair_estimate(model) == pytest.approx(0.0, abs=1e-5)
+    leaking = d.with_pairs(null_top).repair_estimate(model)
+    assert d.with_pairs(null_bottom).repair_estimate(model) == pytest.approx(0.0, abs=1e-5)
     r = d.repair
     top = data.info["digit_top_train"][torch.tensor(r.indices["fit"] + r.indices["val"])]
     x, y = torch.cat([r.x_fit, r.x_val])[~top], torch.cat([r.y_fit, r.y_val])[~top]

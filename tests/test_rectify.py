@@ -116,7 +116,7 @@ def test_rectify_probe_cost_follows_the_defect_and_can_be_chosen(digits_model):
 
 def test_pair_groups_are_fitted_one_after_another(digits_model):
     """A defect that splits its pairs into groups gets one dynamic run per group, each on the model the earlier
-    ones left; the Edit is their sum and the defect's pairs are restored afterwards."""
+    ones left; the Edit is their sum, and each group is a view: the defect's pairs never change."""
     model, info = digits_model
     defect = defect_for(info, pairs=4, repair_fraction=0.25)
     everything = defect.pairs
@@ -125,21 +125,18 @@ def test_pair_groups_are_fitted_one_after_another(digits_model):
     res = repair(model, defect, method="rectify", locate_options={"n_steps": 16}, repair_options=opts)
     assert defect.pairs is everything and len(res.edit.meta["groups"]) == 2
     assert res.edit.meta["layers"] == [l for g in res.edit.meta["groups"] for l in g["layers"]]
-    first = _only(defect, everything.subset(2), lambda: repair(model, defect, method="rectify",
-                                                               locate_options={"n_steps": 16}, repair_options=opts))
+    first = _only(defect, everything.subset(2), lambda view: repair(model, view, method="rectify",
+                                                                    locate_options={"n_steps": 16}, repair_options=opts))
     assert res.edit.meta["groups"][0]["layers"] == first.edit.meta["layers"]
     for k, d in first.edit.deltas.items():             # the second group adds to the first group's edit
         assert k in res.edit.deltas
-    with pytest.raises(RuntimeError):                  # a group's pairs never outlive its block, even on an error
-        with defect.using_pairs(everything.subset(1)):
-            raise RuntimeError
-    assert defect.pairs is everything
+    view = defect.with_pairs(everything.subset(1))     # a group is a view: the defect itself never changes
+    assert len(view.pairs) == 1 and defect.pairs is everything and view.repair is defect.repair
 
 
 def _only(defect, pairs, fn):
     del defect.pair_groups                             # back to the class's single group
-    with defect.using_pairs(pairs):
-        return fn()
+    return fn(defect.with_pairs(pairs))
 
 
 def test_recorded_probe_rates_are_those_of_the_edited_model(digits_model):

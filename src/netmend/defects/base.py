@@ -6,9 +6,9 @@ answers `violation(model, x, y)` (differentiable, per sample) and `metrics(model
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -182,15 +182,12 @@ class Defect:
         them (leakage: by null-block position)."""
         return [self.pairs] if self.pairs is not None and len(self.pairs) else []
 
-    @contextmanager
-    def using_pairs(self, pairs: "Pairs") -> Iterator["Defect"]:
-        """Every reader of `self.pairs` (localisers, editors, probes) sees `pairs` — one of `pair_groups()` —
-        until the block ends, even on an error."""
-        saved, self.pairs = self.pairs, pairs
-        try:
-            yield self
-        finally:
-            self.pairs = saved
+    def with_pairs(self, pairs: "Pairs") -> "Defect":
+        """A view of this defect whose evidence pairs are `pairs` (one of `pair_groups()`), everything else shared:
+        a method fitting one group passes the view on, and the defect itself never changes."""
+        view = copy.copy(self)
+        view.pairs = pairs
+        return view
 
     def require_pairs(self, method: str) -> "Pairs":
         """The evidence pairs, or a one-line error that says how to get them (or that this defect has none)."""

@@ -371,8 +371,7 @@ def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: 
     else:
         work, total = copy.deepcopy(model).eval(), Edit({}, {})
         for g in groups:               # each group on the model the previous ones left; sites re-localised per group
-            with defect.using_pairs(g):
-                part = _rectify_group(work, defect, None, cfg)
+            part = _rectify_group(work, defect.with_pairs(g), None, cfg)
             part.apply(work)
             total = total.merge(part)
         parts = total.meta.pop("parts", [])
