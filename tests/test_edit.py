@@ -136,3 +136,23 @@ def test_a_run_killed_outright_leaves_nothing_the_next_run_keeps(tmp_path):
     with fresh_folder(tmp_path / "run") as d:
         (d / "x.txt").write_text("x")
     assert not dead.exists() and live.exists() and (tmp_path / "run" / "x.txt").exists()
+
+
+def test_the_report_reads_the_same_norms_as_the_edit(tmp_path):
+    """The report's table of changed weights is `Edit.norms` of the saved edit against the saved model, except that
+    a weight whose norm is zero gets no relative norm (rather than an infinite one)."""
+    from safetensors.torch import save_file
+
+    from netmend.report.html import _norms_from_file
+
+    m = _model()
+    with torch.no_grad():
+        m.conv1.bias.zero_()
+    edit = Edit({"fc1.weight": torch.randn_like(m.fc1.weight) * 1e-2, "conv1.bias": torch.ones_like(m.conv1.bias)})
+    edit.save(tmp_path / "edit.safetensors")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    read = _norms_from_file(tmp_path / "edit.safetensors", tmp_path / "model.safetensors")
+    direct = edit.norms(m)
+    assert read["fc1.weight"] == direct["fc1.weight"] and "relative" in read["fc1.weight"]
+    assert direct["conv1.bias"]["relative"] == float("inf") and "relative" not in read["conv1.bias"]
+    assert read["conv1.bias"]["fro"] == direct["conv1.bias"]["fro"]

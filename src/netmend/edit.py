@@ -76,9 +76,9 @@ class Edit:
     def num_changed(self) -> int:
         return int(sum(int((d != 0).sum()) for d in self.deltas.values()))
 
-    def norms(self, model: nn.Module | None = None) -> dict[str, dict[str, float]]:
-        """‖ΔW‖_F per parameter and, given the model, relative to ‖W‖_F."""
-        params = _named_tensors(model) if model is not None else {}
+    def norms(self, model: nn.Module | dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+        """‖ΔW‖_F per parameter and, given the model (or its tensors by name), relative to ‖W‖_F."""
+        params = model if isinstance(model, dict) else _named_tensors(model) if model is not None else {}
         out = {}
         for k, d in self.deltas.items():
             entry = {"fro": float(d.float().norm()), "changed": int((d != 0).sum())}

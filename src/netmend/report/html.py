@@ -242,26 +242,24 @@ def _edit_rows(folder: Path, metrics: dict[str, Any]) -> tuple[list[dict[str, An
 
 
 def _norms_from_file(edit_path: Path, model_path: Path) -> dict[str, dict[str, float]]:
+    """`Edit.norms` of a run folder's edit against its model's weights (no relative norm where ‖W‖ is zero)."""
+    from safetensors import safe_open
+
+    from ..edit import Edit
+
     try:
-        from safetensors import safe_open
-    except ImportError:          # pragma: no cover - a dependency of netmend
-        return {}
-    out: dict[str, dict[str, float]] = {}
-    try:
-        with safe_open(str(edit_path), "pt") as f:
-            deltas = {k: f.get_tensor(k).float() for k in f.keys()}
+        edit = Edit.load(edit_path)
         weights = {}
         if model_path.is_file():
             with safe_open(str(model_path), "pt") as f:
-                weights = {k: f.get_tensor(k).float() for k in f.keys() if k in deltas}
+                weights = {k: f.get_tensor(k) for k in f.keys() if k in edit.deltas}
     except Exception:            # noqa: BLE001 - an unreadable file: the report says the edit is not available
         return {}
-    for k, d in deltas.items():
-        entry = {"fro": float(d.norm()), "changed": int((d != 0).sum())}
-        if k in weights and float(weights[k].norm()) > 0:
-            entry["relative"] = float(d.norm() / weights[k].norm())
-        out[k] = entry
-    return out
+    norms = edit.norms(weights)
+    for n in norms.values():
+        if not math.isfinite(n.get("relative", 0.0)):
+            n.pop("relative")
+    return norms
 
 
 def load_run(folder: str | Path) -> Run:
