@@ -105,7 +105,8 @@ def test_masked_tune_regenerates_adversarial_evidence_against_the_model_in_repai
     layer = [n for n, m in work.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     masks = Sites([Site(layer=layer)], localiser="test").masks(work)
     for refresh in (True, False):
-        t = _Tuner(copy.deepcopy(work), d, masks, None, MaskedTuneConfig(refresh=refresh))
+        t = _Tuner(copy.deepcopy(work), d, masks, None,
+                   fill_defaults(MaskedTuneConfig(refresh=refresh), masked_tune_defaults, d))   # as masked_tune does
         first = t.dd.x_fit.clone()
         with torch.no_grad():                                                         # the repair moves a weight
             t.weights[layer].mul_(0.5)

@@ -84,6 +84,30 @@ def test_per_defect_defaults_are_resolved_before_the_run_and_recorded(backdoored
     assert r2.config["repair_options"]["alpha"] == 0.9 and r2.config["locate_options"]["keep"] == 3   # the user's
 
 
+def test_a_registered_component_resolves_its_defaults_however_it_is_called():
+    """`defaults=` is applied by the registry: a direct call of the registered function fills the same values."""
+    from dataclasses import dataclass
+
+    from netmend.registry import Registry
+
+    @dataclass
+    class Cfg:
+        alpha: float | None = None
+        keep: int = 3
+
+    reg: Registry = Registry("test component")
+    seen = []
+
+    @reg.register("probe-defaults", config=Cfg, defaults=lambda defect, cfg: {"alpha": 0.5 if defect.kind == "a" else 0.1})
+    def component(model, defect, sites, cfg):
+        seen.append(cfg.alpha)
+
+    d = Bare()
+    component(None, d, None, Cfg())                  # positional, as api.repair calls it
+    component(None, d, None, cfg=Cfg(alpha=0.9))     # by keyword; the user's value wins
+    assert seen == [0.1, 0.9] and reg.get("probe-defaults") is component
+
+
 def test_a_new_component_needs_no_list_to_be_found():
     """Every module of the component packages is imported on first use: a new repairer is one new file."""
     import importlib

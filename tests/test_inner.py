@@ -7,7 +7,8 @@ import torch
 from netmend import api
 from netmend.errors import NetmendError
 from netmend.locate.probe import ProbeConfig, find_blocks, locate_probe
-from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, masked_tune
+from netmend.registry import fill_defaults
+from netmend.repair.masked_tune import MaskedTuneConfig, _Tuner, masked_tune, masked_tune_defaults
 from netmend.sites import Site, Sites
 
 FAST_LOCATE = {"layers": ["conv2", "fc2"], "rep_layer_num": 2, "route_num": 8, "route_steps": 5, "probe_epochs": 5}
@@ -90,7 +91,8 @@ def test_clean_term_draws_from_every_clean_fit_image(backdoored, defect):
     model, _ = backdoored
     sites = Sites([Site("fc1", "weight", 1.0, mask=torch.ones_like(model.fc1.weight))], "test")
     work = copy.deepcopy(model).eval()
-    tuner = _Tuner(work, defect, sites.masks(work), None, MaskedTuneConfig(**FAST_REPAIR))
+    cfg = fill_defaults(MaskedTuneConfig(**FAST_REPAIR), masked_tune_defaults, defect)      # as masked_tune does
+    tuner = _Tuner(work, defect, sites.masks(work), None, cfg)
     fit = defect.repair.y_fit
     assert len(tuner.dd.y_fit) < len(fit) and len(tuner.y_clean) == len(fit)
     assert torch.equal(tuner.y_clean.sort().values, fit.sort().values)
@@ -171,8 +173,8 @@ def test_per_defect_settings_resolve_user_value_then_table_then_default():
     defect's variant (a trigger's kind), so the config holds the values used; what the user sets wins."""
     from types import SimpleNamespace
 
-    from netmend.registry import REPAIRERS, fill_defaults
-    from netmend.repair.masked_tune import ACC_TOLERANCE, TAU, MaskedTuneConfig, masked_tune_defaults
+    from netmend.registry import REPAIRERS
+    from netmend.repair.masked_tune import ACC_TOLERANCE, TAU
 
     assert REPAIRERS.entry("masked_tune").extra["defaults"] is masked_tune_defaults
     adversarial = SimpleNamespace(kind="adversarial", variant="adversarial")

@@ -34,15 +34,18 @@ class Registry(Generic[T]):
 
     def register(self, name: str, description: str = "", config: type | None = None, **extra: Any) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            self.add(name, obj, description, config, **extra)
-            return obj
+            return self.add(name, obj, description, config, **extra)
 
         return deco
 
-    def add(self, name: str, obj: T, description: str = "", config: type | None = None, **extra: Any) -> None:
+    def add(self, name: str, obj: T, description: str = "", config: type | None = None, **extra: Any) -> T:
+        """Register `obj`; a component with per-defect `defaults` is registered (and returned) resolving them."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} registered twice")
+        if extra.get("defaults") is not None:
+            obj = with_defaults(obj, extra["defaults"])
         self._entries[name] = Entry(name, obj, description, config, dict(extra))
+        return obj
 
     def entry(self, name: str) -> Entry[T]:
         _load_builtins()
@@ -94,6 +97,22 @@ def fill_defaults(cfg: Any, defaults: Callable[[Any, Any], dict[str, Any]] | Non
         raise ValueError(f"{type(cfg).__name__}: per-defect defaults name unknown fields {unknown}")
     fill = {k: v for k, v in values.items() if getattr(cfg, k) is None and v is not None}
     return check_config(dataclasses.replace(cfg, **fill)) if fill else cfg
+
+
+def with_defaults(fn: Callable, defaults: Callable[[Any, Any], dict[str, Any]]) -> Callable:
+    """A localiser / repairer `fn(model, defect, [sites,] cfg)` that fills its config's per-defect defaults first,
+    however it is called (api.repair resolves them earlier, for config.json; then this is a no-op)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(model: Any, defect: Any, *rest: Any, **kw: Any) -> Any:
+        if "cfg" in kw:
+            kw["cfg"] = fill_defaults(kw["cfg"], defaults, defect)
+        elif rest:
+            rest = (*rest[:-1], fill_defaults(rest[-1], defaults, defect))
+        return fn(model, defect, *rest, **kw)
+
+    return run
 
 
 _SCALARS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,)}

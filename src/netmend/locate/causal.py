@@ -33,7 +33,7 @@ from ..defects.capabilities import Counterfactual, PropertyRegion
 from ..errors import NetmendError, require
 from ..hooks import (Split, get_layer, leaf_modules, replace_output, split_at, split_sequential, unsplittable,
                      weight_layers)
-from ..registry import LOCALISERS, Registry, fill_defaults
+from ..registry import LOCALISERS, Registry
 from ..sites import Site, Sites
 
 PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
@@ -454,7 +454,6 @@ def rank(scores: torch.Tensor) -> list[int]:
                      config=CausalConfig, needs=("objective",), defaults=causal_defaults)
 def locate_causal(model: nn.Module, defect: Defect, cfg: CausalConfig) -> Sites:
     t0 = time.perf_counter()
-    cfg = fill_defaults(cfg, causal_defaults, defect)         # a no-op after api.repair, which resolved them
     name = cfg.output
     spec = CAUSAL_OUTPUTS.get(name)
     steps, keep, score_kind = cfg.steps, cfg.keep, cfg.score

@@ -26,7 +26,7 @@ from ..locate.probe import (ProbeConfig, ProbeSet, defective_data, find_blocks, 
                             violation_rate)
 from ..metrics import accuracy, predict
 from ..methods import MethodPreset
-from ..registry import METHODS, REPAIRERS, fill_defaults
+from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
 from ..train import masked_step
 
@@ -107,7 +107,6 @@ class _Tuner:
     """Holds the working copy, masks, optimiser steps and the validation bookkeeping."""
 
     def __init__(self, model, defect, masks, probes: ProbeSet | None, cfg: MaskedTuneConfig):
-        cfg = fill_defaults(cfg, masked_tune_defaults, defect)
         self.model, self.defect, self.masks, self.probes, self.cfg = model, defect, masks, probes, cfg
         self.dev = cfg.device
         self.g = torch.Generator().manual_seed(cfg.seed)
@@ -222,7 +221,6 @@ class _Tuner:
 @REPAIRERS.register("masked_tune", "INNER: gradient-masked fine-tuning of the localised weights (probe loss + output CE)",
                     config=MaskedTuneConfig, needs=("argmax",), defaults=masked_tune_defaults)
 def masked_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: MaskedTuneConfig) -> Edit:
-    cfg = fill_defaults(cfg, masked_tune_defaults, defect)    # a no-op after api.repair, which resolved them
     work = copy.deepcopy(model).to(cfg.device).eval()      # eval throughout: BN statistics never move
     require(sites is not None and len(sites) > 0, "masked_tune needs sites to repair: use a localiser "
                                                   "(e.g. --locate probe)")

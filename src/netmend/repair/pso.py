@@ -33,7 +33,7 @@ from ..errors import NetmendError, require
 from ..hooks import forward_hooks, get_layer, input_block, leaf_modules, reader_of
 from ..locate.causal import Cut, unique_rows
 from ..methods import MethodPreset
-from ..registry import METHODS, REPAIRERS, fill_defaults
+from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
 
 
@@ -428,7 +428,6 @@ def neuron_units(sites: Sites | None, limit: int | None) -> list[tuple[str, int]
                     config=PSOConfig, needs=("objective",), defaults=pso_defaults)
 def repair_pso(model: nn.Module, defect: Defect, sites: Sites | None, cfg: PSOConfig) -> Edit:
     t0 = time.perf_counter()
-    cfg = fill_defaults(cfg, pso_defaults, defect)          # a no-op after api.repair, which resolved them
     units = neuron_units(sites, cfg.neurons)
     mode_name = cfg.mode
     require(mode_name in MODES, f"pso: unknown mode {mode_name!r}; known: {sorted(MODES)}")

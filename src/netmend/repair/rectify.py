@@ -52,7 +52,7 @@ from ..hooks import capture, carried_at, execution_order, get_layer, run_from
 from ..locate.attribution import AttributionConfig, attribution_sites
 from ..metrics import logits, predict
 from ..methods import MethodPreset
-from ..registry import METHODS, REPAIRERS, fill_defaults
+from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
 from .rank_one import RankOneConfig, rank_one_edit
 
@@ -168,7 +168,7 @@ PROBE_COSTS = {
 COST_FOR_GOAL = {"deny": "pull", "invariant": "flip"}
 
 
-def rectify_defaults(defect: Defect) -> dict:
+def rectify_defaults(defect: Defect, cfg: "RectifyConfig") -> dict:
     """The probe's cost for what the defect's stamp should do: deny its pull, or leave the model invariant to it."""
     return {"probe_cost": COST_FOR_GOAL.get(defect.stamp_goal, "pull")}
 # What the loop drives down and stops on, by the defect's stamp_goal: a backdoor's pull rate; for a cue that must be
@@ -356,9 +356,8 @@ def _measure(work: nn.Module, defect: Defect, probe: Probe | None, cfg: RectifyC
 
 @REPAIRERS.register("rectify", "dynamic rectification: re-localise by editability after every rank-one edit, "
                                "stop at gap < δ or R edits, roll back an edit costing > ε validation accuracy",
-                    config=RectifyConfig, needs=("pairs",), defaults=lambda defect, cfg: rectify_defaults(defect))
+                    config=RectifyConfig, needs=("pairs",), defaults=rectify_defaults)
 def rectify_dynamic(model: nn.Module, defect: Defect, sites: Sites | None, cfg: RectifyConfig) -> Edit:
-    cfg = fill_defaults(cfg, lambda d, c: rectify_defaults(d), defect)   # a no-op after api.repair resolved them
     groups = defect.pair_groups()
     own = own_class_group(model, defect, cfg)
     if own is not None:
