@@ -5,7 +5,7 @@
 
 Counts, by reading the source (nothing is imported):
 - import edges between modules of src/netmend (module level and inside functions), cycles, and those that import a private name (`from x import _y`);
-- `getattr` / `hasattr` probes on a defect (first argument `defect`, or `self` inside netmend/defects/);
+- `getattr` / `hasattr` probes on a defect (first argument `defect`, or `self` / `d` inside netmend/defects/);
 - typed configs (dataclasses named *Config or *Options) and their fields;
 - hook registrations outside netmend/hooks.py.
 """
@@ -72,7 +72,7 @@ def scan() -> dict:
                 first = node.args[0] if node.args else None
                 while isinstance(first, ast.Call) and isinstance(first.func, ast.Name) and first.func.id == "getattr":
                     first = first.args[0]
-                if isinstance(first, ast.Name) and (first.id == "defect" or (first.id == "self" and in_defects)):
+                if isinstance(first, ast.Name) and (first.id == "defect" or (first.id in ("self", "d") and in_defects)):
                     probes.append(f"{rel}:{node.lineno}")
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in HOOK_CALLS:
                 if rel.as_posix() != "netmend/hooks.py":
