@@ -23,3 +23,16 @@ def test_zero_sites_runs_behind_a_localiser_through_the_api(backdoored, defect):
     r = netmend.api.repair(model, defect, localiser="causal", repairer="zero-sites", repair_options={"top": 3},
                            locate_options={"samples": 100}, gate=False)
     assert r.edit.meta["sites_zeroed"] == 3 and r.edit.num_changed() > 0 and r.config["repair_options"]["top"] == 3
+
+
+def test_zero_sites_without_sites_or_with_top_zero_is_one_line(backdoored, defect):
+    import pytest
+
+    from netmend.errors import NetmendError
+
+    model, _ = backdoored
+    cfg = REPAIRERS.entry("zero-sites").config
+    with pytest.raises(NetmendError, match="zero-sites needs sites: name a localiser"):
+        netmend.api.repair(model, defect, repairer="zero-sites", gate=False)
+    with pytest.raises(NetmendError, match="top must be ≥ 1"):
+        REPAIRERS.get("zero-sites")(model, defect, Sites([Site("fc1", "neuron", index=0)], "test"), cfg(top=0))
