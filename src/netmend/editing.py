@@ -18,6 +18,7 @@ from torch import nn
 from .defects.base import Defect, Pairs
 from .errors import NetmendError, require
 from .hooks import capture, execution_order, get_layer, weight_layers
+from .layout import fast_layout
 
 # ----------------------------------------------------------------------------- keys and second moments
 
@@ -61,7 +62,7 @@ def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor
     S: dict[str, torch.Tensor | None] = dict.fromkeys(mods)
     count = dict.fromkeys(mods, 0)
     model.eval()
-    with torch.no_grad(), capture(model, list(mods)) as cap:
+    with torch.no_grad(), capture(model, list(mods)) as cap, fast_layout(model, inputs[:2], len(inputs)):
         for xb in _batches(inputs, batch_size):
             model(xb.to(device))
             for layer, mod in mods.items():

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from .layout import fast_layout
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: str | torch.device | None = None) -> torch.Tensor:
@@ -13,7 +15,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: s
     was_training = model.training
     model.eval()
     dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))
-    out = [model(x[i: i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    with fast_layout(model, x[:2], len(x)):
+        out = [model(x[i: i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
@@ -22,7 +25,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, device: s
 def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     model.eval()
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    out = [model(x[i: i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
+    with fast_layout(model, x[:2], len(x)):
+        out = [model(x[i: i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.zeros(0)
 
 

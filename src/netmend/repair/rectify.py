@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ from ..edit import Edit
 from ..editing import select_pairs, share_moments
 from ..errors import NetmendError, require
 from ..hooks import capture, carried_at, execution_order, get_layer, run_from
+from ..layout import fast_layout
 from ..locate.attribution import AttributionConfig, attribution_sites
 from ..metrics import logits, predict
 from ..methods import MethodPreset
@@ -118,10 +120,13 @@ def pair_gap(model: nn.Module, defect: Defect, n: int | None, device: str = "cpu
 
 @dataclass
 class Probe:
-    """Transplanted pairs and the class the corruption pulls towards (the model's answer on the evidence x̃)."""
+    """Transplanted pairs and the class the corruption pulls towards (the model's answer on the evidence x̃).
+    `base_correct`: per probe sample, whether the unrepaired model (round 0) classifies its clean side right —
+    set by the first pass that measures that model; what an edit's accuracy cost is paired against."""
 
     pairs: Pairs
     pulled: int
+    base_correct: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -168,9 +173,99 @@ PROBE_COSTS = {
 COST_FOR_GOAL = {"deny": "pull", "invariant": "flip"}
 
 
+def cost_terms(cost: str, pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int, n_other: int
+               ) -> list[tuple[float, torch.Tensor]]:
+    """`PROBE_COSTS[cost]` as weighted indicators per probe sample: the cost over the whole probe is
+    Σ weight · mean(indicator) exactly (the pull rate's denominator, the probe samples outside the pulled class,
+    `n_other`, is known before any pass)."""
+    err = pc != y
+    if cost == "pull":
+        return [(1.0, err), (len(y) / max(1, n_other), (y != pulled) & (pb == pulled))]
+    if cost == "stamped":
+        return [(1.0, err), (1.0, pb != y)]
+    return [(1.0, err), (1.0, pc != pb)]
+
+
+# Successive elimination (issue 25): the probe is run in batches, and a candidate (edit, γ) stops being run once
+# the batches seen show, with confidence, that the whole probe would not choose it: its accuracy cost is above ε,
+# or its probe cost is above that of a leader whose accuracy cost is within ε. Each comparison is a difference of
+# counts of indicator samples (where one candidate is wrong and the other right, …); a count over the whole probe
+# is bounded from the count among the samples seen by the hypergeometric distribution (the probe is a fixed set,
+# read in an order that does not depend on the candidates), each bound at level ELIMINATION_DELTA. Every candidate
+# still running at the end is measured on the whole probe: the choice is the whole probe's unless a bound failed.
+ELIMINATION_DELTA = 1e-4
+
+
+@functools.lru_cache(maxsize=8)
+def _log_factorials(n: int) -> torch.Tensor:
+    return torch.lgamma(torch.arange(n + 2, dtype=torch.float64) + 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def count_bounds(k: int, m: int, total: int, delta: float = ELIMINATION_DELTA) -> tuple[int, int]:
+    """(lo, hi): the fewest and most marked items among `total` that still give a probability ≥ δ of seeing
+    `k` or more (lo), `k` or fewer (hi) marked items in `m` drawn without replacement (hypergeometric tails,
+    by bisection on the number marked: each tail is monotone in it)."""
+    if m >= total:
+        return k, k
+    lf = _log_factorials(total)
+    const = lf[total] - lf[m] - lf[total - m]
+
+    def tail(K: int, xs: torch.Tensor) -> float:
+        xs = xs[(xs <= K) & (m - xs <= total - K)]
+        if not len(xs):
+            return 0.0
+        v = lf[K] - lf[xs] - lf[K - xs] + lf[total - K] - lf[m - xs] - lf[total - K - m + xs] - const
+        return float(v.exp().sum())
+
+    below, above = torch.arange(0, k + 1), torch.arange(k, m + 1)
+    a, b = k, total - (m - k)                     # hi: the largest K with P(X ≤ k) ≥ δ (decreasing in K)
+    while a < b:
+        mid = (a + b + 1) // 2
+        a, b = (mid, b) if tail(mid, below) >= delta else (a, mid - 1)
+    hi = a
+    a, b = k, total - (m - k)                     # lo: the smallest K with P(X ≥ k) ≥ δ (increasing in K)
+    while a < b:
+        mid = (a + b) // 2
+        a, b = (a, mid) if tail(mid, above) >= delta else (mid + 1, b)
+    return a, hi
+
+
+def _difference_bounds(terms_c: list, terms_l: list, m: int, total: int) -> tuple[float, float]:
+    """Bounds on Σ weight · (count_c − count_l) / total over the whole probe, from the first m samples."""
+    lo = hi = 0.0
+    for (w, a), (_w, b) in zip(terms_c, terms_l):
+        plus, minus = int((a & ~b).sum()), int((b & ~a).sum())
+        p_lo, p_hi = count_bounds(plus, m, total)
+        n_lo, n_hi = count_bounds(minus, m, total)
+        lo += w * (p_lo - n_hi) / total
+        hi += w * (p_hi - n_lo) / total
+    return lo, hi
+
+
+def eliminated_candidates(terms: dict, correct: dict, base_correct: torch.Tensor, epsilon: float,
+                          total: int) -> set:
+    """The candidates (keys of `terms`: `cost_terms` of the samples seen; `correct`: their clean-side
+    correctness) that the rest of the probe cannot make the choice, given the unedited model's correctness."""
+    m = len(base_correct)
+    drop = {c: _difference_bounds([(1.0, base_correct & ~correct[c])], [(1.0, ~base_correct & correct[c])], m, total)
+            for c in terms}                      # accuracy cost: (right before, wrong now) − (wrong before, right now)
+    out = {c for c, (lo, _hi) in drop.items() if lo > epsilon}
+    safe = [c for c, (_lo, hi) in drop.items() if c not in out and hi <= epsilon]
+    if not safe:
+        return out
+    lead = min(safe, key=lambda c: (sum(w * float(t.double().mean()) for w, t in terms[c]), c))
+    for c in terms:
+        if c != lead and c not in out and _difference_bounds(terms[c], terms[lead], m, total)[0] > 0:
+            out.add(c)
+    return out
+
+
 def rectify_defaults(defect: Defect, cfg: "RectifyConfig") -> dict:
     """The probe's cost for what the defect's stamp should do: deny its pull, or leave the model invariant to it."""
     return {"probe_cost": COST_FOR_GOAL.get(defect.stamp_goal, "pull")}
+
+
 # What the loop drives down and stops on, by the defect's stamp_goal: a backdoor's pull rate; for a cue that must be
 # irrelevant also the gain it still gives its own class (the spurious bias: stamped samples of the pulled class
 # classified right more often than their clean twins), which the pull rate cannot see.
@@ -220,12 +315,15 @@ def _conv_factors(edit: Edit, dW: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], probe: Probe, device: str = "cpu",
-                     batch_size: int = 512, with_base: bool = False
+                     batch_size: int = 512, with_base: bool = False, judge: tuple[str, float] | None = None
                      ) -> tuple[list[list[dict[str, float]]], dict[str, float] | None]:
     """`probe_rates_scaled` of several edits of the model as it stands (each tried alone), with one forward pass
     per probe batch for all of them: the pass captures every edited layer's input and output, and each edit's
     scales run only the model's suffix from its layer. With `with_base`, also the unedited model's own
-    `probe_rates`, read from the same pass. Each edit's predictions are the ones its own pass would give."""
+    `probe_rates`, read from the same pass (and `probe.base_correct` set). Each edit's predictions are the ones its
+    own pass would give. With `judge` = (probe cost, ε) and `probe.base_correct` known or measured here, a
+    candidate (edit, γ) that cannot be chosen stops being run (`eliminated_candidates`); its rates are then those
+    of the samples it ran on, with `probe_samples` and `eliminated` saying so."""
     layers = [_edited_layer(model, e) for e in edits]
     out: list[list[dict[str, float]] | None] = [None] * len(edits)
     for i, (e, layer) in enumerate(zip(edits, layers)):
@@ -239,23 +337,27 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
             out[i] = rates
     fast = [i for i, layer in enumerate(layers) if layer is not None]
     base: dict[str, float] | None = None
-    if fast or with_base:
-        mods = {i: get_layer(model, layers[i]) for i in fast}
-        dWs = {i: edits[i].deltas[f"{layers[i]}.weight"].to(device=mods[i].weight.device, dtype=mods[i].weight.dtype)
-               for i in fast}
-        factors = {i: f for i in fast if isinstance(mods[i], nn.Conv2d) and (f := _conv_factors(edits[i], dWs[i])) is not None}
-        preds = {i: {g: ([], []) for g in gammas} for i in fast}
-        own: tuple[list, list] = ([], [])
-        cut = sorted({layers[i] for i in fast})
-        for lo in range(0, len(probe.pairs), batch_size):
-            for side, x in enumerate((probe.pairs.clean[lo: lo + batch_size],
-                                      probe.pairs.corrupted[lo: lo + batch_size])):
+    if not (fast or with_base):
+        return out, base
+    mods = {i: get_layer(model, layers[i]) for i in fast}
+    dWs = {i: edits[i].deltas[f"{layers[i]}.weight"].to(device=mods[i].weight.device, dtype=mods[i].weight.dtype)
+           for i in fast}
+    factors = {i: f for i in fast if isinstance(mods[i], nn.Conv2d) and (f := _conv_factors(edits[i], dWs[i])) is not None}
+    preds = {(i, g): ([], []) for i in fast for g in gammas}
+    running = set(preds)                   # the candidates still run
+    own: tuple[list, list] = ([], [])
+    labels, n = probe.pairs.labels, len(probe.pairs)
+    judging = judge is not None and len(preds) > 1 and (with_base or probe.base_correct is not None)
+    with fast_layout(model, probe.pairs.clean[:2], 2 * n):
+        for lo in range(0, n, batch_size):
+            cut = sorted({layers[i] for i, _g in running})
+            for side, x in enumerate((probe.pairs.clean[lo: lo + batch_size], probe.pairs.corrupted[lo: lo + batch_size])):
                 x = x.to(device)
                 with capture(model, cut) as cap:
                     y = model(x)
                 if with_base:
                     own[side].append(y.argmax(1).cpu())
-                for i in fast:
+                for i in sorted({i for i, _g in running}):
                     layer, mod = layers[i], mods[i]
                     k, h0 = cap.inputs[layer], cap.outputs[layer]
                     if isinstance(mod, nn.Linear):
@@ -268,14 +370,39 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
                         change = F.conv2d(k, dWs[i], None, mod.stride, mod.padding, mod.dilation, mod.groups)
                     carry = carried_at(model, layer, x)   # a skip connection across the cut: computed once per batch
                     for g in gammas:
-                        preds[i][g][side].append(run_from(model, layer, h0 + g * change, x, carry).argmax(1).cpu())
-        for i in fast:
-            out[i] = [_rates(torch.cat(preds[i][g][0]), torch.cat(preds[i][g][1]), probe.pairs.labels, probe.pulled)
-                      for g in gammas]
-        if with_base:
-            base = _rates(torch.cat(own[0]), torch.cat(own[1]), probe.pairs.labels, probe.pulled) if own[0] else \
-                probe_rates(model, probe, device)
+                        if (i, g) in running:
+                            preds[i, g][side].append(run_from(model, layer, h0 + g * change, x, carry).argmax(1).cpu())
+            seen = min(n, lo + batch_size)
+            if judging and seen < n and len(running) > 1:
+                running -= _judged(judge, {c: preds[c] for c in running}, own, probe, labels[:seen], n)
+    if with_base:
+        pc, pb = (torch.cat(own[0]), torch.cat(own[1])) if own[0] else (predict(model, probe.pairs.clean, device=device),
+                                                                        predict(model, probe.pairs.corrupted, device=device))
+        base = _rates(pc, pb, labels, probe.pulled)
+        probe.base_correct = pc == labels
+    for i in fast:
+        out[i] = []
+        for g in gammas:
+            pc, pb = torch.cat(preds[i, g][0]), torch.cat(preds[i, g][1])
+            rates = _rates(pc, pb, labels[: len(pc)], probe.pulled)
+            if (i, g) not in running:
+                rates.update({"probe_samples": len(pc), "eliminated": True})
+            out[i].append(rates)
     return out, base
+
+
+def _judged(judge: tuple[str, float], preds: dict, own: tuple[list, list], probe: Probe, y: torch.Tensor,
+            total: int) -> set:
+    """The running candidates that `eliminated_candidates` rules out after the samples seen (len(y))."""
+    cost, epsilon = judge
+    base = probe.base_correct[: len(y)] if probe.base_correct is not None else torch.cat(own[0]) == y
+    n_other = int((probe.pairs.labels != probe.pulled).sum())
+    terms, correct = {}, {}
+    for c, (pcs, pbs) in preds.items():
+        pc, pb = torch.cat(pcs), torch.cat(pbs)
+        terms[c] = cost_terms(cost, pc, pb, y, probe.pulled, n_other)
+        correct[c] = pc == y
+    return eliminated_candidates(terms, correct, base, epsilon, total)
 
 
 def _scaled(edit: Edit, g: float) -> Edit:
@@ -312,10 +439,13 @@ def overshoot_gammas(cfg: RectifyConfig) -> list[float]:
 
 def pick_overshoot(edit: Edit, gammas: list[float], all_rates: list[dict[str, float]], acc0: float,
                    cfg: RectifyConfig) -> tuple[Edit, dict[str, Any]]:
-    """The probe's choice among the scales' rates (see `choose_overshoot`)."""
+    """The probe's choice among the scales' rates (see `choose_overshoot`). A scale eliminated part-way through
+    the probe (`probe_rates_many`'s judge) is chosen only when every scale was, and is then marked so that the
+    round does not choose this site."""
     cost = PROBE_COSTS[cfg.probe_cost]    # resolved from the defect by rectify_dynamic
-    for g, rates in sorted(zip(gammas, all_rates), key=lambda t: cost(t[1])):
-        if acc0 - rates["probe_accuracy"] <= cfg.epsilon:   # cheapest first; ties keep the smaller γ (stable sort)
+    ranked = sorted(zip(gammas, all_rates), key=lambda t: (bool(t[1].get("eliminated")), cost(t[1])))
+    for g, rates in ranked:               # cheapest first; ties keep the smaller γ (stable sort)
+        if acc0 - rates["probe_accuracy"] <= cfg.epsilon:
             return _scaled(edit, g), {"overshoot": g, **rates}
     return edit, {"overshoot": 1.0}
 
@@ -459,7 +589,8 @@ def _probe_round(work: nn.Module, defect: Defect, sites, probe: Probe, cfg: Rect
     at every overshoot γ, from one pass over the probe; with `with_base` also the model's own probe rates."""
     top = list(sites)[: max(1, cfg.lookahead)]
     edits = [rank_one_edit(work, defect, s.layer, rcfg, value=s.info.get("value_point")) for s in top]
-    rates, base = probe_rates_many(work, edits, overshoot_gammas(cfg), probe, cfg.device, with_base=with_base)
+    rates, base = probe_rates_many(work, edits, overshoot_gammas(cfg), probe, cfg.device, with_base=with_base,
+                                   judge=(cfg.probe_cost, cfg.epsilon))
     return list(zip(edits, rates)), base
 
 
@@ -483,8 +614,11 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
             first = _probe_round(work, defect, sites, probe, cfg, rcfg, with_base=True)
         except NetmendError:             # an edit that cannot be made: raised where the round makes it, if it does
             first = None
-    m0 = _measure(work, defect, probe, cfg, known=estimated(work, defect, cfg, e0) if estimate
-                  else first[1] if first is not None else None, estimate=estimate)
+    base = first[1] if first is not None else None
+    if probe is not None and base is None:      # the unrepaired model's probe rates (and per-sample correctness)
+        base = probe_rates_many(work, [], [], probe, cfg.device, with_base=True)[1]
+    m0 = _measure(work, defect, probe, cfg, known=estimated(work, defect, cfg, e0) if estimate else base,
+                  estimate=estimate)
     # the accuracy ε is measured on: the validation split (Algorithm 1), or with a probe or an estimate all repair
     # samples (a 50-image validation split cannot resolve a 1-point budget)
     accuracy = ((lambda m: m["probe_accuracy"]) if probe is not None else (lambda m: m["repair_accuracy"]) if estimate
@@ -517,7 +651,8 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
             acc = accuracy(m)
             rec = {"layer": site.layer, "score": site.score, **m, **over, "val_accuracy": acc,
                    "accuracy_drop": acc0 - acc, "relative_norm": edit.meta.get("relative_norm"),
-                   "clamped": edit.meta.get("clamped"), "within_budget": acc0 - acc <= cfg.epsilon}
+                   "clamped": edit.meta.get("clamped"),
+                   "within_budget": acc0 - acc <= cfg.epsilon and not over.get("eliminated")}
             edit.revert(work)
             # with a probe, rank by the probe's cost; without, by the pairs' gap (Algorithm 1)
             rec["cost"] = PROBE_COSTS[cfg.probe_cost](rec) if probe is not None else rec["gap"]
