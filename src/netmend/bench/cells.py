@@ -97,7 +97,8 @@ def result_row(result) -> dict[str, Any]:
     s = result.summary()
     row: dict[str, Any] = {"accepted": s["accepted"], "samples_used": s["samples_used"],
                            "changed_weights": s["changed_weights"]}
-    for when, metrics in (("before", s["before"]), ("after", s["after"])):    # rejected: after = before
+    # rejected: after = before, and the rejected candidate's own numbers are kept beside them (candidate_*)
+    for when, metrics in (("before", s["before"]), ("after", s["after"]), ("candidate", s.get("candidate_after") or {})):
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and "seconds" not in k:
                 row[f"{when}_{k}"] = v
