@@ -261,7 +261,7 @@ def train(
     arch: str = typer.Option(..., help="architecture: mlp, small-cnn, preact-resnet18, vgg11"),
     out: Path = typer.Option(..., help="new model folder to write"),
     data_dir: Optional[str] = typer.Option(None, help="data folder (else $NETMEND_DATA)"),
-    trigger: str = typer.Option("badnets", help="badnets | blended | wanet | none"),
+    trigger: str = typer.Option("badnets", help="badnets | blended | wanet | sig | lc | none"),
     trigger_size: int = typer.Option(3), trigger_position: str = typer.Option("br"),
     trigger_pattern: str = typer.Option("white"), blend_alpha: float = typer.Option(0.2),
     target: int = typer.Option(0), poison_rate: float = typer.Option(0.1),
