@@ -1,0 +1,157 @@
+"""Benchmark: BackdoorBench's comparison — every attack × every defence, in one run and one table.
+
+    python benchmarks/backdoorbench.py                                   # the Fashion-MNIST grid, 2 workers
+    python benchmarks/backdoorbench.py --grid benchmarks/grids/backdoorbench-cifar10.toml --workers 4
+    python benchmarks/backdoorbench.py --tabulate OUT                    # only rebuild the table from a grid run
+
+A thin wrapper over `netmend bench` (the grid file says which attacks, defences and seeds): it runs the grid, or
+resumes it, then writes the table BackdoorBench reports, per attack and as the mean over attacks: clean accuracy
+(C-Acc), attack success rate (ASR), robust accuracy (R-Acc: stamped inputs still given their true class) and the
+defence effectiveness rating DER = [max(0, ΔASR) − max(0, ΔC-Acc) + 1] / 2 (0.5: nothing changed, 1: ASR to 0 at
+no accuracy cost), mean ± std over the seeds, plus repair seconds and how many runs netmend's acceptance gate
+accepted. Each defence is judged by what it returned: a candidate the gate rejected is shown with its own
+numbers (netmend would have handed back the input model instead), as the literature reports every defence.
+Writes <results>.md and <results>.csv (default benchmarks/results/backdoorbench-<grid name>).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+METRICS = ("clean_accuracy", "asr", "robust_accuracy")
+
+
+def der(before: dict, after: dict) -> float:
+    """BackdoorBench's defence effectiveness rating from before / after metrics (shares in [0, 1])."""
+    d_asr = max(0.0, before["asr"] - after["asr"])
+    d_acc = max(0.0, before["clean_accuracy"] - after["clean_accuracy"])
+    return (d_asr - d_acc + 1) / 2
+
+
+def read_rows(out: Path) -> list[dict]:
+    """results.csv of a `netmend bench` run, with each cell's seconds (timings.csv) and its DER."""
+    seconds = {}
+    if (out / "timings.csv").exists():
+        with open(out / "timings.csv") as f:
+            seconds = {r["cell"]: float(r["repair_seconds"]) for r in csv.DictReader(f)}
+    rows = []
+    with open(out / "results.csv") as f:
+        for r in csv.DictReader(f):
+            if r["status"] != "ok":
+                rows.append({**r, "ok": False})
+                continue
+            before = {m: float(r[f"before_{m}"]) for m in METRICS}
+            own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
+            after = {m: float(r[f"{own}_{m}"]) for m in METRICS}
+            rows.append({**r, "ok": True, "before": before, "after_own": after, "der": der(before, after),
+                         "repair_seconds": seconds.get(r["cell"]), "accepted": r["accepted"] == "True"})
+    return rows
+
+
+def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    v = [x * scale for x in values if x is not None]
+    if not v:
+        return "–"
+    return f"{v[0]:.{digits}f}" if len(v) == 1 else f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def tables(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Markdown lines (one table per attack, then the mean over attacks) and the CSV rows behind them."""
+    ok = [r for r in rows if r["ok"]]
+    attacks = list(dict.fromkeys(r["attack"] for r in ok))
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    head = ("| method | seeds | gate accepted | C-Acc % | ASR % | R-Acc % | DER | repair s |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines, csv_rows = [], []
+    for a in attacks:
+        mine = [r for r in ok if r["attack"] == a]
+        seeds = sorted({r["seed"] for r in mine}, key=int)
+        base = {s: next(r["before"] for r in mine if r["seed"] == s) for s in seeds}
+        lines += [f"## {a}", "", head,
+                  f"| no defence | {len(seeds)} | – | {_ms([base[s]['clean_accuracy'] for s in seeds])} | "
+                  f"{_ms([base[s]['asr'] for s in seeds])} | {_ms([base[s]['robust_accuracy'] for s in seeds])} | "
+                  f"0.500 | – |"]
+        for m in methods:
+            g = [r for r in mine if r["method"] == m]
+            if not g:
+                continue
+            lines.append(f"| {m} | {len(g)} | {sum(r['accepted'] for r in g)}/{len(g)} | "
+                         f"{_ms([r['after_own']['clean_accuracy'] for r in g])} | {_ms([r['after_own']['asr'] for r in g])} | "
+                         f"{_ms([r['after_own']['robust_accuracy'] for r in g])} | {_ms([r['der'] for r in g], 1, 3)} | "
+                         f"{_ms([r['repair_seconds'] for r in g], 1, 1)} |")
+            for r in g:
+                csv_rows.append({"attack": a, "method": m, "seed": r["seed"], "accepted": r["accepted"],
+                                 **{f"before_{k}": v for k, v in r["before"].items()},
+                                 **{f"after_{k}": v for k, v in r["after_own"].items()},
+                                 "der": r["der"], "repair_seconds": r["repair_seconds"]})
+        lines.append("")
+    lines += ["## Mean over attacks", "",
+              "Each defence's per-attack means (over seeds), averaged over the attacks it ran on.", "",
+              "| method | attacks | C-Acc loss (points) | ASR % | DER |", "|---|---|---|---|---|"]
+    for m in methods:
+        per = []
+        for a in attacks:
+            g = [r for r in ok if r["attack"] == a and r["method"] == m]
+            if g:
+                per.append((statistics.mean(r["before"]["clean_accuracy"] - r["after_own"]["clean_accuracy"] for r in g),
+                            statistics.mean(r["after_own"]["asr"] for r in g), statistics.mean(r["der"] for r in g)))
+        if per:
+            lines.append(f"| {m} | {len(per)} | {100 * statistics.mean(p[0] for p in per):.2f} | "
+                         f"{100 * statistics.mean(p[1] for p in per):.2f} | {statistics.mean(p[2] for p in per):.3f} |")
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        lines += ["", "Failed cells:", ""] + [f"- {r['cell']}: {r.get('error', '')}" for r in failed]
+    return lines, csv_rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", type=Path, default=HERE / "grids" / "backdoorbench-fashion-mnist.toml")
+    p.add_argument("--out", type=Path, default=None, help="the grid's output folder (default /tmp/bb-<grid name>)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ray", default=None, help="run the grid on a Ray cluster (auto | ADDRESS)")
+    p.add_argument("--tabulate", type=Path, default=None, help="only tabulate this finished (or partial) grid output")
+    p.add_argument("--results", type=Path, default=None, help="output stem (default benchmarks/results/backdoorbench-…)")
+    args = p.parse_args(argv)
+    name = args.grid.stem
+    out = args.tabulate or args.out or Path("/tmp") / f"bb-{name}"
+    if args.tabulate is None:
+        cmd = ["netmend", "bench", str(args.grid), "--out", str(out), "--workers", str(args.workers)]
+        if args.ray:
+            cmd += ["--ray", args.ray]
+        print("running:", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if rc not in (0, 1):             # 1: some cells failed; they are listed in the table
+            sys.exit(rc)
+    rows = read_rows(out)
+    lines, csv_rows = tables(rows)
+    stem = args.results or HERE / "results" / name
+    head = [f"# {name}: every attack × every defence (BackdoorBench's table)", "",
+            f"- command: `python benchmarks/backdoorbench.py {' '.join(sys.argv[1:])}` (grid {args.grid.name}; "
+            f"cells in {out})",
+            f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+            f"python {platform.python_version()}; one torch thread per worker",
+            "- shares in %, mean ± std over seeds; DER as BackdoorBench defines it; a row's numbers are what the "
+            "defence returned, and `gate accepted` says how often netmend's acceptance gate would keep it", ""]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text("\n".join(head + lines) + "\n")
+    if csv_rows:
+        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+            w.writeheader()
+            w.writerows(csv_rows)
+    print("\n".join(head + lines))
+    print(f"wrote {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
