@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import statistics
@@ -37,23 +38,38 @@ def der(before: dict, after: dict) -> float:
     return (d_asr - d_acc + 1) / 2
 
 
+def _cells_so_far(out: Path) -> tuple[list[dict], dict]:
+    """The finished cells of a grid that is still running (or was stopped): results.csv is written at the end."""
+    rows, seconds = [], {}
+    for f in sorted((out / "cells").glob("*/cell.json")):
+        rec = json.loads(f.read_text())
+        rows.append({"cell": rec["cell"], **rec["coords"], "status": "ok", **rec["row"]})
+        seconds[rec["cell"]] = rec["repair_seconds"]
+    return rows, seconds
+
+
 def read_rows(out: Path) -> list[dict]:
-    """results.csv of a `netmend bench` run, with each cell's seconds (timings.csv) and its DER."""
+    """results.csv of a `netmend bench` run (or its finished cells so far), with each cell's seconds
+    (timings.csv) and its DER."""
     seconds = {}
     if (out / "timings.csv").exists():
         with open(out / "timings.csv") as f:
             seconds = {r["cell"]: float(r["repair_seconds"]) for r in csv.DictReader(f)}
+    if (out / "results.csv").exists():
+        with open(out / "results.csv") as f:
+            cells = list(csv.DictReader(f))
+    else:
+        cells, seconds = _cells_so_far(out)
     rows = []
-    with open(out / "results.csv") as f:
-        for r in csv.DictReader(f):
-            if r["status"] != "ok":
-                rows.append({**r, "ok": False})
-                continue
-            before = {m: float(r[f"before_{m}"]) for m in METRICS}
-            own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
-            after = {m: float(r[f"{own}_{m}"]) for m in METRICS}
-            rows.append({**r, "ok": True, "before": before, "after_own": after, "der": der(before, after),
-                         "repair_seconds": seconds.get(r["cell"]), "accepted": r["accepted"] == "True"})
+    for r in cells:
+        if r["status"] != "ok":
+            rows.append({**r, "ok": False})
+            continue
+        before = {m: float(r[f"before_{m}"]) for m in METRICS}
+        own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
+        after = {m: float(r[f"{own}_{m}"]) for m in METRICS}
+        rows.append({**r, "ok": True, "before": before, "after_own": after, "der": der(before, after),
+                     "repair_seconds": seconds.get(r["cell"]), "accepted": str(r["accepted"]) == "True"})
     return rows
 
 
