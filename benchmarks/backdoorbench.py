@@ -27,15 +27,10 @@ from pathlib import Path
 
 import torch
 
+from netmend.metrics import defense_effectiveness_rating
+
 HERE = Path(__file__).parent
 METRICS = ("clean_accuracy", "asr", "robust_accuracy")
-
-
-def der(before: dict, after: dict) -> float:
-    """BackdoorBench's defence effectiveness rating from before / after metrics (shares in [0, 1])."""
-    d_asr = max(0.0, before["asr"] - after["asr"])
-    d_acc = max(0.0, before["clean_accuracy"] - after["clean_accuracy"])
-    return (d_asr - d_acc + 1) / 2
 
 
 def _cells_so_far(out: Path) -> tuple[list[dict], dict]:
@@ -68,7 +63,7 @@ def read_rows(out: Path) -> list[dict]:
         before = {m: float(r[f"before_{m}"]) for m in METRICS}
         own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
         after = {m: float(r[f"{own}_{m}"]) for m in METRICS}
-        rows.append({**r, "ok": True, "before": before, "after_own": after, "der": der(before, after),
+        rows.append({**r, "ok": True, "before": before, "after_own": after, "der": defense_effectiveness_rating(before, after),
                      "repair_seconds": seconds.get(r["cell"]), "accepted": str(r["accepted"]) == "True"})
     return rows
 

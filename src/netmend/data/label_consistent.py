@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NetmendError
+from ..metrics import accuracy, predict
 from ..registry import ARCHITECTURES, TRIGGERS
 from .sig import _number, check_params, clean_label_indices, clean_label_info
 from .triggers import Trigger, TriggerSpec, trigger_box
@@ -64,10 +65,8 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     return torch.cat(out) if out else x.clone()
 
 
-@torch.no_grad()
-def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
-    pred = torch.cat([model(x[i: i + batch]).argmax(1) for i in range(0, len(x), batch)])
-    return float(pred.ne(y).float().mean())
+def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 1 - accuracy(predict(model, x), y)
 
 
 class LabelConsistentTrigger(Trigger):
