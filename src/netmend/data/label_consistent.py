@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import NetmendError
 from ..metrics import accuracy, predict
 from ..registry import ARCHITECTURES, TRIGGERS
-from .sig import _number, check_params, clean_label_indices, clean_label_info
+from .sig import param_number, check_params, clean_label_indices, clean_label_info
 from .triggers import Trigger, TriggerSpec, trigger_box
 
 DEFAULTS: dict[str, Any] = {"eps": 8 / 255, "steps": 10, "step_size": None, "amplitude": 1.0, "corners": "all",
@@ -75,14 +75,14 @@ class LabelConsistentTrigger(Trigger):
     def __init__(self, spec: TriggerSpec, image_shape):
         super().__init__(spec, image_shape)
         p = check_params(spec, DEFAULTS, "LC")
-        self.eps = _number("eps", p["eps"], "LC")
+        self.eps = param_number("eps", p["eps"], "LC")
         if not 0 < self.eps <= 1:
             raise NetmendError(f"LC perturbation eps must be in (0, 1] (pixels are in [0, 1]), got {self.eps}")
         self.steps = _int("steps", p["steps"], 1)
-        self.step_size = self.eps / 4 if p["step_size"] is None else _number("step_size", p["step_size"], "LC")
+        self.step_size = self.eps / 4 if p["step_size"] is None else param_number("step_size", p["step_size"], "LC")
         if self.step_size <= 0:
             raise NetmendError(f"LC step_size must be > 0, got {self.step_size}")
-        self.amplitude = _number("amplitude", p["amplitude"], "LC")
+        self.amplitude = param_number("amplitude", p["amplitude"], "LC")
         if not 0 < self.amplitude <= 1:
             raise NetmendError(f"LC trigger amplitude must be in (0, 1], got {self.amplitude}")
         self.corners = p["corners"]

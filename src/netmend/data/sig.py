@@ -27,7 +27,7 @@ from .triggers import Trigger, TriggerSpec
 DEFAULTS = {"delta": 20 / 255, "f": 6.0}
 
 
-def _number(name: str, value: Any, attack: str) -> float:
+def param_number(name: str, value: Any, attack: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise NetmendError(f"{attack} parameter {name} must be a finite number, got {value!r}")
     return float(value)
@@ -70,7 +70,7 @@ class SigTrigger(Trigger):
     def __init__(self, spec: TriggerSpec, image_shape):
         super().__init__(spec, image_shape)
         p = check_params(spec, DEFAULTS, "SIG")
-        self.delta, self.f = _number("delta", p["delta"], "SIG"), _number("f", p["f"], "SIG")
+        self.delta, self.f = param_number("delta", p["delta"], "SIG"), param_number("f", p["f"], "SIG")
         if not 0 < self.delta <= 1:
             raise NetmendError(f"SIG amplitude delta must be in (0, 1] (pixels are in [0, 1]), got {self.delta}")
         if self.f <= 0:
