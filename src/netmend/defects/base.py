@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import NetmendError
+from .transplant import SPARSE, carried_as, carry, warp_of
+
+_UNFITTED = object()       # Pairs._warp before the pairs' corruption was examined
 
 
 def eval_count(limit: int | None, n: int) -> int:
@@ -34,12 +37,14 @@ class Pairs:
     labels: torch.Tensor
     masks: torch.Tensor | None = None
     indices: list[int] = field(default_factory=list)
+    _warp: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.corrupted.shape != self.clean.shape:
             raise NetmendError(f"pairs: corrupted {tuple(self.corrupted.shape)} and cleansed {tuple(self.clean.shape)} shapes differ")
         if len(self.labels) != len(self.clean):
             raise NetmendError(f"pairs: {len(self.clean)} samples but {len(self.labels)} labels")
+        self._warp = _UNFITTED
         for name, t in (("corrupted", self.corrupted), ("cleansed", self.clean)):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise NetmendError(f"pairs: {name} samples contain NaN or infinite values")
@@ -57,27 +62,31 @@ class Pairs:
         masks = self.masks[:n] if self.masks is not None else None
         return Pairs(self.corrupted[:n], self.clean[:n], self.labels[:n], masks, self.indices[:n])
 
-    def transplant(self, x: torch.Tensor, y: torch.Tensor, sparse: float = 0.25) -> "Pairs":
+    def transplant(self, x: torch.Tensor, y: torch.Tensor, sparse: float = SPARSE) -> "Pairs":
         """New pairs made from other clean inputs x (labels y) carrying the pairs' corruption, cycling through them.
 
         The corruption is what the pairs show: x̃ − x. Where it is confined to a patch (at most `sparse` of the
-        input's positions differ) the corrupted values are pasted in; a dense difference (a blend) is added.
-        The result stays inside the value range of the given samples."""
+        input's positions differ) the corrupted values are pasted in; a dense difference that a smooth warp of the
+        images explains (WaNet) is carried as that warp, fitted once; any other dense difference (a blend) is added
+        (defects/transplant.py). The result stays inside the value range of the given samples."""
         if not len(self) or not len(x):
             return Pairs(x[:0], x[:0], y[:0])
-        diff = self.corrupted - self.clean
-        changed = diff.abs() > 1e-6
-        if diff.dim() == 4:                             # images: a position differs if any channel does
-            changed = changed.any(1, keepdim=True).expand_as(diff)
-        frac = changed.flatten(1).float().mean(1)
+        bad = carry(self.corrupted, self.clean, x, sparse, self.warp if sparse == SPARSE else warp_of(
+            self.corrupted, self.clean, sparse))
         j = torch.arange(len(x)) % len(self)
-        paste = (frac[j] <= sparse).view(-1, *[1] * (diff.dim() - 1))
-        pasted = torch.where(changed[j], self.corrupted[j], x)
-        lo = torch.minimum(x.min(), self.corrupted.min())
-        hi = torch.maximum(x.max(), self.corrupted.max())
-        bad = torch.where(paste, pasted, (x + diff[j]).clamp(lo, hi))
         masks = self.masks[j] if self.masks is not None else None
         return Pairs(bad, x, y, masks)
+
+    def carried_as(self) -> str:
+        """How `transplant` carries the corruption: "paste", "add", "warp (k = …, R² …)" or a mix."""
+        return carried_as(self.corrupted, self.clean, self.warp)
+
+    @property
+    def warp(self):
+        """The fitted warp the pairs' corruption is carried as (None: pasted or added); fitted on first use."""
+        if self._warp is _UNFITTED:
+            self._warp = warp_of(self.corrupted, self.clean)
+        return self._warp
 
 
 @dataclass

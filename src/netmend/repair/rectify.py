@@ -7,7 +7,8 @@ than ε clean accuracy on the repair *validation* split. Static: one edit at the
 
 netmend extensions (both on by default for `rectify`, off for `rectify-static`, the paper's ablation):
 - **Transplant probe.** When the defect's corruption is a stamp (a trigger or a pattern: `transplantable`), the
-  pairs' difference x̃ − x is stamped on the clean repair samples (`Pairs.transplant`). These probe pairs, made
+  pairs' corruption is carried onto the clean repair samples (`Pairs.transplant`: a patch pasted, a warp fitted
+  to the pairs and applied, another difference added; defects/transplant.py). These probe pairs, made
   from the evidence and the repair data only, measure whether an edit *generalises* beyond the pairs it was
   fitted on: the pull rate (stamped probe samples outside the class the evidence x̃ is given that land in it:
   the ASR's definition, with no knowledge of the target) replaces the pairs' gap in the loop's site choice
@@ -122,11 +123,13 @@ def pair_gap(model: nn.Module, defect: Defect, n: int | None, device: str = "cpu
 class Probe:
     """Transplanted pairs and the class the corruption pulls towards (the model's answer on the evidence x̃).
     `base_correct`: per probe sample, whether the unrepaired model (round 0) classifies its clean side right —
-    set by the first pass that measures that model; what an edit's accuracy cost is paired against."""
+    set by the first pass that measures that model; what an edit's accuracy cost is paired against.
+    `carried_as`: how the pairs' corruption was carried onto the probe samples (pasted, warped or added)."""
 
     pairs: Pairs
     pulled: int
     base_correct: torch.Tensor | None = None
+    carried_as: str = ""              # how the corruption was carried (Pairs.carried_as)
 
 
 @torch.no_grad()
@@ -144,7 +147,7 @@ def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | 
     if not len(y):
         return None
     pairs = select_pairs(defect, cfg.pairs)
-    return Probe(pairs.transplant(x, y), pulled_class(model, pairs, cfg.device))
+    return Probe(pairs.transplant(x, y), pulled_class(model, pairs, cfg.device), carried_as=pairs.carried_as())
 
 
 def _rates(pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int) -> dict[str, float]:
@@ -626,6 +629,8 @@ def _rectify_group(model: nn.Module, defect: Defect, sites: Sites | None, cfg: R
     acc0 = accuracy(m0)
     gap = m0["gap"]
     history = [{"round": 0, **m0, "val_accuracy": acc0, "probe": 0 if probe is None else len(probe.pairs)}]
+    if probe is not None:                # how the pairs' corruption was carried onto the probe samples
+        history[0]["probe_carried_as"] = probe.carried_as
     accepted: list[Edit] = []
     best_gap, best_n = gap, 0
     for r in range(1, cfg.rounds + 1):
