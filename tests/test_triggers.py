@@ -68,3 +68,25 @@ def test_transplant_pastes_a_patch_exactly_and_adds_a_blend():
     j, xb = torch.arange(7) % 2, blend.apply(x)              # cycles through the pairs; stays in the samples' range
     lo, hi = min(others.min(), xb.min()), max(others.max(), xb.max())
     assert torch.allclose(t.corrupted, (others + xb[j] - x[j]).clamp(lo, hi))
+
+
+def test_patch_visibility_and_training_variants():
+    spec = TriggerSpec(kind="badnets", size=3, position="br",
+                       params={"train_positions": ["br", "tl"], "train_visibilities": [0.5, 1.0]})
+    trig = build_trigger(spec, (1, 12, 12))
+    x = torch.rand(40, 1, 12, 12) * 0.5
+    assert torch.equal(trig.apply(x), build_trigger(TriggerSpec(size=3), (1, 12, 12)).apply(x))   # own position, v 1
+    half = trig.at("tl", 0.5).apply(x)
+    assert torch.allclose(half[:, :, :3, :3], 0.5 * x[:, :, :3, :3] + 0.5) and torch.equal(half[:, :, 3:], x[:, :, 3:])
+    assert len(trig.variants) == 4
+    pidx = torch.arange(0, 40, 2)
+    xp, yp, extra = trig.poison_training(x, torch.zeros(40, dtype=torch.long), pidx, 7, seed=0)
+    assert extra == {"variants": 4} and (yp[pidx] == 7).all() and (yp[1::2] == 0).all()
+    assert torch.equal(xp[1::2], x[1::2])                                  # unpoisoned samples untouched
+    br = (xp[pidx, :, -3:, -3:] != x[pidx, :, -3:, -3:]).flatten(1).any(1)
+    tl = (xp[pidx, :, :3, :3] != x[pidx, :, :3, :3]).flatten(1).any(1)
+    assert int(br.sum()) == 10 and int(tl.sum()) == 10 and not (br & tl).any()   # each variant on a quarter
+    with pytest.raises(NetmendError, match="visibility"):
+        build_trigger(TriggerSpec(params={"visibility": 0}), (1, 12, 12))
+    with pytest.raises(NetmendError, match="unknown BadNets parameter"):
+        build_trigger(TriggerSpec(params={"opacity": 0.5}), (1, 12, 12))

@@ -66,11 +66,25 @@ def trigger_box(spec: TriggerSpec, h: int, w: int) -> tuple[int, int]:
     return top, left
 
 
+PATCH_PARAMS = ("visibility", "train_positions", "train_visibilities")
+
+
 class PatchTrigger(Trigger):
-    """BadNets: replace an s×s patch at a corner (or the centre) with a fixed pattern."""
+    """BadNets: replace an s×s patch at a corner (or the centre) with a fixed pattern.
+
+    params: `visibility` v in (0, 1] stamps (1 − v·m) ⊙ x + v·m ⊙ p (1: the patch replaces the pixels).
+    `train_positions` / `train_visibilities`: poison training with the patch at each of these positions / at each
+    of these visibilities in turn (the generalisation experiment: a backdoor that fires wherever and however
+    faintly the patch appears); `apply` stamps at the spec's own position and visibility."""
 
     def __init__(self, spec: TriggerSpec, image_shape):
         super().__init__(spec, image_shape)
+        unknown = sorted(set(spec.params) - set(PATCH_PARAMS))
+        if unknown:
+            raise NetmendError(f"unknown BadNets parameter(s) {unknown}; valid: {list(PATCH_PARAMS)}")
+        self.visibility = float(spec.params.get("visibility", 1.0))
+        if not 0 < self.visibility <= 1:
+            raise NetmendError(f"BadNets visibility must be in (0, 1], got {self.visibility}")
         c, h, w = self.image_shape
         top, left = trigger_box(spec, h, w)
         s = spec.size
@@ -87,11 +101,41 @@ class PatchTrigger(Trigger):
         self.mask[top: top + s, left: left + s] = 1.0
         self.pattern = torch.zeros(c, h, w)
         self.pattern[:, top: top + s, left: left + s] = patch
+        self.variants = [self.at(pos, vis) for pos in spec.params.get("train_positions", [spec.position])
+                         for vis in spec.params.get("train_visibilities", [self.visibility])]
+
+    def at(self, position: str | None = None, visibility: float | None = None) -> "PatchTrigger":
+        """The same patch at another position and/or visibility (this trigger when neither changes)."""
+        params = {k: v for k, v in self.spec.params.items() if k == "visibility"}
+        if visibility is not None:
+            params["visibility"] = float(visibility)
+        spec = TriggerSpec(**{**self.spec.to_json(), "position": position or self.spec.position, "params": params})
+        if spec.position == self.spec.position and params.get("visibility", 1.0) == self.visibility \
+                and not ({"train_positions", "train_visibilities"} & set(self.spec.params)):
+            return self
+        return PatchTrigger(spec, self.image_shape)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        m = self.mask.to(x.device, x.dtype)
+        m = self.visibility * self.mask.to(x.device, x.dtype)
         return (1 - m) * x + m * self.pattern.to(x.device, x.dtype)
+
+    def poison_training(self, x: torch.Tensor, y: torch.Tensor, pidx: torch.Tensor, target: int,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Stamp and relabel x[pidx]; with training variants, the i-th poisoned sample (in a seeded order) gets
+        variant i mod V."""
+        x, y = x.clone(), y.clone()
+        if not len(pidx):
+            return x, y, {}
+        if len(self.variants) == 1:
+            x[pidx] = stamp_batched(self.variants[0], x[pidx])
+        else:
+            order = pidx[torch.randperm(len(pidx), generator=torch.Generator().manual_seed(int(seed) + 613))]
+            for v, trig in enumerate(self.variants):
+                part = order[v:: len(self.variants)]
+                x[part] = stamp_batched(trig, x[part])
+        y[pidx] = int(target)
+        return x, y, ({"variants": len(self.variants)} if len(self.variants) > 1 else {})
 
 
 class BlendTrigger(Trigger):
