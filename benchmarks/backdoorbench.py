@@ -2,7 +2,7 @@
 
     python benchmarks/backdoorbench.py                                   # the Fashion-MNIST grid, 2 workers
     python benchmarks/backdoorbench.py --grid benchmarks/grids/backdoorbench-cifar10.toml --workers 4
-    python benchmarks/backdoorbench.py --tabulate OUT                    # only rebuild the table from a grid run
+    python benchmarks/backdoorbench.py --tabulate OUT [OUT …]            # only rebuild the table from grid runs
 
 A thin wrapper over `netmend bench` (the grid file says which attacks, defences and seeds): it runs the grid, or
 resumes it, then writes the table BackdoorBench reports, per attack and as the mean over attacks: clean accuracy
@@ -23,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import torch
@@ -33,8 +34,9 @@ HERE = Path(__file__).parent
 METRICS = ("clean_accuracy", "asr", "robust_accuracy")
 
 
-def _cells_so_far(out: Path) -> tuple[list[dict], dict]:
-    """The finished cells of a grid that is still running (or was stopped): results.csv is written at the end."""
+def _cells(out: Path) -> tuple[list[dict], dict]:
+    """The finished cells of a grid output, whether its run finished, is still running or was stopped (results.csv
+    is rewritten only at the end of a run), with each cell's repair seconds."""
     rows, seconds = [], {}
     for f in sorted((out / "cells").glob("*/cell.json")):
         rec = json.loads(f.read_text())
@@ -44,17 +46,13 @@ def _cells_so_far(out: Path) -> tuple[list[dict], dict]:
 
 
 def read_rows(out: Path) -> list[dict]:
-    """results.csv of a `netmend bench` run (or its finished cells so far), with each cell's seconds
-    (timings.csv) and its DER."""
-    seconds = {}
-    if (out / "timings.csv").exists():
-        with open(out / "timings.csv") as f:
-            seconds = {r["cell"]: float(r["repair_seconds"]) for r in csv.DictReader(f)}
+    """The finished cells of a `netmend bench` output (and the failed ones results.csv lists), with each cell's
+    seconds and its DER."""
+    cells, seconds = _cells(out)
     if (out / "results.csv").exists():
         with open(out / "results.csv") as f:
-            cells = list(csv.DictReader(f))
-    else:
-        cells, seconds = _cells_so_far(out)
+            done = {r["cell"] for r in cells}
+            cells += [r for r in csv.DictReader(f) if r["status"] != "ok" and r["cell"] not in done]
     rows = []
     for r in cells:
         if r["status"] != "ok":
@@ -66,6 +64,18 @@ def read_rows(out: Path) -> list[dict]:
         rows.append({**r, "ok": True, "before": before, "after_own": after, "der": defense_effectiveness_rating(before, after),
                      "repair_seconds": seconds.get(r["cell"]), "accepted": str(r["accepted"]) == "True"})
     return rows
+
+
+def in_grid_order(rows: list[dict], grid: Path) -> list[dict]:
+    """Rows ordered as the grid file lists attacks and methods, then by seed (cell folders sort by name)."""
+    with open(grid, "rb") as f:
+        g = tomllib.load(f)
+    attacks, methods = list(g.get("attacks", {})), list(g.get("methods", {}))
+
+    def key(r):
+        return (attacks.index(r["attack"]) if r.get("attack") in attacks else len(attacks),
+                methods.index(r["method"]) if r.get("method") in methods else len(methods), int(r.get("seed") or 0))
+    return sorted(rows, key=key)
 
 
 def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -130,11 +140,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="the grid's output folder (default /tmp/bb-<grid name>)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ray", default=None, help="run the grid on a Ray cluster (auto | ADDRESS)")
-    p.add_argument("--tabulate", type=Path, default=None, help="only tabulate this finished (or partial) grid output")
+    p.add_argument("--tabulate", type=Path, nargs="+", default=None,
+                   help="only tabulate these finished (or partial) grid outputs (e.g. seeds run apart; a cell found "
+                        "in several folders is taken from the last)")
     p.add_argument("--results", type=Path, default=None, help="output stem (default benchmarks/results/backdoorbench-…)")
     args = p.parse_args(argv)
     name = args.grid.stem
-    out = args.tabulate or args.out or Path("/tmp") / f"bb-{name}"
+    outs = args.tabulate or [args.out or Path("/tmp") / f"bb-{name}"]
+    out = outs[0]
     if args.tabulate is None:
         cmd = ["netmend", "bench", str(args.grid), "--out", str(out), "--workers", str(args.workers)]
         if args.ray:
@@ -143,12 +156,12 @@ def main(argv=None) -> None:
         rc = subprocess.call(cmd)
         if rc not in (0, 1):             # 1: some cells failed; they are listed in the table
             sys.exit(rc)
-    rows = read_rows(out)
+    rows = in_grid_order(list({r["cell"]: r for o in outs for r in read_rows(o)}.values()), args.grid)
     lines, csv_rows = tables(rows)
     stem = args.results or HERE / "results" / name
     head = [f"# {name}: every attack × every defence (BackdoorBench's table)", "",
             f"- command: `python benchmarks/backdoorbench.py {' '.join(sys.argv[1:])}` (grid {args.grid.name}; "
-            f"cells in {out})",
+            f"cells in {', '.join(map(str, outs))})",
             f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
             f"python {platform.python_version()}; one torch thread per worker",
             "- shares in %, mean ± std over seeds; DER as BackdoorBench defines it; a row's numbers are what the "
