@@ -23,11 +23,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import torch
 
+from netmend.bench.grid import load_grid
 from netmend.metrics import defense_effectiveness_rating
 
 HERE = Path(__file__).parent
@@ -68,9 +68,8 @@ def read_rows(out: Path) -> list[dict]:
 
 def in_grid_order(rows: list[dict], grid: Path) -> list[dict]:
     """Rows ordered as the grid file lists attacks and methods, then by seed (cell folders sort by name)."""
-    with open(grid, "rb") as f:
-        g = tomllib.load(f)
-    attacks, methods = list(g.get("attacks", {})), list(g.get("methods", {}))
+    g = load_grid(grid).grid
+    attacks, methods = list(g.attacks), list(g.methods)
 
     def key(r):
         return (attacks.index(r["attack"]) if r.get("attack") in attacks else len(attacks),

@@ -158,7 +158,10 @@ class Plan:
 
 def load_grid(path: str | Path) -> Plan:
     """Read, check and expand a grid file; every mistake is one NetmendError naming the file and the key."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:          # Python 3.10: the same parser as a package (a dependency there)
+        import tomli as tomllib
 
     path = Path(path)
     if not path.is_file():
