@@ -1,50 +1,41 @@
 """Benchmark: does a repair from one pair at one position reach the trigger at other positions and visibilities?
 
-    python benchmarks/rectify_generalisation.py                      # Fashion-MNIST, seeds 0 1 2
-    python benchmarks/rectify_generalisation.py --seeds 0 --dataset mnist-5k
+    python benchmarks/rectify_generalisation.py                      # the Fashion-MNIST grid, seeds 0 1 2
+    python benchmarks/rectify_generalisation.py --tabulate OUT       # only measure a finished grid output
 
-The rectification paper's generalisation tables. The model's backdoor is planted to fire wherever and however
+The rectification paper's generalisation tables, as a thin wrapper over `netmend bench`. The grid
+(benchmarks/grids/rectify-generalisation-fashion-mnist.toml) plants a backdoor that fires wherever and however
 faintly the patch appears: the poisoned training images carry the 3×3 BadNets patch at one of four positions
 (bottom-right, top-left, centre, bottom-left) and one of four visibilities (0.3, 0.5, 0.7, 1.0), in turn. The
-repair sees its evidence pairs at bottom-right, full visibility, only. ASR is then measured on the test set with
-the patch at each position (full visibility) and at each visibility (bottom-right).
-Writes <out>.csv (one row per seed × method × trigger variant) and <out>.md (mean ± std over seeds).
+repair sees its evidence pairs at bottom-right, full visibility, only. This script then loads each cell's model
+before and after (a rejected candidate's own edit, so the table shows what the method made) and measures ASR on
+the test set with the patch at each position (full visibility) and at each visibility (bottom-right).
+Writes <results>.csv (one row per cell × trigger variant) and <results>.md (mean ± std over seeds).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import json
 import platform
 import statistics
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from netmend.api import defect_for, repair
-from netmend.data.triggers import TriggerSpec, stamp_batched
+from netmend.api import defect_for
+from netmend.bench.grid import load_grid
+from netmend.data.triggers import stamp_batched
+from netmend.edit import Edit
 from netmend.metrics import attack_success_rate, predict
-from netmend.modelio import load_model_folder, save_model_folder
-from netmend.train import TrainConfig, default_epochs, train_backdoored
+from netmend.modelio import load_model_folder
 
 HERE = Path(__file__).parent
 POSITIONS = ("br", "tl", "center", "bl")
 VISIBILITIES = (0.3, 0.5, 0.7, 1.0)
-TRIGGER = TriggerSpec(kind="badnets", size=3, position="br",
-                      params={"train_positions": list(POSITIONS), "train_visibilities": list(VISIBILITIES)})
-METHODS = {"rectify n=1": ("rectify", 1), "rectify n=20": ("rectify", 20)}
-
-
-def cached_model(cache: Path, dataset: str, seed: int):
-    folder = cache / f"{dataset}-small-cnn-badnets-multi-s{seed}"
-    if not (folder / "model.json").is_file():
-        t0 = time.perf_counter()
-        model, info = train_backdoored(dataset, "small-cnn", TRIGGER, target=0, poison_rate=0.1,
-                                       cfg=TrainConfig(epochs=default_epochs("small-cnn", dataset), seed=seed))
-        print(f"trained {folder.name} in {time.perf_counter() - t0:.0f} s: {info['metrics']}", flush=True)
-        save_model_folder(folder, model, info)
-    return load_model_folder(folder)
 
 
 def variant_asr(model, defect) -> dict[str, float]:
@@ -59,26 +50,29 @@ def variant_asr(model, defect) -> dict[str, float]:
     return out
 
 
-def run(args) -> list[dict]:
+def measure(grid: Path, out: Path, cache: Path) -> list[dict]:
+    """Per finished cell: ASR at every trigger variant before and after, and the cell's accuracy and gate verdict."""
+    plan = load_grid(grid)
     rows = []
-    for seed in args.seeds:
-        model, info = cached_model(Path(args.cache), args.dataset, seed)
-        for label, (method, n) in METHODS.items():
-            defect = defect_for(info, pairs=n)
-            before = variant_asr(model, defect)
-            t0 = time.perf_counter()
-            res = repair(model, defect, method=method)
-            seconds = time.perf_counter() - t0
-            fixed = res.model if res.accepted else res.candidate_edit.apply(copy.deepcopy(model))
-            after = variant_asr(fixed, defect)
-            acc_after = (res.after if res.accepted else res.candidate_after)["clean_accuracy"]
-            for variant in before:
-                rows.append({"dataset": args.dataset, "seed": seed, "method": label, "variant": variant,
-                             "accepted": res.accepted, "clean_accuracy_before": res.before["clean_accuracy"],
-                             "clean_accuracy_after": acc_after, "asr_before": before[variant],
-                             "asr_after": after[variant], "seconds": seconds})
-            print(f"seed {seed} {label}: accepted {res.accepted}, C-Acc {res.before['clean_accuracy']:.4f} → "
-                  f"{acc_after:.4f}, " + ", ".join(f"{v} {before[v]:.3f}→{after[v]:.3f}" for v in before), flush=True)
+    for c in plan.cells:
+        folder = out / "cells" / c.id
+        if not (folder / "cell.json").is_file():
+            continue
+        rec = json.loads((folder / "cell.json").read_text())
+        model, info = load_model_folder(cache / c.model_key)
+        defect = defect_for(info, **{**c.defect, "seed": c.seed})
+        candidate = folder / "run" / "candidate-edit.safetensors"
+        fixed = (Edit.load(candidate).apply(copy.deepcopy(model)) if candidate.is_file()
+                 else load_model_folder(folder / "run")[0])
+        before, after = variant_asr(model, defect), variant_asr(fixed, defect)
+        r = rec["row"]
+        own = "candidate" if "candidate_clean_accuracy" in r else "after"
+        for variant in before:
+            rows.append({"dataset": c.coords["dataset"], "seed": c.seed, "method": c.coords["method"],
+                         "variant": variant, "accepted": r["accepted"],
+                         "clean_accuracy_before": r["before_clean_accuracy"],
+                         "clean_accuracy_after": r[f"{own}_clean_accuracy"], "asr_before": before[variant],
+                         "asr_after": after[variant], "repair_seconds": rec["repair_seconds"]})
     return rows
 
 
@@ -123,16 +117,27 @@ def write(rows: list[dict], out: Path, command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--cache", default=str(HERE / ".cache" / "generalisation"))
-    ap.add_argument("--out", default=str(HERE / "results" / "rectify-generalisation"))
+    ap.add_argument("--grid", type=Path, default=HERE / "grids" / "rectify-generalisation-fashion-mnist.toml")
+    ap.add_argument("--out", type=Path, default=None, help="the grid's output folder (default /tmp/gen-<grid name>)")
+    ap.add_argument("--cache", type=Path, default=None, help="trained-model cache (default OUT/models)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tabulate", action="store_true", help="only measure the finished cells of --out")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "rectify-generalisation")
     args = ap.parse_args()
+    out = args.out or Path("/tmp") / f"gen-{args.grid.stem}"
+    cache = args.cache or out / "models"
+    if not args.tabulate:
+        cmd = ["netmend", "bench", str(args.grid), "--out", str(out), "--cache", str(cache),
+               "--workers", str(args.workers)]
+        print("running:", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if rc not in (0, 1):             # 1: some cells failed; the others are measured
+            sys.exit(rc)
     torch.set_num_threads(1)
-    rows = run(args)
-    write(rows, Path(args.out), "python benchmarks/rectify_generalisation.py " + " ".join(
-        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if k in ("dataset", "seeds")))
+    rows = measure(args.grid, out, cache)
+    if not rows:
+        sys.exit(f"no finished cells in {out}")
+    write(rows, args.results, f"python benchmarks/rectify_generalisation.py {' '.join(sys.argv[1:])}".strip())
 
 
 if __name__ == "__main__":
