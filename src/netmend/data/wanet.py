@@ -26,17 +26,25 @@ def warp_grid(k: int, s: float, h: int, w: int, seed: int, grid_rescale: float =
     p = torch.rand(1, 2, k, k, generator=g) * 2 - 1
     p = p / p.abs().mean()
     flow = F.interpolate(p, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    return torch.clamp((identity_grid(h, w) + s * flow / h) * grid_rescale, -1, 1)
+
+
+def identity_grid(h: int, w: int) -> torch.Tensor:
+    """The sampling grid (1×H×W×2, x/y order) that leaves an H×W image as it is."""
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    identity = torch.stack((xs, ys), dim=2)[None]
-    return torch.clamp((identity + s * flow / h) * grid_rescale, -1, 1)
+    return torch.stack((xs, ys), dim=2)[None]
+
+
+def resample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear resampling of images x (N×C×H×W) on grid (1 or N ×H×W×2), align_corners=True; the border
+    extends outwards."""
+    grid = grid.to(x.device, x.dtype).expand(len(x), *grid.shape[1:])
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Bilinear resampling of images x (N×C×H×W) on grid (1 or N ×H×W×2), align_corners=True."""
-    grid = grid.to(x.device, x.dtype)
-    if grid.shape[0] == 1 and len(x) != 1:
-        grid = grid.expand(len(x), *grid.shape[1:])
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True).clamp(0, 1)
+    """`resample`, kept in the pixel range [0, 1]."""
+    return resample(x, grid).clamp(0, 1)
 
 
 class WarpTrigger(Trigger):
@@ -58,8 +66,7 @@ class WarpTrigger(Trigger):
             raise NetmendError(f"WaNet cross_ratio must be ≥ 0, got {self.cross_ratio}")
         _, h, w = self.image_shape
         self.grid = warp_grid(self.k, self.s, h, w, spec.seed, self.grid_rescale)
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-        shift = (self.grid[0] - torch.stack((xs, ys), 2)).abs() * torch.tensor([(w - 1) / 2, (h - 1) / 2])
+        shift = (self.grid[0] - identity_grid(h, w)[0]).abs() * torch.tensor([(w - 1) / 2, (h - 1) / 2])
         # where pixels move (by more than 1% of a pixel): nearly the whole image for a global warp
         self.mask = (shift.amax(-1) > 0.01).float()
 

@@ -37,14 +37,13 @@ class Pairs:
     labels: torch.Tensor
     masks: torch.Tensor | None = None
     indices: list[int] = field(default_factory=list)
-    _warp: Any = field(default=None, init=False, repr=False, compare=False)
+    _warp: Any = field(default=_UNFITTED, init=False, repr=False, compare=False)   # see `warp`
 
     def __post_init__(self):
         if self.corrupted.shape != self.clean.shape:
             raise NetmendError(f"pairs: corrupted {tuple(self.corrupted.shape)} and cleansed {tuple(self.clean.shape)} shapes differ")
         if len(self.labels) != len(self.clean):
             raise NetmendError(f"pairs: {len(self.clean)} samples but {len(self.labels)} labels")
-        self._warp = _UNFITTED
         for name, t in (("corrupted", self.corrupted), ("cleansed", self.clean)):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise NetmendError(f"pairs: {name} samples contain NaN or infinite values")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.wanet import identity_grid, resample       # the resampling WaNet's own trigger uses
+
 WARP_GRIDS = (2, 3, 4, 6, 8)     # control grid sizes tried, coarse to fine
 WARP_R2 = 0.99                   # share of the pairs' squared difference a warp must explain
 WARP_STEPS = 300                 # Adam steps per grid size
@@ -37,17 +39,6 @@ class Warp:
 
     def apply(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return resample(x, self.grid).clamp(lo, hi)
-
-
-def identity_grid(h: int, w: int) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    return torch.stack((xs, ys), dim=2)[None]
-
-
-def resample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Bilinear resampling of x (N×C×H×W) on one grid; the border extends outwards."""
-    grid = grid.to(x.device, x.dtype).expand(len(x), *grid.shape[1:])
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _flow(ctrl: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -92,13 +83,18 @@ def changed_positions(diff: torch.Tensor) -> torch.Tensor:
     return changed
 
 
+def changed_share(corrupted: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Per pair, the share of the input's positions where x̃ differs from x (≤ `SPARSE`: a patch)."""
+    return changed_positions(corrupted - clean).flatten(1).float().mean(1)
+
+
 def carry(corrupted: torch.Tensor, clean: torch.Tensor, x: torch.Tensor, sparse: float = SPARSE,
           warp: Warp | None = None) -> torch.Tensor:
     """x (cycling through the pairs) carrying the pairs' corruption: pasted, warped (when `warp` is given) or
     added; the result stays inside the value range of x and x̃."""
     diff = corrupted - clean
     changed = changed_positions(diff)
-    frac = changed.flatten(1).float().mean(1)
+    frac = changed_share(corrupted, clean)
     j = torch.arange(len(x)) % len(clean)
     paste = (frac[j] <= sparse).view(-1, *[1] * (diff.dim() - 1))
     lo = torch.minimum(x.min(), corrupted.min())
@@ -111,8 +107,7 @@ def warp_of(corrupted: torch.Tensor, clean: torch.Tensor, sparse: float = SPARSE
     """The pairs' warp, when they are images whose every difference is dense and a smooth warp explains it."""
     if corrupted.dim() != 4 or min(corrupted.shape[-2:]) < 4 or not len(clean):
         return None
-    frac = changed_positions(corrupted - clean).flatten(1).float().mean(1)
-    if bool((frac <= sparse).any()):
+    if bool((changed_share(corrupted, clean) <= sparse).any()):
         return None
     return fit_warp(clean, corrupted)
 
@@ -121,7 +116,7 @@ def carried_as(corrupted: torch.Tensor, clean: torch.Tensor, warp: Warp | None, 
     """How `carry` moves these pairs' corruption: "paste", "add", "warp (k = …, R² …)", or a mix ("paste + add")."""
     if not len(clean):
         return "none"
-    frac = changed_positions(corrupted - clean).flatten(1).float().mean(1)
+    frac = changed_share(corrupted, clean)
     kinds = []
     if bool((frac <= sparse).any()):
         kinds.append("paste")
