@@ -56,7 +56,7 @@ class PropertyTuneConfig:
     # sharp where decisions are close). Unlike the hinge, it pulls every outside point back towards the original,
     # not only those that already flipped, and it is smooth.
     distill_weight: float = 4.0
-    distill_batch: int = 0            # keep points it uses per step (0: all of them)
+    distill_batch: int = 16384        # keep points it uses per step (0: all of them)
     # Bound-guided rounds (Linear/ReLU networks): after `steps`, the verifier (netmend.verify) is asked; while it
     # does not prove the property, `bound_steps` more steps add a hinge on the CROWN lower bound of every cell of
     # a partition of the box (verify/certified_loss.py), refined where the bound stays below the margin.
