@@ -1,6 +1,7 @@
 """Backdoor (neural Trojan) defect: triggered inputs are pulled to a target class.
 
-Evidence: n pairs (x̃ = stamp(x), x) drawn from the clean repair pool's non-target samples.
+Evidence: n pairs (x̃ = stamp(x), x) drawn from the clean repair pool's non-target samples — those whose stamped
+twin the model sends to the target first (`prepare`): evidence is an observed failure, as a user's would be.
 Metrics on the untouched test set: clean accuracy, ASR (non-target samples only), R-Acc,
 per-class accuracy and the class-fairness gap.
 """
@@ -30,6 +31,7 @@ class BackdoorOptions:
     val_fraction: float = 0.2         # of the repair data, kept for stopping / rollback decisions
     seed: int = 0
     eval_limit: int | None = None     # cap on test samples evaluated (None = all)
+    pairs_that_fire: bool = True      # prefer candidates whose stamped twin the model sends to the target
 
 
 def make_repair_data(x: torch.Tensor, y: torch.Tensor, pool: list[int], n_train_total: int, fraction: float,
@@ -73,13 +75,44 @@ class BackdoorDefect(Defect):
                            if int(data.y_train[i]) != self.target and i not in used]
         if o.pairs > len(candidates):
             raise NetmendError(f"--pairs {o.pairs} is more than the {len(candidates)} non-target samples available for pairs")
-        idx = candidates[: o.pairs]
-        clean = data.x_train[idx]
-        masks = trigger.mask.expand(len(idx), *trigger.mask.shape).clone()
-        self.pairs = Pairs(trigger.apply(clean), clean, data.y_train[idx], masks, idx)
+        self._candidates = candidates
+        self.pairs = self._pairs_of(candidates[: o.pairs])
+        self.pairs_firing: int | None = None       # how many of the pairs fire on the model (`prepare`)
         n = eval_count(o.eval_limit, len(data.y_test))
         self.x_test, self.y_test = data.x_test[:n], data.y_test[:n]
         self._x_test_triggered = stamp_batched(trigger, self.x_test)
+
+    def _pairs_of(self, idx: list[int]) -> Pairs:
+        clean = self.data.x_train[idx]
+        masks = self.trigger.mask.expand(len(idx), *self.trigger.mask.shape).clone()
+        return Pairs(self.trigger.apply(clean), clean, self.data.y_train[idx], masks, list(idx))
+
+    def prepare(self, model: nn.Module) -> None:
+        """Choose the evidence pairs among the candidates whose stamped twin `model` sends to the target, in the
+        seeded candidate order; where too few fire, the first others fill the rest.
+
+        Why: a pair whose stamp the model ignores shows no backdoor. A backdoor that fires on a fifth of the
+        stamped images (SIG at a low amplitude) otherwise hands rectify pairs that show nothing, and it makes no
+        edit. A user holding evidence holds inputs on which the model failed. Only repair-pool samples are looked
+        at, never the evaluation data."""
+        o = self.options
+        if not o.pairs:
+            return
+        if not o.pairs_that_fire:
+            self.pairs_firing = int((predict(model, self.pairs.corrupted) == self.target).sum())
+            return
+        chosen: list[int] = []
+        step = max(256, 4 * o.pairs)
+        for start in range(0, len(self._candidates), step):
+            block = self._candidates[start: start + step]
+            fires = predict(model, self.trigger.apply(self.data.x_train[block])) == self.target
+            chosen += [i for i, f in zip(block, fires.tolist()) if f]
+            if len(chosen) >= o.pairs:
+                break
+        self.pairs_firing = min(len(chosen), o.pairs)
+        taken = set(chosen)
+        rest = [i for i in self._candidates[: 2 * o.pairs + len(taken)] if i not in taken]
+        self.pairs = self._pairs_of(chosen[: o.pairs] + rest[: o.pairs - self.pairs_firing])
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger itself (methods that use it beyond the pairs must count the samples they stamp)."""
@@ -125,6 +158,8 @@ class BackdoorDefect(Defect):
         d = super().describe()
         d.update({"dataset": self.data.name, "target": self.target, "trigger": self.trigger.spec.to_json(),
                   "n_test": int(len(self.y_test))})
+        if getattr(self, "pairs_firing", None) is not None:       # EvidenceBackdoor: the user chose the pairs
+            d["pairs_firing"] = self.pairs_firing
         return d
 
 
