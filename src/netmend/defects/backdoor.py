@@ -112,7 +112,9 @@ class BackdoorDefect(Defect):
         self.pairs_firing = min(len(chosen), o.pairs)
         taken = set(chosen)
         rest = [i for i in self._candidates[: 2 * o.pairs + len(taken)] if i not in taken]
-        self.pairs = self._pairs_of(chosen[: o.pairs] + rest[: o.pairs - self.pairs_firing])
+        picked = chosen[: o.pairs] + rest[: o.pairs - self.pairs_firing]
+        if picked != list(self.pairs.indices):  # the same choice keeps the same Pairs: views taken of it stay valid
+            self.pairs = self._pairs_of(picked)
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger itself (methods that use it beyond the pairs must count the samples they stamp)."""
