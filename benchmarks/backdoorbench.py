@@ -3,6 +3,7 @@
     python benchmarks/backdoorbench.py                                   # the Fashion-MNIST grid, 2 workers
     python benchmarks/backdoorbench.py --grid benchmarks/grids/backdoorbench-cifar10.toml --workers 4
     python benchmarks/backdoorbench.py --tabulate OUT [OUT …]            # only rebuild the table from grid runs
+    python benchmarks/backdoorbench.py --tabulate OUT --keep RESULTS.csv # an earlier table, OUT's cells replacing
 
 A thin wrapper over `netmend bench` (the grid file says which attacks, defences and seeds): it runs the grid, or
 resumes it, then writes the table BackdoorBench reports, per attack and as the mean over attacks: clean accuracy
@@ -64,6 +65,39 @@ def read_rows(out: Path) -> list[dict]:
         rows.append({**r, "ok": True, "before": before, "after_own": after, "der": defense_effectiveness_rating(before, after),
                      "repair_seconds": seconds.get(r["cell"]), "accepted": str(r["accepted"]) == "True"})
     return rows
+
+
+def kept_rows(path: Path) -> list[dict]:
+    """The cells of an earlier table's CSV, as `read_rows` gives them (for a rerun of only some methods' cells)."""
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            before = {m: float(r[f"before_{m}"]) for m in METRICS}
+            after = {m: float(r[f"after_{m}"]) for m in METRICS}
+            rows.append({"cell": f"{path.name}:{r['attack']}/{r['method']}/{r['seed']}", "attack": r["attack"],
+                         "method": r["method"], "seed": int(r["seed"]), "ok": True, "before": before,
+                         "after_own": after, "der": defense_effectiveness_rating(before, after),
+                         "repair_seconds": float(r["repair_seconds"]) if r["repair_seconds"] else None,
+                         "accepted": r["accepted"] == "True"})
+    return rows
+
+
+def merged(kept: list[dict], runs: list[list[dict]]) -> list[dict]:
+    """One row per (attack, method, seed): a later source replaces an earlier one. Prints where a rerun's model
+    measured other than the kept table's (CPU training is deterministic: the same recipe gives the same model)."""
+    by, old = {}, set()
+    for i, rows in enumerate([kept] + runs):
+        for r in rows:
+            r = {**r, "seed": int(r.get("seed") or 0)}
+            key = (r.get("attack"), r.get("method"), r["seed"])
+            if i and key in old and r["ok"]:
+                drift = max(abs(r["before"][m] - by[key]["before"][m]) for m in METRICS)
+                if drift > 1e-6:
+                    print(f"note: {key}: the model measured {drift:.2e} away from the kept table's", flush=True)
+            if not i:
+                old.add(key)
+            by[key] = r
+    return list(by.values())
 
 
 def in_grid_order(rows: list[dict], grid: Path) -> list[dict]:
@@ -142,6 +176,9 @@ def main(argv=None) -> None:
     p.add_argument("--tabulate", type=Path, nargs="+", default=None,
                    help="only tabulate these finished (or partial) grid outputs (e.g. seeds run apart; a cell found "
                         "in several folders is taken from the last)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="an earlier table's CSV whose cells stand where the grid outputs hold none (rerun only the "
+                        "methods a change touched: `netmend bench … --only`)")
     p.add_argument("--results", type=Path, default=None, help="output stem (default benchmarks/results/backdoorbench-…)")
     args = p.parse_args(argv)
     name = args.grid.stem
@@ -155,12 +192,13 @@ def main(argv=None) -> None:
         rc = subprocess.call(cmd)
         if rc not in (0, 1):             # 1: some cells failed; they are listed in the table
             sys.exit(rc)
-    rows = in_grid_order(list({r["cell"]: r for o in outs for r in read_rows(o)}.values()), args.grid)
+    runs = [list({r["cell"]: r for r in read_rows(o)}.values()) for o in outs]
+    rows = in_grid_order(merged(kept_rows(args.keep) if args.keep else [], runs), args.grid)
     lines, csv_rows = tables(rows)
     stem = args.results or HERE / "results" / name
     head = [f"# {name}: every attack × every defence (BackdoorBench's table)", "",
             f"- command: `python benchmarks/backdoorbench.py {' '.join(sys.argv[1:])}` (grid {args.grid.name}; "
-            f"cells in {', '.join(map(str, outs))})",
+            f"cells in {', '.join(map(str, outs))}" + (f", the others from {args.keep.name}" if args.keep else "") + ")",
             f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
             f"python {platform.python_version()}; one torch thread per worker",
             "- shares in %, mean ± std over seeds; DER as BackdoorBench defines it; a row's numbers are what the "

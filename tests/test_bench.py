@@ -100,6 +100,12 @@ def test_resume_runs_only_the_missing_cells(two_workers, grid_file, tmp_path):
     # a new output folder with the models from a shared cache: nothing is trained
     third = run_bench(grid_file, tmp_path / "cached", workers=1, cache=out / "models", limit=1, log=_quiet)
     assert len(third["ran"]) == 1 and third["models_trained"] == 0 and not (tmp_path / "cached" / "models").exists()
+    # --only: a change that touches one method reruns only that method's cells; an unknown label is one line
+    only = run_bench(grid_file, tmp_path / "cached", workers=1, cache=out / "models", only=["finetune"], log=_quiet)
+    assert only["ran"] and all("finetune" in c for c in only["ran"]) and len(only["ran"]) + 1 + len(only["left"]) == 8
+    assert all("rectify-static" in c for c in only["left"])
+    with pytest.raises(NetmendError, match="--only nope: not a method"):
+        run_bench(grid_file, tmp_path / "cached", workers=1, cache=out / "models", only=["nope"], log=_quiet)
 
 
 def test_ray_gives_the_same_table(two_workers, grid_file, tmp_path):

@@ -624,6 +624,8 @@ def bench(
     cache: Optional[Path] = typer.Option(None, "--cache", help="trained-model cache, keyed by each training recipe's "
                                                                "hash (default: OUT/models)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="run at most N missing cells, then stop"),
+    only: Optional[str] = typer.Option(None, "--only", help="run only these methods' cells (labels as the grid "
+                                                            "names them, comma-separated)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON summary"),
 ) -> None:
     """Run an experiment grid: train (or load) each model once, repair it with every method and seed, and write
@@ -633,6 +635,7 @@ def bench(
     if workers is not None and ray is not None:
         raise NetmendError("--workers sets local workers; with --ray the cluster's CPUs set the parallelism")
     summary = run_bench(grid, out, workers=workers, ray=ray, cache=cache, limit=limit,
+                        only=[m.strip() for m in only.split(",") if m.strip()] if only else None,
                         log=(lambda *_: None) if json_out else (lambda s: out_console.print(s, markup=False)))
     if json_out:
         print(jsonsafe.dumps(summary))

@@ -154,15 +154,20 @@ def _cell_files(out: Path, cid: str) -> tuple[Path, Path]:
 
 
 def run_bench(grid: str | Path, out: str | Path, workers: int | None = None, ray: str | None = None,
-              cache: str | Path | None = None, limit: int | None = None,
+              cache: str | Path | None = None, limit: int | None = None, only: list[str] | None = None,
               log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the cells of `grid` that `out` does not hold yet (at most `limit`), then rewrite the tables and report."""
+    """Run the cells of `grid` that `out` does not hold yet (at most `limit`; with `only`, just those methods'
+    cells: a change that touches some methods reruns only theirs), then rewrite the tables and report."""
     t_start = time.perf_counter()
     plan = load_grid(grid)
     if workers is not None and workers < 1:
         raise NetmendError(f"--workers must be ≥ 1, got {workers}")
     if limit is not None and limit < 0:
         raise NetmendError(f"--limit must be ≥ 0, got {limit}")
+    unknown = sorted(set(only or ()) - set(plan.grid.methods))
+    if unknown:
+        raise NetmendError(f"--only {', '.join(unknown)}: not a method of {plan.path.name} "
+                           f"({', '.join(plan.grid.methods)})")
     out = Path(out)
     cache = Path(cache) if cache is not None else out / "models"
     if cache.exists() and not cache.is_dir():
@@ -179,10 +184,12 @@ def run_bench(grid: str | Path, out: str | Path, workers: int | None = None, ray
                 shutil.rmtree(stale, ignore_errors=True)
         finished = [c.id for c in plan.cells if (_cell_files(out, c.id)[0] / "cell.json").is_file()]
         todo = [c for c in plan.cells if c.id not in set(finished)]
-        left = todo[limit:] if limit is not None else []
+        left = [c for c in todo if only and c.coords["method"] not in only]
+        todo = [c for c in todo if not only or c.coords["method"] in only]
+        left += todo[limit:] if limit is not None else []
         todo = todo[:limit] if limit is not None else todo
         log(f"{plan.path.name}: {len(plan.cells)} cells, {len(finished)} done before, {len(todo)} to run on "
-            f"{where}" + (f", {len(left)} left for later (--limit)" if left else ""))
+            f"{where}" + (f", {len(left)} left for later (--limit / --only)" if left else ""))
         ran, failed, trained = [], {}, []
         try:
             model_errors = _models(plan, todo, cache, backend, trained, log)
