@@ -151,3 +151,17 @@ def test_interrupted_repair_leaves_nothing(model_dir, tmp_path, sig, code, word)
     assert p.returncode == code, err
     assert err.strip().splitlines() == [f"netmend: {word}"]
     assert not out.exists() and not [f for f in tmp_path.iterdir() if "partial" in f.name]
+
+
+def test_interrupt_while_loading_is_one_line(model_dir, tmp_path):
+    """Ctrl-C in the first seconds, while torch and the registry load: one line and exit 130, not a traceback from
+    inside an import (this used to print one, or a RecursionError)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
+    p = subprocess.Popen([NETMEND, "repair", str(model_dir / "model"), "--method", "finetune", "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and err.strip().splitlines() == ["netmend: interrupted"], err
+    assert not out.exists()

@@ -681,6 +681,8 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # netmend/__init__ held it while loading
     try:
         code = app(standalone_mode=False)          # click returns a typer.Exit's code instead of raising it
         if code == 130:                            # typer turned a Ctrl-C into Exit(130)
