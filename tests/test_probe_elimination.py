@@ -133,3 +133,60 @@ def test_fast_layout_gives_the_same_predictions_and_puts_the_layout_back(backdoo
     assert torch.equal(ref.argmax(1), out.argmax(1)) and torch.allclose(ref, out, atol=1e-4)
     for m, (w, stride, ptr) in zip(convs, before):
         assert torch.equal(m.weight, w) and m.weight.stride() == stride and m.weight.data_ptr() == ptr
+
+
+class _RatioDefect:
+    """A ratio estimate Σ num / Σ den with num_i = (w + noise_i)·den_i: its value is w plus a weighted mean of the
+    noise, so candidates that shift w by Δ are ranked by Δ and differ by Δ exactly."""
+
+    def __init__(self, n: int = 3000):
+        g = torch.Generator().manual_seed(0)
+        self.noise, self.den = torch.rand(n, generator=g), 1 + torch.rand(n, generator=g)
+        self.calls = 0
+
+    def estimate_size(self) -> int:
+        return len(self.den)
+
+    def estimate_terms(self, model, start, stop):
+        self.calls += stop - start
+        w = float(model.weight)
+        return (w + self.noise[start:stop]) * self.den[start:stop], self.den[start:stop]
+
+
+def test_race_keeps_the_smallest_ratio_measured_on_every_sample():
+    """Raced candidate edits: the smallest ratio wins and is measured on the whole set (its estimate is the full
+    ratio); a clearly worse one leaves after a prefix and costs less than a full pass; the model is left as it was."""
+    from netmend.defects.capabilities import RatioEstimate
+    from netmend.edit import Edit
+    from netmend.repair.rectify import RectifyConfig, race_estimates
+
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    defect = _RatioDefect()
+    assert isinstance(defect, RatioEstimate)
+    shifts = [0.5, 0.0, 0.3, 0.001]
+    edits = [Edit({"weight": torch.full((1, 1), s)}, {}) for s in shifts]
+    out = race_estimates(model, defect, edits, RectifyConfig())
+    assert float(model.weight) == 1.0
+    n = defect.estimate_size()
+    full = [float(((1 + s + defect.noise) * defect.den).sum() / defect.den.sum()) for s in shifts]
+    best = min((i for i in range(len(shifts)) if not out[i]["eliminated"]), key=lambda i: out[i]["estimate"])
+    assert best == 1 and not out[1]["eliminated"] and out[1]["estimated_on"] == n
+    assert out[1]["estimate"] == pytest.approx(full[1], rel=1e-6)
+    for i in (0, 2):                                   # 0.3 and 0.5 above the leader: out after the first prefix
+        assert out[i]["eliminated"] and out[i]["estimated_on"] == 32
+    # 0.001 above the leader on every sample: the paired differences have no spread, so it leaves at once too
+    assert out[3]["eliminated"] and out[3]["estimated_on"] == 32
+    assert defect.calls < len(shifts) * n / 2
+
+
+def test_race_survivors_keeps_a_candidate_the_rest_could_still_make_the_best():
+    """Two candidates whose sample terms differ only by noise of equal spread stay in the race."""
+    from netmend.repair.rectify import race_survivors
+
+    g = torch.Generator().manual_seed(1)
+    den = torch.ones(300, dtype=torch.float64)
+    a, b = torch.rand(300, generator=g, dtype=torch.float64), torch.rand(300, generator=g, dtype=torch.float64)
+    assert sorted(race_survivors({0: (a, den), 1: (b, den)}, 3000, z=4.0)) == [0, 1]
+    assert race_survivors({0: (a, den), 1: (a + 1.0, den)}, 3000, z=4.0) == [0]

@@ -82,6 +82,17 @@ class Counterfactual(Protocol):
     def flip(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class RatioEstimate(Protocol):
+    """The repair-data estimate (`Defect.repair_estimate`) is a ratio of per-sample sums, Σ num / Σ den, over a
+    fixed set of repair samples in a seeded random order: part of the set estimates it, so rectification can race
+    its candidate edits on growing prefixes and measure the full set only for those still in the running."""
+
+    def estimate_size(self) -> int: ...
+
+    def estimate_terms(self, model: nn.Module, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def has_objective(defect: "Defect") -> bool:
     """The defect defines a search objective (its class overrides `Defect.objective`)."""
     from .base import Defect

@@ -43,6 +43,7 @@ from torch import nn
 from ..data.blockmnist import BLOCK, BlockLayout, blank_null, make_blockmnist, null_block, swap_blocks
 from ..data.datasets import ImageData, load_dataset, split_indices
 from ..errors import NetmendError, require
+from ..layout import fast_layout
 from ..metrics import per_class_accuracy, predict
 from ..registry import DATASETS, DEFECTS
 from ..train import TrainConfig, default_epochs, train_backdoored
@@ -77,14 +78,15 @@ def null_attribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, digit_t
     ig = IntegratedGradients(model)
     _, null_mask = BlockLayout(digit_top).masks(x.shape[-1])
     out: dict[str, list[torch.Tensor]] = {"abs_share": [], "null_sum": [], "total_sum": []}
-    for i in range(0, len(x), chunk):
-        xb = x[i: i + chunk].to(dev)
-        a = ig.attribute(xb, baselines=torch.zeros_like(xb), target=y[i: i + chunk].to(dev), n_steps=steps,
-                         internal_batch_size=batch).detach().sum(1).cpu()          # N×H×W, signed
-        m = null_mask[i: i + chunk]
-        out["abs_share"].append((a.abs() * m).flatten(1).sum(1) / a.abs().flatten(1).sum(1).clamp_min(1e-12))
-        out["null_sum"].append((a * m).flatten(1).sum(1))
-        out["total_sum"].append(a.flatten(1).sum(1))
+    with fast_layout(model, x[:2].to(dev), n=len(x) * steps):     # channels-last: ~25 % less time, same maps to ~1e-5
+        for i in range(0, len(x), chunk):
+            xb = x[i: i + chunk].to(dev)
+            a = ig.attribute(xb, baselines=torch.zeros_like(xb), target=y[i: i + chunk].to(dev), n_steps=steps,
+                             internal_batch_size=batch).detach().sum(1).cpu()          # N×H×W, signed
+            m = null_mask[i: i + chunk]
+            out["abs_share"].append((a.abs() * m).flatten(1).sum(1) / a.abs().flatten(1).sum(1).clamp_min(1e-12))
+            out["null_sum"].append((a * m).flatten(1).sum(1))
+            out["total_sum"].append(a.flatten(1).sum(1))
     return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
 
 
@@ -134,10 +136,9 @@ class LeakageDefect(Defect):
         first = null_top == null_top[0]
         return [g for g in (self.pairs.select(first), self.pairs.select(~first)) if len(g)]
 
-    def repair_estimate(self, model: nn.Module) -> float:
-        """`net_leakage` on the repair images (fit and validation) in the layouts of the pairs in use: what
-        rectification's loop lowers, since a pair's gap closes long before the leakage of other images does (dev
-        models, seeds 9 and 10: net leakage −30 / −6 % driven by the pairs' gap, −72 / −67 % driven by this)."""
+    def _estimate_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The repair images (fit and validation) in the layouts of the pairs in use, in a seeded random order (so
+        that any prefix is a random sample of the set: `estimate_terms`)."""
         r = self.repair
         x, y = torch.cat([r.x_fit, r.x_val]), torch.cat([r.y_fit, r.y_val])
         top = self.data.info["digit_top_train"][torch.tensor(r.indices["fit"] + r.indices["val"], dtype=torch.long)]
@@ -145,8 +146,24 @@ class LeakageDefect(Defect):
             layouts = (self.pairs.masks[:, 0, 0] > 0.5).unique()     # null block on top ⇔ digit below
             keep = ((~top)[:, None] == layouts[None]).any(1)
             x, y, top = x[keep], y[keep], top[keep]
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.options.seed))
+        return x[order], y[order], top[order]
+
+    def estimate_size(self) -> int:
+        return len(self._estimate_set()[1])
+
+    def estimate_terms(self, model: nn.Module, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image of the estimate set's [start, stop): |signed IG sum on the null block| and |signed IG sum|."""
+        x, y, top = (t[start:stop] for t in self._estimate_set())
         a = null_attribution(model, x, y, top, self.options.ig_steps, self.options.ig_batch)
-        return float(a["null_sum"].abs().mean() / a["total_sum"].abs().mean().clamp_min(1e-12))
+        return a["null_sum"].abs(), a["total_sum"].abs()
+
+    def repair_estimate(self, model: nn.Module) -> float:
+        """`net_leakage` on the repair images (fit and validation) in the layouts of the pairs in use: what
+        rectification's loop lowers, since a pair's gap closes long before the leakage of other images does (dev
+        models, seeds 9 and 10: net leakage −30 / −6 % driven by the pairs' gap, −72 / −67 % driven by this)."""
+        num, den = self.estimate_terms(model, 0, self.estimate_size())
+        return float(num.mean() / den.mean().clamp_min(1e-12))
 
     def cleanse(self, x: torch.Tensor) -> torch.Tensor:
         """Blank the null block of BlockMNIST images (layout read off the images)."""
