@@ -138,13 +138,23 @@ def test_out_holding_user_files_is_refused(model_dir, tmp_path):
         "metrics.json", "report.html"]
 
 
+def _as_from_a_terminal():
+    """The child starts with SIGINT and SIGTERM at their defaults and unblocked, as from an interactive shell. A
+    test runner started as a background job of a non-interactive shell has SIGINT ignored, and its children inherit
+    that; netmend keeps an inherited SIG_IGN, as programs do (nohup), so Ctrl-C would never reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_interrupted_repair_leaves_nothing(model_dir, tmp_path, sig, code, word):
     """A signal mid-repair: one line, exit 130 / 143, no run folder and no half-built sibling left."""
     out = tmp_path / "run"
     env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
     p = subprocess.Popen([NETMEND, "repair", str(model_dir / "model"), "--method", "finetune", "-R", "epochs=100000",
-                          "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                          "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=_as_from_a_terminal)
     time.sleep(10)                                   # past start-up: the repair is running
     p.send_signal(sig)
     err = p.communicate(timeout=120)[1]
@@ -159,7 +169,8 @@ def test_interrupt_while_loading_is_one_line(model_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
     p = subprocess.Popen([NETMEND, "repair", str(model_dir / "model"), "--method", "finetune", "--out", str(out)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=_as_from_a_terminal)
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
