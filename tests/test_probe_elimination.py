@@ -149,7 +149,7 @@ class _RatioDefect:
 
     def estimate_terms(self, model, start, stop):
         self.calls += stop - start
-        w = float(model.weight)
+        w = float(model.weight.detach())
         return (w + self.noise[start:stop]) * self.den[start:stop], self.den[start:stop]
 
 
@@ -168,7 +168,7 @@ def test_race_keeps_the_smallest_ratio_measured_on_every_sample():
     shifts = [0.5, 0.0, 0.3, 0.001]
     edits = [Edit({"weight": torch.full((1, 1), s)}, {}) for s in shifts]
     out = race_estimates(model, defect, edits, RectifyConfig())
-    assert float(model.weight) == 1.0
+    assert float(model.weight.detach()) == 1.0
     n = defect.estimate_size()
     full = [float(((1 + s + defect.noise) * defect.den).sum() / defect.den.sum()) for s in shifts]
     best = min((i for i in range(len(shifts)) if not out[i]["eliminated"]), key=lambda i: out[i]["estimate"])
