@@ -85,18 +85,18 @@ def kept_rows(path: Path) -> list[dict]:
 def merged(kept: list[dict], runs: list[list[dict]]) -> list[dict]:
     """One row per (attack, method, seed): a later source replaces an earlier one. Prints where a rerun's model
     measured other than the kept table's (CPU training is deterministic: the same recipe gives the same model)."""
-    by, old = {}, set()
-    for i, rows in enumerate([kept] + runs):
-        for r in rows:
-            r = {**r, "seed": int(r.get("seed") or 0)}
-            key = (r.get("attack"), r.get("method"), r["seed"])
-            if i and key in old and r["ok"]:
-                drift = max(abs(r["before"][m] - by[key]["before"][m]) for m in METRICS)
-                if drift > 1e-6:
-                    print(f"note: {key}: the model measured {drift:.2e} away from the kept table's", flush=True)
-            if not i:
-                old.add(key)
-            by[key] = r
+    def key(r: dict) -> tuple:
+        return r.get("attack"), r.get("method"), int(r.get("seed") or 0)
+
+    old = {key(r): r for r in kept}
+    by = dict(old)
+    for r in (r for rows in runs for r in rows):
+        k = key(r)
+        if r["ok"] and k in old:
+            drift = max(abs(r["before"][m] - old[k]["before"][m]) for m in METRICS)
+            if drift > 1e-6:
+                print(f"note: {k}: the model measured {drift:.2e} away from the kept table's", flush=True)
+        by[k] = {**r, "seed": k[2]}
     return list(by.values())
 
 

@@ -147,14 +147,19 @@ def _as_from_a_terminal():
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
+def _start_repair(model_dir, out, *options) -> subprocess.Popen:
+    """`netmend repair … --method finetune` running apart, quiet, on one thread, started as from a terminal."""
+    env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
+    return subprocess.Popen([NETMEND, "repair", str(model_dir / "model"), "--method", "finetune", *options,
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=_as_from_a_terminal)
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_interrupted_repair_leaves_nothing(model_dir, tmp_path, sig, code, word):
     """A signal mid-repair: one line, exit 130 / 143, no run folder and no half-built sibling left."""
     out = tmp_path / "run"
-    env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
-    p = subprocess.Popen([NETMEND, "repair", str(model_dir / "model"), "--method", "finetune", "-R", "epochs=100000",
-                          "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                         preexec_fn=_as_from_a_terminal)
+    p = _start_repair(model_dir, out, "-R", "epochs=100000")
     time.sleep(10)                                   # past start-up: the repair is running
     p.send_signal(sig)
     err = p.communicate(timeout=120)[1]
@@ -167,10 +172,7 @@ def test_interrupt_while_loading_is_one_line(model_dir, tmp_path):
     """Ctrl-C in the first seconds, while torch and the registry load: one line and exit 130, not a traceback from
     inside an import (this used to print one, or a RecursionError)."""
     out = tmp_path / "run"
-    env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
-    p = subprocess.Popen([NETMEND, "repair", str(model_dir / "model"), "--method", "finetune", "--out", str(out)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                         preexec_fn=_as_from_a_terminal)
+    p = _start_repair(model_dir, out)
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
