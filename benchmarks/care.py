@@ -223,6 +223,9 @@ def write_markdown(rows: list[dict], path: Path, args) -> None:
 
 
 def main(argv=None) -> None:
+    from netmend.memory import keep_freed_memory
+
+    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=[c.name for c in CASES], choices=[c.name for c in CASES])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])

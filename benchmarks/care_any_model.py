@@ -124,6 +124,9 @@ def fitness_seconds(model, defect, sites_res_layers, fallback: bool, seed: int, 
 
 
 def main():
+    from netmend.memory import keep_freed_memory
+
+    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("NETMEND_DATA", "/work/shared/data"))
     ap.add_argument("--epochs", type=int, default=1)

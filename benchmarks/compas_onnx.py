@@ -402,6 +402,9 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
+    from netmend.memory import keep_freed_memory
+
+    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="COMPAS CSV → compas.csv, MLP, compas.onnx (no netmend)")

@@ -393,6 +393,9 @@ def _list(s: str) -> list[str]:
 
 
 def main(argv=None) -> None:
+    from netmend.memory import keep_freed_memory
+
+    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="train the user's backdoored CNN, write data/evidence/model files")

@@ -161,6 +161,9 @@ def write_floors(args) -> None:
 
 
 def main(argv=None) -> None:
+    from netmend.memory import keep_freed_memory
+
+    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fashion-mnist, 2 triggers, seed 0, 4 methods")
     p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist-5k", "cifar10"])

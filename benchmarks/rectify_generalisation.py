@@ -116,6 +116,9 @@ def write(rows: list[dict], out: Path, command: str) -> None:
 
 
 def main() -> None:
+    from netmend.memory import keep_freed_memory
+
+    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", type=Path, default=HERE / "grids" / "rectify-generalisation-fashion-mnist.toml")
     ap.add_argument("--out", type=Path, default=None, help="the grid's output folder (default /tmp/gen-<grid name>)")

@@ -217,6 +217,9 @@ def checks(table: str, rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> None:
+    from netmend.memory import keep_freed_memory
+
+    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tables", default="spurious,leakage")
     p.add_argument("--seeds", default="0,1,2")

@@ -110,6 +110,23 @@ def test_gate_unit_rules(backdoored, defect):
     assert not check(defect, model, nan).accepted
 
 
+def test_the_unrepaired_models_numbers_are_measured_once_per_model(backdoored, defect, monkeypatch):
+    from netmend.gate import gate_before
+
+    model, _ = backdoored
+    defect.prepare(model)
+    calls = []
+    real = type(defect).gate_check
+    monkeypatch.setattr(type(defect), "gate_check", lambda self, m: calls.append(1) or real(self, m))
+    first = gate_before(defect, model)
+    assert gate_before(defect, copy.deepcopy(model)) == first and len(calls) == 1   # same weights: kept
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.5)
+    gate_before(defect, other)
+    assert len(calls) == 2                                                           # other weights: measured
+
+
 def test_bad_budget_is_one_line(model_dir, tmp_path):
     p = run("repair", model_dir / "model", "--method", "finetune", "--max-accuracy-drop", "-1", "--out", tmp_path / "x")
     assert p.returncode == 2 and "--max-accuracy-drop" in p.stderr and len(p.stderr.strip().splitlines()) == 1

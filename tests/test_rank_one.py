@@ -268,3 +268,25 @@ def test_prefetched_and_shared_moments_are_the_tensors_second_moment_computes():
         twin.fc1.weight.add_(1.0)                      # the copy's upstream changes: its moments are its own again
     assert torch.equal(cached_moment(twin, "fc3", x, batch_size=64), second_moment(twin, "fc3", x, 64)[0])
     assert not torch.equal(cached_moment(twin, "fc3", x, batch_size=64), cached_moment(model, "fc3", x, batch_size=64))
+
+
+def test_few_keys_are_solved_through_their_gram_matrix_with_the_dense_answer():
+    """Fewer keys than half the width: C + εI is solved by Woodbury through the kept keys, with the answer of the
+    dense Cholesky solve, and the condition number of the dense matrix."""
+    from netmend.editing import cached_moment, condition, moment_keys, ridge
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("flat", nn.Flatten()), ("fc", nn.Linear(120, 7))])).eval()
+    x = torch.randn(40, 1, 10, 12)
+    C = cached_moment(model, "fc", x)
+    X = moment_keys(C)
+    assert X is not None and X.shape == (40, 120)
+    b = torch.randn(120, 3, dtype=torch.float64)
+    got, info = solve(C, b, 1e-3)
+    assert info["solver"] == "woodbury"
+    A = C + ridge(C, 1e-3) * torch.eye(120, dtype=torch.float64)
+    assert torch.allclose(got, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10 * float(b.abs().max()))
+    assert condition(C, info["ridge"]) == pytest.approx(float(torch.linalg.cond(A)), rel=1e-6)
+    many = torch.randn(200, 1, 10, 12)                   # more keys than half the width: the dense factor
+    C2 = cached_moment(model, "fc", many)
+    assert moment_keys(C2) is None and solve(C2, b, 1e-3)[1]["solver"] == "cholesky"

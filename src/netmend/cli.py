@@ -680,6 +680,9 @@ def main() -> None:
     130 (SIGINT) or 143 (SIGTERM) with one line, its half-built run folder removed."""
     import signal
 
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()                  # a command: keep freed memory in the process (netmend/memory.py)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
         signal.signal(signal.SIGINT, signal.default_int_handler)   # netmend/__init__ held it while loading

@@ -21,8 +21,11 @@ def one_thread() -> None:
     """One torch thread per worker: workers share the cores, and results must not depend on how kernels split sums."""
     import torch
 
+    from ..memory import keep_freed_memory
+
     os.environ["NETMEND_QUIET"] = "1"
     torch.set_num_threads(1)
+    keep_freed_memory()
 
 
 def pack(folder: Path) -> Files:
