@@ -185,9 +185,24 @@ def test_repair_estimate_is_net_leakage_on_the_repair_images_of_the_pairs_layout
     leaking = d.with_pairs(null_top).repair_estimate(model)
     assert d.with_pairs(null_bottom).repair_estimate(model) == pytest.approx(0.0, abs=1e-5)
     r = d.repair
-    top = data.info["digit_top_train"][torch.tensor(r.indices["fit"] + r.indices["val"])]
-    x, y = torch.cat([r.x_fit, r.x_val])[~top], torch.cat([r.y_fit, r.y_val])[~top]
-    a = null_attribution(model, x, y, top[~top], steps=8)
+    top = data.info["digit_top_train"][torch.tensor(r.indices["fit"])]
+    a = null_attribution(model, r.x_fit[~top], r.y_fit[~top], top[~top], steps=8)     # fit images only
     assert leaking == pytest.approx(float(a["null_sum"].abs().mean() / a["total_sum"].abs().mean()), rel=1e-5)
     assert 0 < leaking <= 1
     assert d.repair_estimate(_linear_model(_centre_pixels())) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_gate_reads_net_leakage_on_the_validation_images_the_loop_never_sees():
+    data = synthetic_block_data()
+    splits = split_indices(len(data.y_train), 0, 0.5)
+    d = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.2, ig_steps=8))
+    top_square = SQUARE[0].repeat(2, 1)
+    top_square[BLOCK:] = 0
+    model = _linear_model(top_square + _centre_pixels())
+    r = d.repair
+    top = data.info["digit_top_train"][torch.tensor(r.indices["val"])]
+    a = null_attribution(model, r.x_val, r.y_val, top, steps=8)                      # both layouts, val only
+    g = d.gate_check(model)
+    assert g["defect"] == pytest.approx(float(a["null_sum"].abs().mean() / a["total_sum"].abs().mean()), rel=1e-5)
+    assert g["accuracy_samples"] == len(r.y_val) and "validation" in g["defect_name"]
+    assert not set(r.indices["val"]) & set(r.indices["fit"])
