@@ -308,18 +308,21 @@ def _edited_layer(model: nn.Module, edit: Edit) -> str | None:
 
 
 def _conv_factors(edit: Edit, dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(d, Λ as a one-input-channel kernel) of a rank-one conv edit ΔW[:, :, y, x] = Λ[:, y, x] dᵀ (d the unit
-    direction the edit records), or None when ΔW is not of that form: its output change is then a conv of the
-    keys' projection on d, one channel wide instead of C_in."""
+    """(d, Λ) of a rank-one edit ΔW = Λ ⊗ d (d the unit direction the edit records), or None when ΔW is not of that
+    form. A conv's Λ comes as a one-input-channel kernel: its output change is then a conv of the keys' projection
+    on d, one channel wide instead of C_in. A Linear's Λ is a vector: its output change is (k·d) Λ, a product with
+    one column instead of a matrix product."""
     d = edit.meta.get("d")
-    if d is None or dW.dim() != 4 or dW.shape[1] != len(d) or edit.meta.get("mode", "shared") != "shared":
+    if d is None or dW.dim() not in (2, 4) or dW.shape[1] != len(d) or edit.meta.get("mode", "shared") != "shared":
         return None
     d = torch.tensor(d, dtype=torch.float64)
-    lam = torch.einsum("ocyx,c->oyx", dW.double().cpu(), d) / (d @ d)
-    if not torch.allclose(torch.einsum("oyx,c->ocyx", lam, d), dW.double().cpu(), rtol=1e-5,
-                          atol=1e-6 * float(dW.abs().max())):
+    spec = "ocyx,c->oyx" if dW.dim() == 4 else "oc,c->o"
+    lam = torch.einsum(spec, dW.double().cpu(), d) / (d @ d)
+    back = torch.einsum("oyx,c->ocyx", lam, d) if dW.dim() == 4 else torch.outer(lam, d)
+    if not torch.allclose(back, dW.double().cpu(), rtol=1e-5, atol=1e-6 * float(dW.abs().max())):
         return None
-    return d.to(device=dW.device, dtype=dW.dtype), lam[:, None].to(device=dW.device, dtype=dW.dtype)
+    lam = lam[:, None] if dW.dim() == 4 else lam
+    return d.to(device=dW.device, dtype=dW.dtype), lam.to(device=dW.device, dtype=dW.dtype)
 
 
 @torch.no_grad()
@@ -351,7 +354,7 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
     mods = {i: get_layer(model, layers[i]) for i in fast}
     dWs = {i: edits[i].deltas[f"{layers[i]}.weight"].to(device=mods[i].weight.device, dtype=mods[i].weight.dtype)
            for i in fast}
-    factors = {i: f for i in fast if isinstance(mods[i], nn.Conv2d) and (f := _conv_factors(edits[i], dWs[i])) is not None}
+    factors = {i: f for i in fast if (f := _conv_factors(edits[i], dWs[i])) is not None}
     preds = {(i, g): ([], []) for i in fast for g in gammas}
     running = set(preds)                   # the candidates still run
     own: tuple[list, list] = ([], [])
@@ -369,8 +372,8 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
                 for i in sorted({i for i, _g in running}):
                     layer, mod = layers[i], mods[i]
                     k, h0 = cap.inputs[layer], cap.outputs[layer]
-                    if isinstance(mod, nn.Linear):
-                        change = F.linear(k, dWs[i])
+                    if isinstance(mod, nn.Linear):  # ΔW = Λ dᵀ: (k·d) Λ
+                        change = (k @ factors[i][0])[..., None] * factors[i][1] if i in factors else F.linear(k, dWs[i])
                     elif i in factors:            # ΔW = Λ ⊗ d: project the keys on d, then a one-channel conv
                         d, lam = factors[i]
                         change = F.conv2d(torch.einsum("c,nchw->nhw", d, k)[:, None], lam, None, mod.stride,
@@ -380,7 +383,8 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
                     carry = carried_at(model, layer, x)   # a skip connection across the cut: computed once per batch
                     for g in gammas:
                         if (i, g) in running:
-                            preds[i, g][side].append(run_from(model, layer, h0 + g * change, x, carry).argmax(1).cpu())
+                            h = torch.add(h0, change, alpha=g)     # one pass over the output, not two
+                            preds[i, g][side].append(run_from(model, layer, h, x, carry).argmax(1).cpu())
             seen = min(n, lo + batch_size)
             if judging and seen < n and len(running) > 1:
                 running -= _judged(judge, {c: preds[c] for c in running}, own, probe, labels[:seen], n)
