@@ -223,7 +223,7 @@ def share_moments(src: nn.Module, dst: nn.Module) -> int:
 def content_digest(x: torch.Tensor) -> tuple:
     """Shape, dtype and a BLAKE2 digest of the bytes (about 10 ms for a few thousand images)."""
     data = x.detach().cpu().contiguous()
-    return tuple(data.shape), str(data.dtype), hashlib.blake2b(data.view(torch.uint8).numpy(),   # no byte copy
+    return tuple(data.shape), str(data.dtype), hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy(),   # no byte copy
                                                                 digest_size=16).hexdigest()
 
 

@@ -50,7 +50,7 @@ def model_digest(model: nn.Module) -> str:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         data = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
-        h.update(data.view(torch.uint8).numpy() if data.numel() else b"")
+        h.update(data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b"")
     return h.hexdigest()
 
 
