@@ -217,3 +217,24 @@ def test_a_grid_of_existing_model_folders(two_workers, tmp_path):
 def test_every_shipped_grid_file_is_valid(grid):
     """The grids that reproduce the results tables parse, name known datasets / methods / options and expand."""
     assert len(load_grid(grid).cells) > 0
+
+
+def test_model_folders_with_their_own_seeds(two_workers, tmp_path):
+    """A models entry {folder, seeds} repairs that model with its own seeds only (a model trained with seed s,
+    repaired with seed s); the grid needs no top-level seeds then, and the seeds are part of the grid's hash."""
+    out, _ = two_workers
+    a, b = sorted((out / "models").iterdir())[:2]
+    text = (f'models = [{{ folder = "{a}", seeds = [0] }}, {{ folder = "{b}", seeds = [1, 2] }}]\n'
+            '[defect]\nrepair_fraction = 0.25\n[methods.rectify-static]\n')
+    plan = load_grid(_write(tmp_path, text))
+    assert sorted((c.coords["model"], c.seed) for c in plan.cells) == [(str(a), 0), (str(b), 1), (str(b), 2)]
+    other = load_grid(_write(tmp_path, text.replace("seeds = [1, 2]", "seeds = [1]"), "other.toml"))
+    assert other.hash != plan.hash and len(other.cells) == 2
+    mixed = load_grid(_write(tmp_path, f'seeds = [5]\nmodels = ["{a}", {{ folder = "{b}", seeds = [1] }}]\n'
+                                       '[methods.rectify-static]\n', "mixed.toml"))
+    assert sorted(c.seed for c in mixed.cells) == [1, 5]
+    for bad, why in ((f'models = ["{a}"]\n[methods.rectify-static]\n', "seeds lists nothing"),
+                     (f'models = [{{ folder = "{a}", seeds = [] }}]\n[methods.rectify-static]\n', "no seeds"),
+                     (f'models = [{{ folder = "{a}", seeds = [1, 1] }}]\n[methods.rectify-static]\n', "twice")):
+        with pytest.raises(NetmendError, match=why):
+            load_grid(_write(tmp_path, bad, "bad.toml"))

@@ -81,15 +81,21 @@ class Method(_Strict):
     gate: bool = True
 
 
+class ModelFolder(_Strict):
+    """An existing model folder with the seeds of its own cells (a model trained with seed s, repaired with seed s)."""
+    folder: str
+    seeds: list[int]
+
+
 class Grid(_Strict):
     title: str | None = None
-    seeds: list[int]
+    seeds: list[int] = []               # every cell's seed(s); a `models` entry may name its own instead
     methods: dict[str, Method] | list[str]
     datasets: list[str] = []
     archs: list[str] = []
     attacks: dict[str, Attack] = {}
     train: Train = Train()
-    models: list[str] = []              # existing model folders instead of datasets × archs × attacks
+    models: list[str | ModelFolder] = []   # existing model folders instead of datasets × archs × attacks
     defect: dict[str, Any] = {}         # defect options shared by every method
     device: str = "cpu"
     data_dir: str | None = None
@@ -107,14 +113,22 @@ class Grid(_Strict):
                              "model folders), not both")
         if not trained and not self.models:
             raise ValueError("the grid is empty: give datasets, archs and attacks, or models")
-        for key in (("datasets", "archs", "attacks") if trained else ()) + ("seeds", "methods"):
+        own = [m for m in self.models if isinstance(m, ModelFolder)]
+        needs_seeds = trained or len(own) < len(self.models)
+        for key in (("datasets", "archs", "attacks") if trained else ()) + (("seeds",) if needs_seeds else ()) \
+                + ("methods",):
             if not getattr(self, key):
-                raise ValueError(f"the grid is empty: {key} lists nothing")
-        for key in ("seeds", "datasets", "archs", "models"):
-            values = getattr(self, key)
+                raise ValueError(f"the grid is empty: {key} lists nothing"
+                                 + (" (or give each model its own: {folder = ..., seeds = [...]})"
+                                    if key == "seeds" and self.models else ""))
+        folders = [m.folder if isinstance(m, ModelFolder) else m for m in self.models]
+        for key, values in (("seeds", self.seeds), ("datasets", self.datasets), ("archs", self.archs),
+                            ("models", folders), *((f"models {m.folder!r} seeds", m.seeds) for m in own)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} lists a value twice")
-        if any(s < 0 for s in self.seeds):
+        if any(not m.seeds for m in own):
+            raise ValueError("a models entry lists no seeds")
+        if any(s < 0 for s in [*self.seeds, *(s for m in own for s in m.seeds)]):
             raise ValueError("seeds must be ≥ 0")
         if any(not 0 <= m.max_accuracy_drop <= 100 for m in self.methods.values()):
             raise ValueError("max_accuracy_drop takes accuracy points in [0, 100]")
@@ -250,7 +264,8 @@ def _plan(grid: Grid, path: Path) -> Plan:
         from ..modelio import read_info
 
         kinds = set()
-        for m in grid.models:
+        for entry in grid.models:
+            m, seeds = (entry.folder, entry.seeds) if isinstance(entry, ModelFolder) else (entry, grid.seeds)
             folder = (base / m).resolve()
             try:
                 info = read_info(folder)
@@ -263,7 +278,7 @@ def _plan(grid: Grid, path: Path) -> Plan:
             recipe = {"folder": str(folder), "content": _folder_hash(folder)}
             key = sha256(recipe)
             models[key] = recipe
-            per_model += [(key, {"model": m}, s) for s in grid.seeds]
+            per_model += [(key, {"model": m}, s) for s in seeds]
         configs = {DEFECTS.entry(k).config for k in kinds}
         defect_config = configs.pop() if len(configs) == 1 else None
     else:
@@ -311,7 +326,10 @@ def _plan(grid: Grid, path: Path) -> Plan:
     cells.sort(key=lambda c: (order[tuple((k, v) for k, v in c.coords.items() if k not in ("method", "seed"))],
                               labels.index(c.coords["method"]), c.seed))
     dump = grid.model_dump()
-    dump["models"] = [models[k]["folder"] + "#" + models[k]["content"] for k in dict.fromkeys(m for m, _, _ in per_model)] \
+    seeds_of: dict[str, list[int]] = {}
+    for k, _, s in per_model:
+        seeds_of.setdefault(k, []).append(s)
+    dump["models"] = [f"{models[k]['folder']}#{models[k]['content']}@{seeds_of[k]}" for k in seeds_of] \
         if grid.models else []
     dump["data_dir"] = None                           # where the data lies is not what the grid computes
     return Plan(grid, path, sha256(dump), models, cells)
