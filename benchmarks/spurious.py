@@ -8,14 +8,16 @@
 Rows: benign (biased) model, fine-tune (n = 20), P-ClArC (20), A-ClArC (20), static rectify (1),
 dynamic rectify (1 and 20). Spurious: small-cnn on Fashion-MNIST, a localised blend patch (5×5,
 α = 0.5, bottom right; Yang's style) on 50% of class 0's training images, labels kept. Leakage:
-small-cnn on BlockMNIST (mnist-5k digits + null square). Trained models are cached under --cache.
-Writes <out>.csv (one row per run), <out>.md (mean ± std over seeds; machine, seeds, versions) and,
+small-cnn on BlockMNIST (mnist-5k digits + null square). Trained models are cached under --cache; the repairs run as
+one `netmend bench` grid per table (<out>-bench/<table>.toml, --workers local workers, one torch thread each; a rerun
+runs only the cells that are missing). Writes <out>.csv (one row per run), <out>.md (mean ± std over seeds; machine, seeds, versions) and,
 with --generalisation, <out>-generalisation.csv/.md.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import platform
 import statistics
 import sys
@@ -26,7 +28,7 @@ import torch
 
 import netmend
 from netmend.data.triggers import TriggerSpec
-from netmend.defects.leakage import LeakageOptions, leakage_from_info, train_leakage
+from netmend.defects.leakage import train_leakage
 from netmend.defects.spurious import SpuriousOptions, spurious_from_info, train_spurious
 from netmend.modelio import load_model_folder, save_model_folder
 from netmend.train import TrainConfig
@@ -48,60 +50,90 @@ KEYS = {"spurious": ["overall_accuracy", "clean", "spur", "pattern_pull_rate"],
         "leakage": ["clean_accuracy", "leakage", "net_leakage", "blank_null_accuracy"]}
 
 
-def cached(cache: Path, name: str, train):
+def cached(cache: Path, name: str, train) -> Path:
+    """The model folder of `name` under the cache, trained first when it is not there."""
     folder = cache / name
     if not (folder / "model.json").is_file():
         t0 = time.perf_counter()
         model, info = train()
         print(f"trained {name} in {time.perf_counter() - t0:.0f}s: {info['metrics']}", flush=True)
         save_model_folder(folder, model, info)
-    return load_model_folder(folder)
+    return folder
 
 
-def spurious_model(args, seed: int):
+def spurious_model(args, seed: int) -> Path:
     name = f"fashion-mnist-small-cnn-spurious-{args.pattern}-c{args.spurious_class}-f{args.fraction}-e{args.epochs}-s{seed}"
     return cached(Path(args.cache), name, lambda: train_spurious(
         "fashion-mnist", "small-cnn", PATTERNS[args.pattern], args.spurious_class, args.fraction,
         TrainConfig(epochs=args.epochs, seed=seed), device=args.train_device, data_dir=args.data_dir))
 
 
-def leakage_model(args, seed: int):
+def leakage_model(args, seed: int) -> Path:
     name = f"blockmnist-small-cnn-e{args.leak_epochs}-s{seed}"
     return cached(Path(args.cache), name, lambda: train_leakage(
         "small-cnn", TrainConfig(epochs=args.leak_epochs, seed=seed), device=args.train_device, data_dir=args.data_dir))
 
 
+def row_key(label: str, n: int) -> str:
+    return f"{label} n={n}"
+
+
+def grid_text(table: str, args, folders: dict[int, Path]) -> str:
+    """The table as a `netmend bench` grid: the cached models, each repaired with its own seed, by every row's method."""
+    defect = {"eval_limit": args.eval_limit} if args.eval_limit is not None else {}
+    if table == "leakage":
+        defect["ig_samples"] = args.ig_samples
+    lines = [f'title = "benchmarks/spurious.py: {table}"', f'device = "{args.device}"',
+             *([f"data_dir = {json.dumps(str(Path(args.data_dir).resolve()))}"] if args.data_dir else []),
+             "models = [" + ", ".join(f"{{ folder = {json.dumps(str(f.resolve()))}, seeds = [{s}] }}"
+                                      for s, f in folders.items()) + "]",
+             "[defect]", *(f"{k} = {v}" for k, v in defect.items())]
+    for label, method, n in ROWS:
+        if method is not None:
+            lines += [f'[methods."{row_key(label, n)}"]', f'method = "{method}"', f"defect = {{ pairs = {n} }}"]
+    return "\n".join(lines) + "\n"
+
+
 def run_table(table: str, args, writer, gen_writer) -> list[dict]:
+    """Train (or load) the table's models, repair them with every row's method as one `netmend bench` grid (resumable:
+    a rerun runs only the cells missing from <out>-bench/<table>), and read the rows off its results."""
+    from netmend.bench import run_bench
+
+    folders = {seed: (spurious_model if table == "spurious" else leakage_model)(args, seed) for seed in args.seeds}
+    bench = Path(f"{args.out}-bench") / table
+    bench.mkdir(parents=True, exist_ok=True)
+    grid = bench.parent / f"{table}.toml"
+    grid.write_text(grid_text(table, args, folders))
+    run_bench(grid, bench, workers=args.workers, log=lambda *a: print(*a, flush=True))
+    cells = {(r["model"], int(r["seed"]), r["method"]): r for r in csv.DictReader(open(bench / "results.csv"))}
+    timings = {r["cell"]: r for r in csv.DictReader(open(bench / "timings.csv"))} \
+        if (bench / "timings.csv").stat().st_size else {}
     rows = []
-    for seed in args.seeds:
-        model, info = (spurious_model if table == "spurious" else leakage_model)(args, seed)
-        data = None
-        benign = None
+    for seed, folder in folders.items():
+        mine = {k[2]: r for k, r in cells.items() if k[0] == str(folder.resolve()) and k[1] == seed}
         for label, method, n in ROWS:
-            if table == "spurious":
-                opts = dict(pairs=n, seed=seed, eval_limit=args.eval_limit)
-                defect = spurious_from_info(info, SpuriousOptions(**opts), args.data_dir, data=data)
+            if method is None:                 # the model as it came: any cell's numbers before its repair
+                cell, when = next(iter(mine.values())), "before"
             else:
-                opts = dict(pairs=n, seed=seed, eval_limit=args.eval_limit, ig_samples=args.ig_samples)
-                defect = leakage_from_info(info, LeakageOptions(**opts), args.data_dir, data=data)
-            data = defect.data
-            t0 = time.perf_counter()
-            if method is None:
-                after, repaired, secs, extra = dict(benign or defect.metrics(model)), model, 0.0, {}
-                benign = after
-            else:
-                res = netmend.repair(model, defect, method=method, seed=seed, device=args.device, before=benign)
-                after, repaired, secs = res.after, res.model, res.seconds
-                extra = {"edited": " ".join(res.edit.parameters), "changed_weights": res.edit.num_changed(),
-                         "rounds": len(res.edit.meta.get("rounds", res.edit.meta.get("parts", [])) or [])}
+                cell, when = mine[row_key(label, n)], "after"
+            if cell["status"] != "ok":
+                print(f"table={table} seed={seed} method={label} n={n}: {cell.get('error')}", flush=True)
+                continue
+            t = timings.get(cell["cell"], {})
+            secs = float(t.get("repair_seconds") or 0) if method else 0.0
             row = {"table": table, "seed": seed, "method": label, "preset": method or "-", "n": n if method else "-",
-                   **{k: after[k] for k in KEYS[table]}, "seconds": round(secs, 2),
-                   "eval_seconds": round(time.perf_counter() - t0 - secs, 2), **extra}
+                   **{k: float(cell[f"{when}_{k}"]) for k in KEYS[table]}, "seconds": round(secs, 2),
+                   "eval_seconds": round(float(t.get("seconds") or 0) - secs, 2) if method else 0.0,
+                   "accepted": cell["accepted"] if method else "-",
+                   "changed_weights": int(float(cell["changed_weights"])) if method else 0}
             rows.append(row)
             writer(row)
             print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
             if gen_writer and table == "spurious":
-                for variant, m in defect.generalisation(repaired).items():
+                model, info = load_model_folder(bench / "cells" / cell["cell"] / "run" if method else folder)
+                defect = spurious_from_info(info, SpuriousOptions(pairs=n, seed=seed, eval_limit=args.eval_limit),
+                                            args.data_dir)
+                for variant, m in defect.generalisation(model).items():
                     gen_writer({"seed": seed, "method": label, "n": row["n"], "variant": variant, **m})
     return rows
 
@@ -136,7 +168,7 @@ def markdown(rows: list[dict], args, gen_rows: list[dict]) -> str:
     out = ["# Spurious correlation (Table 4) and feature leakage (Table 5) at netmend's scale", "",
            f"- command: `python {' '.join(sys.argv)}`",
            f"- machine: {platform.machine()} {platform.system()}, {platform.processor() or '?'}; torch {torch.__version__}, "
-           f"{torch.get_num_threads()} threads; repairs on {args.device}, models trained on {args.train_device}"
+           f"`netmend bench` with {args.workers} worker(s), 1 torch thread each; repairs on {args.device}, models trained on {args.train_device}"
            + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
            f"- seeds: {args.seeds}; netmend {netmend.__version__}; all figures in %, mean ± std over seeds", ""]
     for table in ("spurious", "leakage"):
@@ -235,6 +267,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", help="device of the repairs")
     p.add_argument("--train-device", default=None, help="device for training the cached models (default: --device)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="netmend bench workers (one torch thread each)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache", default="/work/cache/models/spurious")
     p.add_argument("--out", default="benchmarks/results/spurious")
