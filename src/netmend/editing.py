@@ -293,7 +293,8 @@ def _woodbury_factor(C: torch.Tensor, eps: float) -> tuple[float, str, tuple] | 
 
 
 def solve(C: torch.Tensor, rhs: torch.Tensor, rho: float = 1e-4) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(C + εI)⁻¹ rhs in float64 by Cholesky; fall back to an eigendecomposition (never an explicit inverse)."""
+    """(C + εI)⁻¹ rhs in float64 by Cholesky, of C + εI or, where C came from few kept keys, of their Gram matrix
+    (`_woodbury_factor`); fall back to an eigendecomposition (never an explicit inverse)."""
     C = C.double()
     rhs = rhs.double().to(C.device)
     vec = rhs.dim() == 1
