@@ -8,9 +8,9 @@
 Rows: benign (biased) model, fine-tune (n = 20), P-ClArC (20), A-ClArC (20), static rectify (1),
 dynamic rectify (1 and 20). Spurious: small-cnn on Fashion-MNIST, a localised blend patch (5×5,
 α = 0.5, bottom right; Yang's style) on 50% of class 0's training images, labels kept. Leakage:
-small-cnn on BlockMNIST (mnist-5k digits + null square). Trained models are cached under --cache; the repairs run as
-one `netmend bench` grid per table (<out>-bench/<table>.toml, --workers local workers, one torch thread each; a rerun
-runs only the cells that are missing). Writes <out>.csv (one row per run), <out>.md (mean ± std over seeds; machine, seeds, versions) and,
+small-cnn on BlockMNIST (mnist-5k digits + null square). Each table runs as one `netmend bench` grid
+(<out>-bench/<table>.toml, --workers local workers, one torch thread each): it trains the models (cached under --cache
+by the hash of their recipe) and repairs them; a rerun runs only the cells that are missing. Writes <out>.csv (one row per run), <out>.md (mean ± std over seeds; machine, seeds, versions) and,
 with --generalisation, <out>-generalisation.csv/.md.
 """
 from __future__ import annotations
@@ -21,17 +21,14 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import netmend
 from netmend.data.triggers import TriggerSpec
-from netmend.defects.leakage import train_leakage
-from netmend.defects.spurious import SpuriousOptions, spurious_from_info, train_spurious
-from netmend.modelio import load_model_folder, save_model_folder
-from netmend.train import TrainConfig
+from netmend.defects.spurious import SpuriousOptions, spurious_from_info
+from netmend.modelio import load_model_folder
 
 PATTERNS = {
     "blend-patch": TriggerSpec(kind="blended", size=5, position="br", alpha=0.5, params={"local": True}),
@@ -50,44 +47,35 @@ KEYS = {"spurious": ["overall_accuracy", "clean", "spur", "pattern_pull_rate"],
         "leakage": ["clean_accuracy", "leakage", "net_leakage", "blank_null_accuracy"]}
 
 
-def cached(cache: Path, name: str, train) -> Path:
-    """The model folder of `name` under the cache, trained first when it is not there."""
-    folder = cache / name
-    if not (folder / "model.json").is_file():
-        t0 = time.perf_counter()
-        model, info = train()
-        print(f"trained {name} in {time.perf_counter() - t0:.0f}s: {info['metrics']}", flush=True)
-        save_model_folder(folder, model, info)
-    return folder
-
-
-def spurious_model(args, seed: int) -> Path:
-    name = f"fashion-mnist-small-cnn-spurious-{args.pattern}-c{args.spurious_class}-f{args.fraction}-e{args.epochs}-s{seed}"
-    return cached(Path(args.cache), name, lambda: train_spurious(
-        "fashion-mnist", "small-cnn", PATTERNS[args.pattern], args.spurious_class, args.fraction,
-        TrainConfig(epochs=args.epochs, seed=seed), device=args.train_device, data_dir=args.data_dir))
-
-
-def leakage_model(args, seed: int) -> Path:
-    name = f"blockmnist-small-cnn-e{args.leak_epochs}-s{seed}"
-    return cached(Path(args.cache), name, lambda: train_leakage(
-        "small-cnn", TrainConfig(epochs=args.leak_epochs, seed=seed), device=args.train_device, data_dir=args.data_dir))
-
-
 def row_key(label: str, n: int) -> str:
     return f"{label} n={n}"
 
 
-def grid_text(table: str, args, folders: dict[int, Path]) -> str:
-    """The table as a `netmend bench` grid: the cached models, each repaired with its own seed, by every row's method."""
+def _toml(v) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)                  # strings, numbers and booleans are written alike in TOML and JSON
+
+
+def grid_text(table: str, args) -> str:
+    """The table as one `netmend bench` grid: the model trained per seed (a spurious cue on Fashion-MNIST, or
+    BlockMNIST for leakage), then repaired with that seed by every row's method."""
+    if table == "spurious":
+        spec = PATTERNS[args.pattern]
+        attack = {"defect": "spurious", "cue_class": args.spurious_class, "fraction": args.fraction,
+                  "kind": spec.kind, "size": spec.size, "position": spec.position, "margin": spec.margin,
+                  "pattern": spec.pattern, "alpha": spec.alpha, "pattern_seed": spec.seed, "params": spec.params}
+        dataset, name, epochs = "fashion-mnist", args.pattern, args.epochs
+    else:
+        attack, dataset, name, epochs = {"defect": "leakage"}, "mnist-5k", "null-square", args.leak_epochs
     defect = {"eval_limit": args.eval_limit} if args.eval_limit is not None else {}
     if table == "leakage":
         defect["ig_samples"] = args.ig_samples
-    lines = [f'title = "benchmarks/spurious.py: {table}"', f'device = "{args.device}"',
+    lines = [f'title = "benchmarks/spurious.py: {table}"', f"seeds = {args.seeds}", f'datasets = ["{dataset}"]',
+             'archs = ["small-cnn"]', f'device = "{args.device}"',
              *([f"data_dir = {json.dumps(str(Path(args.data_dir).resolve()))}"] if args.data_dir else []),
-             "models = [" + ", ".join(f"{{ folder = {json.dumps(str(f.resolve()))}, seeds = [{s}] }}"
-                                      for s, f in folders.items()) + "]",
-             "[defect]", *(f"{k} = {v}" for k, v in defect.items())]
+             f"[attacks.{name}]", *(f"{k} = {_toml(v)}" for k, v in attack.items()),
+             "[train]", f"epochs = {epochs}", "[defect]", *(f"{k} = {_toml(v)}" for k, v in defect.items())]
     for label, method, n in ROWS:
         if method is not None:
             lines += [f'[methods."{row_key(label, n)}"]', f'method = "{method}"', f"defect = {{ pairs = {n} }}"]
@@ -95,22 +83,24 @@ def grid_text(table: str, args, folders: dict[int, Path]) -> str:
 
 
 def run_table(table: str, args, writer, gen_writer) -> list[dict]:
-    """Train (or load) the table's models, repair them with every row's method as one `netmend bench` grid (resumable:
-    a rerun runs only the cells missing from <out>-bench/<table>), and read the rows off its results."""
-    from netmend.bench import run_bench
+    """The table as one `netmend bench` grid (<out>-bench/<table>.toml): it trains each seed's model (cached under
+    --cache by the hash of its recipe), repairs it with every row's method and that seed, and the rows are read
+    off its results. A rerun runs only the cells that are missing."""
+    from netmend.bench import load_grid, run_bench
 
-    folders = {seed: (spurious_model if table == "spurious" else leakage_model)(args, seed) for seed in args.seeds}
     bench = Path(f"{args.out}-bench") / table
     bench.mkdir(parents=True, exist_ok=True)
     grid = bench.parent / f"{table}.toml"
-    grid.write_text(grid_text(table, args, folders))
-    run_bench(grid, bench, workers=args.workers, log=lambda *a: print(*a, flush=True))
-    cells = {(r["model"], int(r["seed"]), r["method"]): r for r in csv.DictReader(open(bench / "results.csv"))}
+    grid.write_text(grid_text(table, args))
+    run_bench(grid, bench, workers=args.workers, cache=args.cache, log=lambda *a: print(*a, flush=True))
+    cache = Path(args.cache) if args.cache else bench / "models"
+    model_of = {c.seed: cache / c.model_key for c in load_grid(grid).cells}
+    cells = {(int(r["seed"]), r["method"]): r for r in csv.DictReader(open(bench / "results.csv"))}
     timings = {r["cell"]: r for r in csv.DictReader(open(bench / "timings.csv"))} \
         if (bench / "timings.csv").stat().st_size else {}
     rows = []
-    for seed, folder in folders.items():
-        mine = {k[2]: r for k, r in cells.items() if k[0] == str(folder.resolve()) and k[1] == seed}
+    for seed in args.seeds:
+        mine = {k[1]: r for k, r in cells.items() if k[0] == seed}
         for label, method, n in ROWS:
             if method is None:                 # the model as it came: any cell's numbers before its repair
                 cell, when = next(iter(mine.values())), "before"
@@ -130,7 +120,7 @@ def run_table(table: str, args, writer, gen_writer) -> list[dict]:
             writer(row)
             print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
             if gen_writer and table == "spurious":
-                model, info = load_model_folder(bench / "cells" / cell["cell"] / "run" if method else folder)
+                model, info = load_model_folder(bench / "cells" / cell["cell"] / "run" if method else model_of[seed])
                 defect = spurious_from_info(info, SpuriousOptions(pairs=n, seed=seed, eval_limit=args.eval_limit),
                                             args.data_dir)
                 for variant, m in defect.generalisation(model).items():
@@ -168,7 +158,7 @@ def markdown(rows: list[dict], args, gen_rows: list[dict]) -> str:
     out = ["# Spurious correlation (Table 4) and feature leakage (Table 5) at netmend's scale", "",
            f"- command: `python {' '.join(sys.argv)}`",
            f"- machine: {platform.machine()} {platform.system()}, {platform.processor() or '?'}; torch {torch.__version__}, "
-           f"`netmend bench` with {args.workers} worker(s), 1 torch thread each; repairs on {args.device}, models trained on {args.train_device}"
+           f"`netmend bench` with {args.workers} worker(s), 1 torch thread each; models trained and repaired on {args.device}"
            + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
            f"- seeds: {args.seeds}; netmend {netmend.__version__}; all figures in %, mean ± std over seeds", ""]
     for table in ("spurious", "leakage"):
@@ -265,16 +255,14 @@ def main(argv=None) -> None:
     p.add_argument("--generalisation", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 2k test images: a pipeline check")
     p.add_argument("--device", default="cpu", help="device of the repairs")
-    p.add_argument("--train-device", default=None, help="device for training the cached models (default: --device)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="netmend bench workers (one torch thread each)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache", default="/work/cache/models/spurious")
+    p.add_argument("--cache", default=None, help="trained models' folder (default: <out>-bench/<table>/models)")
     p.add_argument("--out", default="benchmarks/results/spurious")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.train_device = args.train_device or args.device
     if args.quick:
         args.seeds, args.epochs, args.leak_epochs, args.eval_limit, args.ig_samples = [0], 1, 2, 2000, 50
         args.out += "-quick"

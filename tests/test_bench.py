@@ -238,3 +238,53 @@ def test_model_folders_with_their_own_seeds(two_workers, tmp_path):
                      (f'models = [{{ folder = "{a}", seeds = [1, 1] }}]\n[methods.rectify-static]\n', "twice")):
         with pytest.raises(NetmendError, match=why):
             load_grid(_write(tmp_path, bad, "bad.toml"))
+
+
+SPURIOUS = """
+seeds = [0]
+datasets = ["digits"]
+archs = ["mlp"]
+
+[attacks.cue]
+defect = "spurious"           # a 2×2 patch on half of class 1's training images, labels kept
+kind = "badnets"
+size = 2
+cue_class = 1
+fraction = 0.5
+
+[train]
+epochs = 4
+pool_fraction = 0.3
+
+[defect]
+repair_fraction = 0.25
+
+[methods.rectify-static]
+"""
+
+
+def test_a_grid_trains_a_spurious_cue_model(tmp_path):
+    s = run_bench(_write(tmp_path, SPURIOUS), tmp_path / "o", workers=1, log=_quiet)
+    assert len(s["ran"]) == 1 and not s["failed"]
+    info = json.loads(next((tmp_path / "o" / "models").glob("*/model.json")).read_text())
+    assert info["defect"]["kind"] == "spurious" and info["defect"]["class"] == 1 and info["defect"]["fraction"] == 0.5
+    header, row = (tmp_path / "o" / "results.csv").read_text().splitlines()
+    assert ",cue,rectify-static,0,ok," in row and "after_pattern_pull_rate" in header
+
+
+def test_a_grid_trains_a_leakage_model(tmp_path, shared_data):
+    grid = (f'seeds = [0]\ndatasets = ["mnist-5k"]\narchs = ["mlp"]\ndata_dir = "{shared_data}"\n'
+            '[attacks.null-square]\ndefect = "leakage"\n[train]\nepochs = 1\n'
+            '[defect]\nig_samples = 10\neval_limit = 200\n[methods.p-clarc]\ndefect = { pairs = 2 }\n')
+    s = run_bench(_write(tmp_path, grid), tmp_path / "o", workers=1, log=_quiet)
+    assert len(s["ran"]) == 1 and not s["failed"]
+    info = json.loads(next((tmp_path / "o" / "models").glob("*/model.json")).read_text())
+    assert info["dataset"] == "blockmnist" and info["defect"]["kind"] == "leakage" and info["defect"]["null"] == "square"
+    assert "after_net_leakage" in (tmp_path / "o" / "results.csv").read_text()
+
+
+def test_attack_fields_of_another_defect_are_refused(tmp_path):
+    with pytest.raises(NetmendError, match="cue_class is for a spurious attack"):
+        load_grid(_write(tmp_path, GRID.replace("[attacks.badnets]\n", "[attacks.badnets]\ncue_class = 1\n")))
+    with pytest.raises(NetmendError, match="fraction must be in"):
+        load_grid(_write(tmp_path, SPURIOUS.replace("fraction = 0.5", "fraction = 1.5"), "f.toml"))

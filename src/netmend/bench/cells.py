@@ -54,10 +54,21 @@ def train_task(recipe: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
         from ..train import TrainConfig, train_backdoored
 
         t0 = time.perf_counter()
-        model, info = train_backdoored(recipe["dataset"], recipe["arch"], TriggerSpec.from_json(recipe["trigger"]),
-                                       recipe["target"], recipe["poison_rate"], TrainConfig(**recipe["train"]),
-                                       device=recipe["device"], data_dir=data_dir,
-                                       pool_fraction=recipe["pool_fraction"])
+        cfg, kind = TrainConfig(**recipe["train"]), recipe.get("defect", "backdoor")
+        common = {"device": recipe["device"], "data_dir": data_dir, "pool_fraction": recipe["pool_fraction"]}
+        if kind == "spurious":
+            from ..defects.spurious import train_spurious
+
+            model, info = train_spurious(recipe["dataset"], recipe["arch"], TriggerSpec.from_json(recipe["trigger"]),
+                                         recipe["cue_class"], recipe["fraction"], cfg, **common)
+        elif kind == "leakage":
+            from ..defects.leakage import train_leakage
+
+            model, info = train_leakage(recipe["arch"], cfg, layout_seed=recipe["layout_seed"], null=recipe["null"],
+                                        base=recipe["dataset"], **common)
+        else:
+            model, info = train_backdoored(recipe["dataset"], recipe["arch"], TriggerSpec.from_json(recipe["trigger"]),
+                                           recipe["target"], recipe["poison_rate"], cfg, **common)
         info["data_dir"] = None                # each machine finds the data itself (--data-dir / $NETMEND_DATA)
         info["bench_recipe"] = recipe
         with tempfile.TemporaryDirectory(prefix="netmend-bench-") as tmp:

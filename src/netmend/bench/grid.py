@@ -20,7 +20,15 @@ class _Strict(BaseModel):
 
 
 class Attack(_Strict):
-    """One poisoning recipe: a trigger (netmend's TriggerSpec fields), the target class and the poison rate."""
+    """What training plants. A backdoor (default): a trigger (netmend's TriggerSpec fields), the target class and the
+    poison rate. A spurious cue: the same trigger fields, put on a `fraction` of class `cue_class`'s training images
+    with their labels kept. Feature leakage: the dataset's images become BlockMNIST's digit blocks beside a `null`
+    block (nothing is poisoned; the leakage comes from training itself)."""
+    defect: Literal["backdoor", "spurious", "leakage"] = "backdoor"
+    cue_class: int | None = None        # spurious: the class whose images carry the cue (default 0)
+    fraction: float | None = None       # spurious: share of that class's training images that carry it (default 0.5)
+    null: str | None = None             # leakage: the null block's pattern (default "square")
+    layout_seed: int | None = None      # leakage: which half each image's digit takes (default 0)
     kind: str | None = None             # trigger kind; default: the attack's own name
     size: int = 3
     position: str = "br"
@@ -38,6 +46,18 @@ class Attack(_Strict):
         if not 0 <= v <= 1:
             raise ValueError(f"must be in [0, 1], got {v}")
         return v
+
+
+    @model_validator(mode="after")
+    def _fields_of_its_defect(self) -> "Attack":
+        own = {"spurious": ("cue_class", "fraction"), "leakage": ("null", "layout_seed")}
+        for kind, names in own.items():
+            for n in names:
+                if kind != self.defect and getattr(self, n) is not None:
+                    raise ValueError(f"{n} is for a {kind} attack (defect = \"{kind}\"), this one plants a {self.defect}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        return self
 
 
 class Train(_Strict):
@@ -293,10 +313,12 @@ def _plan(grid: Grid, path: Path) -> Plan:
                                        f"models — list trained {n} model folders under models instead")
         for name, a in grid.attacks.items():
             try:
-                TRIGGERS.entry(a.kind or name)
+                if a.defect != "leakage":        # a leakage model carries no trigger
+                    TRIGGERS.entry(a.kind or name)
             except NetmendError as exc:
                 raise NetmendError(f"grid {path}: attacks.{name}: {exc}") from None
-        kinds, defect_config = {"backdoor"}, DEFECTS.entry("backdoor").config
+        kinds = {a.defect for a in grid.attacks.values()}
+        defect_config = DEFECTS.entry(next(iter(kinds))).config if len(kinds) == 1 else None
         train = grid.train.model_dump()
         for ds in grid.datasets:
             for arch in grid.archs:
@@ -329,8 +351,13 @@ def _plan(grid: Grid, path: Path) -> Plan:
     seeds_of: dict[str, list[int]] = {}
     for k, _, s in per_model:
         seeds_of.setdefault(k, []).append(s)
-    dump["models"] = [f"{models[k]['folder']}#{models[k]['content']}@{seeds_of[k]}" for k in seeds_of] \
-        if grid.models else []
+    own = any(isinstance(m, ModelFolder) for m in grid.models)       # a grid written before own seeds hashes as then
+    dump["models"] = [f"{models[k]['folder']}#{models[k]['content']}" + (f"@{seeds_of[k]}" if own else "")
+                      for k in seeds_of] if grid.models else []
+    for a in dump["attacks"].values():     # fields a backdoor leaves at their defaults: out of the hash, as before
+        if a["defect"] == "backdoor":      # they existed (an earlier grid's output folder still resumes)
+            for k in ("defect", "cue_class", "fraction", "null", "layout_seed"):
+                a.pop(k)
     dump["data_dir"] = None                           # where the data lies is not what the grid computes
     return Plan(grid, path, sha256(dump), models, cells)
 
@@ -345,8 +372,16 @@ def _train_recipe(ds: str, arch: str, name: str, a: Attack, train: dict[str, Any
                        alpha=a.alpha, seed=seed if a.pattern_seed is None else a.pattern_seed, params=dict(a.params))
     cfg = {k: v for k, v in train.items() if k != "pool_fraction"}
     cfg["epochs"] = cfg["epochs"] or default_epochs(arch, ds)
+    common = {"train": {**cfg, "seed": seed}, "pool_fraction": train["pool_fraction"], "device": device}
+    if a.defect == "spurious":
+        return {"defect": "spurious", "dataset": ds, "arch": arch, "trigger": spec.to_json(),
+                "cue_class": 0 if a.cue_class is None else a.cue_class, "fraction": a.fraction or 0.5, **common}
+    if a.defect == "leakage":
+        return {"defect": "leakage", "dataset": ds, "arch": arch, "null": a.null or "square",
+                "layout_seed": a.layout_seed or 0, **common}
+    # a backdoor's recipe has no "defect" key: the hashes of the models grids trained before stay the same
     return {"dataset": ds, "arch": arch, "trigger": spec.to_json(), "target": a.target, "poison_rate": a.poison_rate,
-            "train": {**cfg, "seed": seed}, "pool_fraction": train["pool_fraction"], "device": device}
+            **common}
 
 
 def _folder_hash(folder: Path) -> str:

@@ -212,7 +212,8 @@ def _models(plan: Plan, todo, cache: Path, backend, trained: list, log) -> dict[
             jobs.append((key, train_task, (recipe["train"], todo[0].data_dir), recipe["train"]["device"] != "cpu"))
     for i, (key, res) in enumerate(backend.run(jobs), 1):
         r = plan.models[key]["train"]
-        what = f"model {r['dataset']}/{r['arch']}/{r['trigger']['kind']} seed {r['train']['seed']}"
+        planted = r["trigger"]["kind"] if "trigger" in r else r.get("defect", "backdoor")
+        what = f"model {r['dataset']}/{r['arch']}/{planted} seed {r['train']['seed']}"
         if "error" in res:
             errors[key] = res["error"]
             log(f"  [{i}/{len(jobs)}] {what}: training failed: {res['error']}")
