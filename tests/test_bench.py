@@ -284,6 +284,8 @@ def test_a_grid_trains_a_leakage_model(tmp_path, shared_data):
 
 
 def test_attack_fields_of_another_defect_are_refused(tmp_path):
+    with pytest.raises(NetmendError, match="poison_rate is for a backdoor attack"):
+        load_grid(_write(tmp_path, SPURIOUS.replace("fraction = 0.5", "fraction = 0.5\npoison_rate = 0.2"), "p.toml"))
     with pytest.raises(NetmendError, match="cue_class is for a spurious attack"):
         load_grid(_write(tmp_path, GRID.replace("[attacks.badnets]\n", "[attacks.badnets]\ncue_class = 1\n")))
     with pytest.raises(NetmendError, match="fraction must be in"):

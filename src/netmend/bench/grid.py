@@ -50,11 +50,14 @@ class Attack(_Strict):
 
     @model_validator(mode="after")
     def _fields_of_its_defect(self) -> "Attack":
-        own = {"spurious": ("cue_class", "fraction"), "leakage": ("null", "layout_seed")}
-        for kind, names in own.items():
-            for n in names:
-                if kind != self.defect and getattr(self, n) is not None:
-                    raise ValueError(f"{n} is for a {kind} attack (defect = \"{kind}\"), this one plants a {self.defect}")
+        trigger = ("kind", "size", "position", "margin", "pattern", "alpha", "pattern_seed", "params")
+        fields = {"backdoor": (*trigger, "target", "poison_rate"), "spurious": (*trigger, "cue_class", "fraction"),
+                  "leakage": ("null", "layout_seed")}
+        for n in sorted(self.model_fields_set - {"defect"}):
+            if n not in fields[self.defect]:
+                owners = " or ".join(k for k, v in fields.items() if n in v)
+                raise ValueError(f"{n} is for a {owners} attack, this one plants a {self.defect} "
+                                 f"(defect = \"{self.defect}\")")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         return self
