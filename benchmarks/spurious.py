@@ -62,9 +62,8 @@ def grid_text(table: str, args) -> str:
     BlockMNIST for leakage), then repaired with that seed by every row's method."""
     if table == "spurious":
         spec = PATTERNS[args.pattern]
-        attack = {"defect": "spurious", "cue_class": args.spurious_class, "fraction": args.fraction,
-                  "kind": spec.kind, "size": spec.size, "position": spec.position, "margin": spec.margin,
-                  "pattern": spec.pattern, "alpha": spec.alpha, "pattern_seed": spec.seed, "params": spec.params}
+        trigger = {("pattern_seed" if k == "seed" else k): v for k, v in spec.to_json().items()}
+        attack = {"defect": "spurious", "cue_class": args.spurious_class, "fraction": args.fraction, **trigger}
         dataset, name, epochs = "fashion-mnist", args.pattern, args.epochs
     else:
         attack, dataset, name, epochs = {"defect": "leakage"}, "mnist-5k", "null-square", args.leak_epochs
@@ -255,13 +254,11 @@ def main(argv=None) -> None:
     p.add_argument("--generalisation", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 2k test images: a pipeline check")
     p.add_argument("--device", default="cpu", help="device of the repairs")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="netmend bench workers (one torch thread each)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache", default=None, help="trained models' folder (default: <out>-bench/<table>/models)")
     p.add_argument("--out", default="benchmarks/results/spurious")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.quick:
         args.seeds, args.epochs, args.leak_epochs, args.eval_limit, args.ig_samples = [0], 1, 2, 2000, 50

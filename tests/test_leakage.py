@@ -172,15 +172,21 @@ def test_real_blockmnist(shared_data):
     assert torch.equal(digit, base.x_train[:20])
 
 
-def test_repair_estimate_is_net_leakage_on_the_repair_images_of_the_pairs_layout():
-    """A model that reads the null square of the TOP half only leaks on images whose null block is on top: the
-    estimate is 1 for that layout's pairs, 0 for the other's, and ignores the test images."""
+def _top_square_reader():
+    """Synthetic BlockMNIST data, its leakage defect (two pairs, both layouts) and a linear model that reads the
+    null square of the top half (plus the centre pixels)."""
     data = synthetic_block_data()
     splits = split_indices(len(data.y_train), 0, 0.5)
     d = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.2, ig_steps=8))
     top_square = SQUARE[0].repeat(2, 1)
     top_square[BLOCK:] = 0
-    model = _linear_model(top_square + _centre_pixels())
+    return data, d, _linear_model(top_square + _centre_pixels())
+
+
+def test_repair_estimate_is_net_leakage_on_the_repair_images_of_the_pairs_layout():
+    """A model that reads the null square of the TOP half only leaks on images whose null block is on top: the
+    estimate is 1 for that layout's pairs, 0 for the other's, and ignores the test images."""
+    data, d, model = _top_square_reader()
     null_top, null_bottom = sorted(d.pair_groups(), key=lambda g: -float(g.masks[0, 0, 0]))
     leaking = d.with_pairs(null_top).repair_estimate(model)
     assert d.with_pairs(null_bottom).repair_estimate(model) == pytest.approx(0.0, abs=1e-5)
@@ -193,12 +199,7 @@ def test_repair_estimate_is_net_leakage_on_the_repair_images_of_the_pairs_layout
 
 
 def test_the_gate_reads_net_leakage_on_the_validation_images_the_loop_never_sees():
-    data = synthetic_block_data()
-    splits = split_indices(len(data.y_train), 0, 0.5)
-    d = LeakageDefect(data, splits, LeakageOptions(pairs=2, repair_fraction=0.2, ig_steps=8))
-    top_square = SQUARE[0].repeat(2, 1)
-    top_square[BLOCK:] = 0
-    model = _linear_model(top_square + _centre_pixels())
+    data, d, model = _top_square_reader()
     r = d.repair
     top = data.info["digit_top_train"][torch.tensor(r.indices["val"])]
     a = null_attribution(model, r.x_val, r.y_val, top, steps=8)                      # both layouts, val only

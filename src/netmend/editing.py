@@ -80,7 +80,10 @@ def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor
                 _add_gram(S[layer], K)
                 count[layer] += len(K)
                 if kept[layer] is not None:
-                    kept[layer] = kept[layer] + [K] if count[layer] <= LOW_RANK * K.shape[1] else None
+                    if count[layer] <= LOW_RANK * K.shape[1]:
+                        kept[layer].append(K)
+                    else:
+                        kept[layer] = None                    # too many to keep: the dense factor is cheaper
     keys = {layer: torch.cat(k) if k else None for layer, k in kept.items()}
     for layer, m in S.items():
         if m is not None and m.shape[0] >= GRAM_BLOCKED:            # the strips filled the upper triangle
@@ -369,8 +372,6 @@ def _extreme_eigenvalues(C: torch.Tensor, eps: float, iters: int = 500, tol: flo
         if solver == "cholesky":
             inv = power(lambda v: torch.cholesky_solve(v[:, None], f[0])[:, 0])
             low = max(1.0 / inv - e, 0.0) if inv > 0 else 0.0
-        elif solver == "woodbury":                        # kept keys are fewer than the width: singular
-            low = 0.0
         else:
             low = max(float(f[0][0]) - e, 0.0)
     return torch.tensor([low, top], dtype=torch.float64)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .defects.base import Defect
+from .editing import content_digest
 
 DEFAULT_MAX_ACCURACY_DROP = 0.01       # one point
 
@@ -48,9 +49,7 @@ def model_digest(model: nn.Module) -> str:
     compute the same function with the same weights."""
     h = hashlib.blake2b(digest_size=16)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        data = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
-        h.update(data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b"")
+        h.update(f"{name}:{content_digest(t)}".encode())
     return h.hexdigest()
 
 

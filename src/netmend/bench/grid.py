@@ -19,6 +19,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+_TRIGGER = ("kind", "size", "position", "margin", "pattern", "alpha", "pattern_seed", "params")
+ATTACK_FIELDS = {"backdoor": (*_TRIGGER, "target", "poison_rate"),       # the fields each kind of attack reads
+                 "spurious": (*_TRIGGER, "cue_class", "fraction"), "leakage": ("null", "layout_seed")}
+NOT_BACKDOOR = ("defect", "cue_class", "fraction", "null", "layout_seed")  # added after backdoor grids were hashed
+
+
 class Attack(_Strict):
     """What training plants. A backdoor (default): a trigger (netmend's TriggerSpec fields), the target class and the
     poison rate. A spurious cue: the same trigger fields, put on a `fraction` of class `cue_class`'s training images
@@ -50,12 +56,9 @@ class Attack(_Strict):
 
     @model_validator(mode="after")
     def _fields_of_its_defect(self) -> "Attack":
-        trigger = ("kind", "size", "position", "margin", "pattern", "alpha", "pattern_seed", "params")
-        fields = {"backdoor": (*trigger, "target", "poison_rate"), "spurious": (*trigger, "cue_class", "fraction"),
-                  "leakage": ("null", "layout_seed")}
         for n in sorted(self.model_fields_set - {"defect"}):
-            if n not in fields[self.defect]:
-                owners = " or ".join(k for k, v in fields.items() if n in v)
+            if n not in ATTACK_FIELDS[self.defect]:
+                owners = " or ".join(k for k, v in ATTACK_FIELDS.items() if n in v)
                 raise ValueError(f"{n} is for a {owners} attack, this one plants a {self.defect} "
                                  f"(defect = \"{self.defect}\")")
         if self.fraction is not None and not 0 < self.fraction <= 1:
@@ -359,7 +362,7 @@ def _plan(grid: Grid, path: Path) -> Plan:
                       for k in seeds_of] if grid.models else []
     for a in dump["attacks"].values():     # fields a backdoor leaves at their defaults: out of the hash, as before
         if a["defect"] == "backdoor":      # they existed (an earlier grid's output folder still resumes)
-            for k in ("defect", "cue_class", "fraction", "null", "layout_seed"):
+            for k in NOT_BACKDOOR:
                 a.pop(k)
     dump["data_dir"] = None                           # where the data lies is not what the grid computes
     return Plan(grid, path, sha256(dump), models, cells)

@@ -238,10 +238,17 @@ class Defect:
             obj = self.validation_objective(model)
             out.update(defect=violated_rate(model, obj), defect_name="violations on validation evidence")
         else:
-            est = self.repair_estimate(model)
+            est = self.gate_estimate(model)
             if est is not None:
-                out.update(defect=float(est), defect_name="the defect's estimate on repair data")
+                out.update(defect=float(est[0]), defect_name=est[1])
         return out
+
+    def gate_estimate(self, model: nn.Module) -> tuple[float, str] | None:
+        """The gate's defect number where there is no validation objective, with its name: by default the
+        `repair_estimate` (None where the defect has none). A defect whose estimate reads data a repair chooses on
+        measures it here on data held apart instead."""
+        est = self.repair_estimate(model)
+        return None if est is None else (float(est), "the defect's estimate on repair data")
 
     def stamped_pull(self, model: nn.Module, cls: int) -> float:
         """Share of the validation samples of other classes that the defect's stamp sends to class `cls` (the gate's

@@ -160,21 +160,22 @@ class LeakageDefect(Defect):
         a = null_attribution(model, x, y, top, self.options.ig_steps, self.options.ig_batch)
         return a["null_sum"].abs(), a["total_sum"].abs()
 
+    def net_leakage(self, model: nn.Module, split: str = "fit") -> float:
+        """`net_leakage` (module docstring) on the repair images of a split (`_estimate_set`)."""
+        num, den = self.estimate_terms(model, 0, len(self._estimate_set(split)[1]), split)
+        return float(num.mean() / den.mean().clamp_min(1e-12))
+
     def repair_estimate(self, model: nn.Module) -> float:
         """`net_leakage` on the repair fit images in the layouts of the pairs in use: what rectification's loop
         lowers, since a pair's gap closes long before the leakage of other images does (dev models, seeds 9 and 10:
         net leakage −30 / −6 % driven by the pairs' gap, −72 / −67 % driven by this)."""
-        num, den = self.estimate_terms(model, 0, self.estimate_size())
-        return float(num.mean() / den.mean().clamp_min(1e-12))
+        return self.net_leakage(model, "fit")
 
-    def gate_check(self, model: nn.Module) -> dict[str, Any]:
-        """Validation accuracy and `net_leakage` on the validation images, which the loop's estimate (fit images)
-        never reads: the gate judges a repair on images no choice of it was made on."""
-        num, den = self.estimate_terms(model, 0, len(self.repair.y_val), split="val")
-        return {"accuracy": float(self.validation_score(model)), "accuracy_name": "validation accuracy",
-                "accuracy_samples": int(len(self.repair.y_val)),
-                "defect": float(num.mean() / den.mean().clamp_min(1e-12)) if len(num) else 0.0,
-                "defect_name": "net leakage on the validation images"}
+    def gate_estimate(self, model: nn.Module) -> tuple[float, str]:
+        """`net_leakage` on the validation images, which the loop's estimate (fit images) never reads: the gate
+        judges a repair on images no choice of it was made on."""
+        value = self.net_leakage(model, "val") if len(self.repair.y_val) else 0.0
+        return value, "net leakage on the validation images"
 
     def cleanse(self, x: torch.Tensor) -> torch.Tensor:
         """Blank the null block of BlockMNIST images (layout read off the images)."""

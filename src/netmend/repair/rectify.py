@@ -307,7 +307,7 @@ def _edited_layer(model: nn.Module, edit: Edit) -> str | None:
     return layer if layer and isinstance(get_layer(model, layer), (nn.Linear, nn.Conv2d)) else None
 
 
-def _conv_factors(edit: Edit, dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _rank_one_factors(edit: Edit, dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(d, Λ) of a rank-one edit ΔW = Λ ⊗ d (d the unit direction the edit records), or None when ΔW is not of that
     form. A conv's Λ comes as a one-input-channel kernel: its output change is then a conv of the keys' projection
     on d, one channel wide instead of C_in. A Linear's Λ is a vector: its output change is (k·d) Λ, a product with
@@ -354,7 +354,7 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
     mods = {i: get_layer(model, layers[i]) for i in fast}
     dWs = {i: edits[i].deltas[f"{layers[i]}.weight"].to(device=mods[i].weight.device, dtype=mods[i].weight.dtype)
            for i in fast}
-    factors = {i: f for i in fast if (f := _conv_factors(edits[i], dWs[i])) is not None}
+    factors = {i: f for i in fast if (f := _rank_one_factors(edits[i], dWs[i])) is not None}
     preds = {(i, g): ([], []) for i in fast for g in gammas}
     running = set(preds)                   # the candidates still run
     own: tuple[list, list] = ([], [])
