@@ -157,6 +157,24 @@ def test_defect_seed_option_is_not_overridden_by_the_default_seed(tmp_path):
     assert seeds["repair"] == 5 and seeds["fidelity"] == 9
 
 
+@pytest.mark.skipif(not (ACAS / "nnet").is_dir(), reason="ACAS Xu files not found under ../shared/data/acasxu")
+def test_property_patch_through_the_cli_is_certified_and_its_run_folder_reloads(tmp_path):
+    """The user's path for the local patch: repair a .nnet with --certify, then `netmend verify` and `netmend
+    evaluate` read the run folder, whose model is the wider chain (model.json records its widths)."""
+    net = ACAS / "nnet" / "ACASXU_run2a_2_9_batch_2000.nnet"
+    prop = ACAS / "vnnlib" / "prop_8.vnnlib"
+    small = ["-d", "eval_samples=20000", "-d", "fidelity_samples=5000"]
+    res = json.loads(run("repair", net, "--property", prop, "--method", "property-patch", "--certify", *small,
+                         "--out", tmp_path / "r", "--json").stdout)
+    assert res["accepted"] and res["after"]["verified"] and res["after"]["fidelity"] == 1.0
+    hidden = json.loads((tmp_path / "r" / "model.json").read_text())["arch_args"]["hidden"]
+    assert len(hidden) == 7 and hidden[0] > 50
+    v = json.loads(run("verify", tmp_path / "r", "--property", prop, "--timeout", "30", "--json").stdout)
+    assert v["status"] == "verified"
+    again = json.loads(run("evaluate", tmp_path / "r", *small, "--json").stdout)["metrics"]
+    assert again["violation_rate"] == 0 and again["counterexamples_found"] == 0
+
+
 def test_train_a_spurious_model_and_repair_it(tmp_path):
     """--spurious-class stamps the trigger on part of one class's images, labels kept; repair reads the recorded
     defect. Bad combinations are one-line errors that write nothing."""

@@ -51,7 +51,8 @@ def test_every_declared_need_is_a_known_capability():
 @pytest.mark.parametrize("method,says", [("rectify", "rectify needs evidence pairs x̃ → x; a bare defect has none"),
                                          ("rectify-static", "rectify-static needs evidence pairs"),
                                          ("care", "care needs a search objective; a bare defect defines none"),
-                                         ("property-tune", "property-tune needs a property's input region")])
+                                         ("property-tune", "property-tune needs a property's input region"),
+                                         ("property-patch", "property-patch needs a property's input region")])
 def test_a_missing_capability_is_one_line_before_anything_runs(method, says):
     d = Bare()
     with pytest.raises(NetmendError, match=says.replace("(", r"\(")) as exc:

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,32 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # model -> edit -> {parameter name: its exact value before the edit was applied}
 _SAVED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+# model -> structural edit -> the modules it replaced
+_SAVED_MODULES: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+CHAIN = "chain:"          # edit.safetensors keys of a structural edit's layers (no parameter name has a colon)
+
+
+def rebuild_chain(model: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> "OrderedDict[str, nn.Module]":
+    """Replace a flat Linear/ReLU Sequential's modules, in place, by a chain with these layers; returns the old
+    modules. Names follow the model's own: fc1, relu1, … (netmend's ACAS Xu networks) or 0, 1, …"""
+    mods = list(model.children()) if isinstance(model, nn.Sequential) else []
+    if not mods or not all(isinstance(m, (nn.Linear, nn.ReLU)) for m in mods):
+        raise NetmendError("this edit replaces a Linear/ReLU nn.Sequential; the model is not one")
+    old = OrderedDict(model._modules)
+    named = any(not n.isdigit() for n in old)
+    ref = next(m for m in mods if isinstance(m, nn.Linear)).weight
+    new: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for i, (w, b) in enumerate(layers, 1):
+        fc = nn.Linear(w.shape[1], w.shape[0], device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            fc.weight.copy_(w)
+            fc.bias.copy_(b)
+        new[f"fc{i}" if named else str(len(new))] = fc
+        if i < len(layers):
+            new[f"relu{i}" if named else str(len(new))] = nn.ReLU()
+    model._modules.clear()
+    model._modules.update(new)
+    return old
 
 
 def saved_values(model: nn.Module, edit: "Edit") -> dict[str, torch.Tensor]:
@@ -45,6 +72,10 @@ class Edit:
 
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # A structural edit (repair/property_patch.py): the flat Linear/ReLU chain is replaced by these (weight, bias)
+    # layers — wider, deeper, with every original weight inside. `apply` swaps the modules in place, `revert` puts
+    # the very same module objects back.
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @staticmethod
     def between(before: nn.Module | dict[str, torch.Tensor], after: nn.Module, meta: dict | None = None,
@@ -74,7 +105,9 @@ class Edit:
         return sorted(self.deltas)
 
     def num_changed(self) -> int:
-        return int(sum(int((d != 0).sum()) for d in self.deltas.values()))
+        """Weights changed; a structural edit counts the parameters it added (it changes no original one)."""
+        added = int(self.meta.get("added_parameters", 0)) if self.layers is not None else 0
+        return int(sum(int((d != 0).sum()) for d in self.deltas.values())) + added
 
     def norms(self, model: nn.Module | dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
         """‖ΔW‖_F per parameter and, given the model (or its tensors by name), relative to ‖W‖_F."""
@@ -90,6 +123,8 @@ class Edit:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Add the deltas to `model` in place (exact backup kept for revert)."""
+        if self.layers is not None:
+            _SAVED_MODULES.setdefault(model, weakref.WeakKeyDictionary())[self] = rebuild_chain(model, self.layers)
         params = _named_tensors(model)
         missing = [k for k in self.deltas if k not in params]
         if missing:
@@ -126,6 +161,13 @@ class Edit:
 
     def revert(self, model: nn.Module) -> nn.Module:
         """Undo `apply`: restore the exact saved values, or subtract the deltas if none were saved."""
+        if self.layers is not None:
+            old = _SAVED_MODULES.get(model, {}).pop(self, None)
+            if old is None:
+                raise NetmendError("a structural edit can only be reverted on the model it was applied to")
+            model._modules.clear()
+            model._modules.update(old)
+            return model
         params = _named_tensors(model)
         saved = _SAVED.get(model, {}).pop(self, {})
         with torch.no_grad():
@@ -143,6 +185,9 @@ class Edit:
         from .jsonsafe import json_safe
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
+        for i, (w, b) in enumerate(self.layers or []):
+            tensors[f"{CHAIN}{i}.weight"], tensors[f"{CHAIN}{i}.bias"] = w.detach().cpu().contiguous(), \
+                b.detach().cpu().contiguous()
         meta = json.dumps(json_safe(_timeless(self.meta), default=str)[0], allow_nan=False)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"netmend_edit": meta}))
 
@@ -159,7 +204,9 @@ class Edit:
                 meta = json.loads((f.metadata() or {}).get("netmend_edit", "{}"))
         except (SafetensorError, OSError, ValueError) as exc:
             raise NetmendError(f"cannot read edit file {path}: {exc}") from None
-        return Edit(deltas, meta)
+        n = sum(1 for k in deltas if k.startswith(CHAIN)) // 2
+        layers = [(deltas.pop(f"{CHAIN}{i}.weight"), deltas.pop(f"{CHAIN}{i}.bias")) for i in range(n)] or None
+        return Edit(deltas, meta, layers)
 
 
 def _timeless(o: Any) -> Any:

@@ -338,6 +338,10 @@ class SafetyDefect(Defect):
             keep = xb[~self.prop.violated(_outputs(self.original, xb))]
         return self.prop.sample(n_box, g), keep, advisory(_outputs(self.original, keep))
 
+    def domain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's whole normalised input domain (from the .nnet min/max), else 3× the boxes' hull."""
+        return _domain(self.normalisation, self.prop)
+
     def property_margin(self, outputs: torch.Tensor) -> torch.Tensor:
         """Differentiable: ≥ 0 where the outputs violate the property."""
         return self.prop.margin(outputs)

@@ -74,6 +74,8 @@ def repaired_info(info: dict[str, Any], result) -> dict[str, Any]:
         defect["kind"] = described["kind"]
     out["defect"] = defect
     out["repairs"] = list(info.get("repairs", [])) + [result.method]
+    if result.edit.layers is not None and "arch_args" in info:      # a structural edit: the widths it gave the chain
+        out["arch_args"] = {**info["arch_args"], "hidden": [w.shape[0] for w, _ in result.edit.layers[:-1]]}
     return out
 
 
