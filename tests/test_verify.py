@@ -107,9 +107,11 @@ def test_verified_needs_splitting():
     prop = _abs_property(-0.01)                       # |x| − x/2 ≤ −0.01 never happens
     root = crown_bounds(relu_chain(m), torch.tensor([[-1.0, 0.0]], dtype=F64), torch.tensor([[2.0, 1.0]], dtype=F64))
     assert float(root.lower) < -0.01                  # the unsplit relaxation cannot prove it ...
-    r = verify(m, prop, timeout=20)
+    r = verify(m, prop, timeout=20, root_alpha=0)
     assert r.status == "verified" and r.counterexample is None
     assert r.boxes > 1 and r.lower_bound > 0          # ... the split boxes can
+    r = verify(m, prop, timeout=20)                   # ... and so do alpha-CROWN slopes on the unsplit box
+    assert r.status == "verified" and r.boxes == 1 and r.lower_bound > 0
 
 
 def test_violated_with_checked_counterexample():

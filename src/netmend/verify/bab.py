@@ -182,7 +182,7 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
            batch: int = 1024, mode: str = "crown", alpha_steps: int = 0, falsifier_starts: int = 1024,
            falsifier_steps: int = 50, pgd_steps: int = 5, max_boxes: int | None = None,
            min_width: float = 1e-10, combine: bool = True, branching: str = "gradient",
-           opt_steps: int = 10, opt_after: float = 1.0) -> VerifyResult:
+           opt_steps: int = 10, opt_after: float = 1.0, root_alpha: int = 20) -> VerifyResult:
     """Decide `prop` on `model` (Linear/ReLU chain, normalised inputs) by falsification + input-splitting BaB.
 
     timeout: seconds (wall clock) before answering unknown; batch: sub-boxes bounded per tensor pass;
@@ -195,12 +195,14 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
     × width) | 'lookahead' (bound both halves along every dimension, keep the best split; ~10× the bounds);
     opt_steps: once `opt_after` seconds have passed (easy instances never pay for it), sub-boxes that CROWN
     leaves unproved get `opt_steps` Adam steps on the combination λ of each open disjunct's rows and the lower
-    ReLU slopes α of its backward pass (bounds.optimise_combination; 0: off)."""
+    ReLU slopes α of its backward pass (bounds.optimise_combination; 0: off); root_alpha: alpha-CROWN steps on the
+    unsplit box(es) when plain CROWN does not prove them (one small pass; a property-patch network is proved there,
+    where CROWN's default slope 0 on its patch neurons leaves the bound of the unpatched network)."""
     t0 = time.perf_counter()
     deadline = t0 + float(timeout)
     settings = {"timeout": timeout, "seed": seed, "batch": batch, "mode": mode, "alpha_steps": alpha_steps,
                 "falsifier_starts": falsifier_starts, "pgd_steps": pgd_steps, "combine": combine,
-                "branching": branching, "opt_steps": opt_steps, "opt_after": opt_after,
+                "branching": branching, "opt_steps": opt_steps, "opt_after": opt_after, "root_alpha": root_alpha,
                 "device": str(device)}
     dev = torch.device(device)
     net = relu_chain(model).to(dev)
@@ -265,6 +267,10 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
         boxes += n
         max_depth = max(max_depth, int(depth.max()))
         eff = b.lower - tol                                   # (n, R)
+        if root_lb is None and root_alpha > 0 and alpha_steps == 0 \
+                and not bool((disjunct_values(eff, mask).amin(-1) > 0).all()):
+            ba = crown_bounds(net, lo, hi, C, d, mode=mode, alpha_steps=root_alpha, pre=b.pre)
+            eff = torch.maximum(eff, ba.lower - tol)          # both sound: the better of the two
         dval = disjunct_values(eff, mask)                    # (n, J)
         bval = dval.amin(-1)                                  # (n,)
         if root_lb is None:
