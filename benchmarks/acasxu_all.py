@@ -3,10 +3,11 @@
     python benchmarks/acasxu_all.py                        # every violated row of results/verify_acasxu.csv
     python benchmarks/acasxu_all.py --instances 55,63 --seed 0
     python benchmarks/acasxu_all.py --report               # rewrite the .md from the CSV only
+    python benchmarks/acasxu_all.py --method property-patch   # the local patch: results/acasxu_all-property-patch.*
 
 For each (network, property) that `benchmarks/verify_acasxu.py` found violated: the network (the .nnet file of the
 same ACAS Xu network, for its input domain), the property's .vnnlib, `SafetyDefect` with the seed, then
-`netmend.certify.certified_repair(method="property-tune")`: the repair (sampled steps, then bound-guided rounds until
+`netmend.certify.certified_repair(method=--method)`, by default `property-tune`: the repair (sampled steps, then bound-guided rounds until
 the verifier inside the repair proves the property), the acceptance gate, and the complete verifier on the repaired
 model (the result's `verified`). Reported per instance: verified after repair or not, fidelity (agreement with the
 original advisory on 10⁵ fresh domain samples outside the property's box, the defect's fidelity metric, seed + 4),
@@ -40,6 +41,16 @@ FIELDS = ["index", "network", "property", "seed", "verified", "verify_status", "
           "changed_weights", "steps", "bound_rounds", "repair_s", "verify_s", "total_s", "reason"]
 
 
+METHOD_TEXT = {
+    "property-tune": "`property-tune` (sampled steps on fresh box / domain points, then bound-guided rounds: the "
+                     "verifier is asked, and while it does not prove the property, steps with a hinge on the CROWN lower "
+                     "bound of each cell of a partition of the box)",
+    "property-patch": "`property-patch` (every original weight kept; added neurons correct the outputs inside the "
+                      "property's box only: zero past a 10⁻⁴-wide band around it, so the advisory cannot change there; "
+                      "safe in the box by construction)",
+}
+
+
 def violated_instances(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return [r for r in csv.DictReader(f) if r["status"] == "violated"]
@@ -59,7 +70,7 @@ def run_one(inst: dict, args) -> dict:
     defect = safety_from_info(info, SafetyOptions(property=str(DATA / "vnnlib" / f"{inst['property']}.vnnlib"),
                                                   seed=args.seed), model=model)
     res = certified_repair(model, defect, rounds=args.rounds, verify_timeout=args.verify_timeout,
-                           method="property-tune", seed=args.seed, keep_rejected=True)
+                           method=args.method, seed=args.seed, keep_rejected=True)
     total = time.perf_counter() - t0
     cert = res.certify
     edit = res.candidate_edit if res.candidate_edit is not None else res.edit
@@ -70,8 +81,10 @@ def run_one(inst: dict, args) -> dict:
             "accepted": res.accepted, "fidelity": round(after["fidelity"], 5),
             "violation_rate_before": res.before["violation_rate"], "violation_rate_after": after["violation_rate"],
             "falsifier_before": res.before["counterexamples_found"], "falsifier_after": after["counterexamples_found"],
-            "rel_change": f"{rel_change(model, edit):.4g}", "changed_weights": edit.num_changed(),
-            "steps": meta.get("steps"),
+            # a structural edit (property-patch) changes no weight: the count is of the parameters it added
+            "rel_change": "added" if edit.layers is not None else f"{rel_change(model, edit):.4g}",
+            "changed_weights": edit.num_changed(),
+            "steps": meta.get("steps") or "",
             "bound_rounds": ";".join(r.get("verify", "skip") for r in meta.get("bound_rounds", [])),
             "repair_s": round(cert["repair_seconds"], 1), "verify_s": round(cert["verify_seconds"], 1),
             "total_s": round(total, 1), "reason": (res.gate or {}).get("reason", "")}
@@ -90,17 +103,17 @@ def write_report(rows: list[dict], args, wanted: int) -> None:
     ran = [r for r in rows if r.get("fidelity")]           # rows of instances the repair ran on (not a failed one)
     fid = [float(r["fidelity"]) for r in ran]
     lines = ["# Repairing every violated ACAS Xu instance, each repair proved by the verifier", "",
-             f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores shared with other jobs (two "
-             f"instances ran at a time), torch {torch.__version__}, 1 thread each, CPU. Seed "
-             f"{args.seed}. Command: `python benchmarks/acasxu_all.py --seed {args.seed}` (the violated rows of "
-             "results/verify_acasxu.csv).", "",
-             "Method: `property-tune` (sampled steps on fresh box / domain points, then bound-guided rounds: the verifier "
-             "is asked, and while it does not prove the property, steps with a hinge on the CROWN lower bound of each "
-             "cell of a partition of the box), under `certified_repair` (the complete verifier on the repaired model; "
-             f"up to {args.rounds} more repair(s) with its counterexamples; verifier timeout {args.verify_timeout} s). "
+             f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores shared with other jobs, "
+             f"torch {torch.__version__}, 1 thread, CPU. Seed {args.seed}. Command: `python benchmarks/acasxu_all.py "
+             f"--seed {args.seed}" + ("" if args.method == "property-tune" else f" --method {args.method}")
+             + "` (the violated rows of results/verify_acasxu.csv).", "",
+             f"Method: {METHOD_TEXT.get(args.method, f'`{args.method}`')}, under `certified_repair` (the complete "
+             f"verifier on the repaired model; up to {args.rounds} more repair(s) with its counterexamples; verifier "
+             f"timeout {args.verify_timeout} s). "
              "Fidelity: agreement with the original advisory on 10⁵ fresh domain samples outside the property's box "
              "(inside-box satisfying samples where the box covers the domain, φ7). Violation rate: 10⁶ uniform box "
-             "samples. Change: ‖ΔW‖/‖W‖ over the edited parameters.", ""]
+             "samples. Change: ‖ΔW‖/‖W‖ over the edited parameters (\"added\": no weight changed; the weights column "
+             "counts the parameters the patch added).", ""]
     if ran:
         acc = [r for r in rows if r["accepted"] == "True"]
         lines += [f"**{len(ver)} of {len(rows)} repaired instances verified** ({wanted} violated instances in all); "
@@ -141,9 +154,13 @@ def main() -> None:
     ap.add_argument("--instances", default="", help="comma-separated instance numbers (the verify table's #)")
     ap.add_argument("--rounds", type=int, default=1, help="certified_repair rounds after the first repair")
     ap.add_argument("--verify-timeout", type=float, default=60.0)
-    ap.add_argument("--suffix", default="", help="results/acasxu_all<suffix>.csv/.md")
+    ap.add_argument("--method", default="property-tune", choices=sorted(METHOD_TEXT))
+    ap.add_argument("--suffix", default=None, help="results/acasxu_all<suffix>.csv/.md (default: none for "
+                                                    "property-tune, -<method> otherwise)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
+    if args.suffix is None:
+        args.suffix = "" if args.method == "property-tune" else f"-{args.method}"
     torch.set_num_threads(1)
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")

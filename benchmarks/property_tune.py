@@ -2,6 +2,7 @@
 
     python benchmarks/property_tune.py                       # N2,9 φ8 and N3,3 strengthened φ2, seed 0
     python benchmarks/property_tune.py --seeds 0 1 2 --cases n33-phi2s
+    python benchmarks/property_tune.py --method property-patch --seeds 0 1 2   # results/property_patch.*
 
 The same networks, properties, defect options and metrics as benchmarks/care.py (violation rate on 10⁶ uniform box
 samples, the metric falsifier's hits with its own seed, held-out counterexamples, fidelity outside the box), so the
@@ -36,10 +37,13 @@ def _number(v: str):
 
 def write_markdown(rows: list[dict], args) -> None:
     pct = lambda v: f"{100 * v:.4g}"   # noqa: E731
-    lines = ["# property-tune on ACAS Xu (netmend's sampling-based safety fine-tuning)", "",
+    what = {"property-tune": "netmend's sampling-based safety fine-tuning",
+            "property-patch": "netmend's local patch: added neurons act inside the box only, every weight kept"}
+    lines = [f"# {args.method} on ACAS Xu ({what[args.method]})", "",
              f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, {args.threads} thread(s), "
              f"device {args.device}; seeds {sorted({r['seed'] for r in rows})}; preset defaults. Last command: "
-             f"`python benchmarks/property_tune.py {' '.join(sys.argv[1:])}`. Rates in %.", "",
+             f"`python benchmarks/property_tune.py {' '.join(sys.argv[1:])}`. Rates in %. Changed weights: for "
+             "property-patch, the parameters it added (no original weight changes).", "",
              "| case | seed | violation rate (10⁶ uniform) | falsifier hits | held-out violations | fidelity outside the box "
              "| repair s | steps | changed weights |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -68,9 +72,13 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "property_tune")
+    ap.add_argument("--method", default="property-tune", choices=["property-tune", "property-patch"])
+    ap.add_argument("--out", type=Path, default=None, help="default: results/property_tune (property-tune) or "
+                                                          "results/property_patch")
     ap.add_argument("--merge", action="store_true", help="keep the (case, seed) rows of the existing <out>.csv not rerun")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / args.method.replace("-", "_")
     torch.set_num_threads(args.threads)
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")
@@ -80,9 +88,9 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             model, defect = CASES[name](args, seed)
             setup = time.perf_counter() - t0
-            res = netmend.api.repair(model, defect, method="property-tune", seed=seed, device=args.device)
+            res = netmend.api.repair(model, defect, method=args.method, seed=seed, device=args.device)
             row = {"case": name, "seed": seed, "setup_s": round(setup, 1), "repair_s": round(res.repair_seconds, 1),
-                   "steps": res.edit.meta["steps"], "changed_weights": res.edit.num_changed()}
+                   "steps": res.edit.meta.get("steps", "—"), "changed_weights": res.edit.num_changed()}
             for k in METRICS:
                 row[f"{k}_before"], row[f"{k}_after"] = res.before[k], res.after[k]
             rows.append(row)
