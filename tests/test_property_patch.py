@@ -21,12 +21,12 @@ SMALL = dict(counterexamples=64, satisfying=200, heldout_counterexamples=64, fal
 BOX = (torch.tensor([0.1, -0.3, 0.0]), torch.tensor([0.4, 0.1, 0.2]))
 
 
-def _net(seed: int) -> nn.Sequential:
+def _net(seed: int, hidden=(16, 16)) -> nn.Sequential:
     """A random 3-16-16-3 chain whose output 0 is the smallest almost everywhere (so "y0 is the argmin" is violated)."""
     torch.manual_seed(seed)
-    net = acasxu([3], 3, hidden=[16, 16])
+    net = acasxu([3], 3, hidden=list(hidden))
     with torch.no_grad():
-        net.fc3.bias[0] -= 2.0
+        getattr(net, f"fc{len(hidden) + 1}").bias[0] -= 2.0
     return net.eval()
 
 
@@ -49,10 +49,12 @@ def _outside(defect: SafetyDefect, n: int, gap: float) -> torch.Tensor:
     return x[~near][:n]
 
 
-@pytest.mark.parametrize("seed,two,boxes", [(0, False, (BOX,)), (1, True, (BOX,)),
-                                            (2, False, (BOX, (BOX[0] - 0.5, BOX[1] - 0.45)))])
-def test_patch_is_verified_and_changes_nothing_past_the_band(seed, two, boxes):
-    net = _net(seed)
+@pytest.mark.parametrize("seed,two,boxes,hidden", [(0, False, (BOX,), (16, 16)), (1, True, (BOX,), (16, 16)),
+                                                   (2, False, (BOX, (BOX[0] - 0.5, BOX[1] - 0.45)), (16, 16)),
+                                                   (3, True, (BOX, (BOX[0] - 0.5, BOX[1] - 0.45)), (24,)),
+                                                   (4, False, (BOX,), (12, 12, 12, 12))])
+def test_patch_is_verified_and_changes_nothing_past_the_band(seed, two, boxes, hidden):
+    net = _net(seed, hidden)
     prop = _property(two, boxes)
     assert verify(net, prop, timeout=20).status == "violated"
     defect = SafetyDefect(net, prop, SafetyOptions(**SMALL, seed=seed))
@@ -100,6 +102,12 @@ def test_structural_edit_applies_reverts_saves_and_reloads(tmp_path):
     loaded = Edit.load(tmp_path / "edit.safetensors")
     assert loaded.deltas == {} and len(loaded.layers) == len(res.edit.layers)
     assert torch.equal(loaded.apply(copy.deepcopy(net))(x), want)
+    from safetensors.torch import save_file
+
+    broken = {"chain:0.weight": res.edit.layers[0][0], "chain:1.bias": res.edit.layers[1][1]}   # halves of two layers
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(NetmendError, match="chain layers are incomplete"):
+        Edit.load(tmp_path / "broken.safetensors")
     info = {"arch": "acasxu", "arch_args": {"in_shape": [3], "num_classes": 3, "hidden": [16, 16]},
             "defect": {"kind": "safety"}}
     write_run(tmp_path / "run", info, res, defect=defect)
@@ -123,3 +131,22 @@ def test_a_model_that_is_not_a_relu_chain_is_refused_in_one_line():
     defect = SafetyDefect(net, _property(), SafetyOptions(**SMALL))
     with pytest.raises(NetmendError, match="property-patch needs an nn.Sequential of Linear and ReLU"):
         api.repair(net, defect, method="property-patch")
+
+
+def test_rows_are_chosen_independent_and_a_property_no_patch_can_meet_is_refused():
+    """Disjuncts {y0 ≤ y1, y0 ≤ y2} and {y1 ≤ y0 − 1}: the cheapest rows could be opposite (y0 − y1, y1 − y0);
+    the choice must pair y0 − y2 with the second. {y0 ≤ y1} and {y1 ≤ y0} together cover every output: refused."""
+    from netmend.repair.property_patch import _choose_rows
+    from netmend.verify import relu_chain
+
+    net = _net(3)
+    chain = relu_chain(net)
+    rows = _choose_rows(chain.weights, chain.biases, _property(True), torch.rand(256, 3) * 0.3 + BOX[0], 1e-3)
+    c = torch.stack([r[0] for r in rows])
+    assert int(torch.linalg.matrix_rank(c)) == 2
+    both = Property("both", [BOX], [(torch.tensor([[1.0, -1.0, 0.0]]), torch.zeros(1)),
+                                    (torch.tensor([[-1.0, 1.0, 0.0]]), torch.zeros(1))], 3, 3)
+    defect = SafetyDefect(net, both, SafetyOptions(**SMALL))
+    with pytest.raises(NetmendError, match="no choice of one row per unsafe disjunct is linearly independent") as exc:
+        api.repair(net, defect, method="property-patch")
+    assert "\n" not in str(exc.value)

@@ -204,8 +204,13 @@ class Edit:
                 meta = json.loads((f.metadata() or {}).get("netmend_edit", "{}"))
         except (SafetensorError, OSError, ValueError) as exc:
             raise NetmendError(f"cannot read edit file {path}: {exc}") from None
-        n = sum(1 for k in deltas if k.startswith(CHAIN)) // 2
-        layers = [(deltas.pop(f"{CHAIN}{i}.weight"), deltas.pop(f"{CHAIN}{i}.bias")) for i in range(n)] or None
+        n = sum(1 for k in deltas if k.startswith(CHAIN))
+        try:
+            layers = [(deltas.pop(f"{CHAIN}{i}.weight"), deltas.pop(f"{CHAIN}{i}.bias")) for i in range(n // 2)] or None
+        except KeyError as exc:
+            raise NetmendError(f"edit file {path}: its chain layers are incomplete (no {exc.args[0]})") from None
+        if n % 2 or any(k.startswith(CHAIN) for k in deltas):
+            raise NetmendError(f"edit file {path}: its chain layers are incomplete")
         return Edit(deltas, meta, layers)
 
 

@@ -8,7 +8,8 @@ property-patch.md). A patch that is zero outside the box cannot move those point
 The construction (a Linear/ReLU chain in, a wider and one layer deeper Linear/ReLU chain out; every original
 weight is kept as it was):
   * layer 1 gains, per box, the distances past each face, s = relu(lo − δ − x) and relu(x − hi − δ);
-  * layer 2 sums them, σ = Σ s ≥ 0 (zero in the box widened by δ), and later hidden layers carry σ unchanged;
+  * layer 2 sums them, σ = Σ s ≥ 0 (zero in the box widened by δ), and later hidden layers carry σ unchanged
+    (a network with one hidden layer: the patch neurons read the distances themselves);
   * the original output layer becomes a hidden layer: a copy of the last hidden layer (exact: it is ≥ 0), and per
     unsafe disjunct k and box b one patch neuron r = relu(m − (c_k·y + d_k) − S_k σ_b), where c_k y + d_k ≤ 0 is
     the row of disjunct k the patch makes positive and y the original outputs;
@@ -21,6 +22,7 @@ sub-boxes), so r = 0 exactly and y' = y: the advisory cannot change there.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -53,10 +55,10 @@ def chain_layers(model: nn.Module) -> list[nn.Linear]:
     """The Linear layers of a flat nn.Sequential of Linear and ReLU (ReLU between each pair, none at the end)."""
     mods = list(model.children()) if isinstance(model, nn.Sequential) else []
     kinds = ["L" if isinstance(m, nn.Linear) else "R" if isinstance(m, nn.ReLU) else "?" for m in mods]
-    if not mods or "".join(kinds) != "R".join("L" * (kinds.count("L"))) or kinds.count("L") < 3:
+    if not mods or "".join(kinds) != "R".join("L" * (kinds.count("L"))) or kinds.count("L") < 2:
         found = "" if not mods else f" (found {', '.join(type(m).__name__ for m in mods[:6])})"
-        raise NetmendError("property-patch needs an nn.Sequential of Linear and ReLU layers with at least two hidden "
-                           f"layers, ReLU between each pair{found}")
+        raise NetmendError("property-patch needs an nn.Sequential of Linear and ReLU layers with a hidden layer at "
+                           f"least, ReLU between each pair{found}")
     return [m for m in mods if isinstance(m, nn.Linear)]
 
 
@@ -82,10 +84,7 @@ def patch_layers(ws: list[torch.Tensor], bs: list[torch.Tensor], boxes, rows, dl
     nb, P = len(boxes), len(rows)
     C = torch.stack([c for c, _ in rows])
     d = torch.stack([dd for _, dd in rows])
-    gram = C @ C.T
-    require(bool(torch.linalg.matrix_rank(gram) == P), "property-patch: the rows it would fix (one per unsafe "
-            "disjunct) are linearly dependent; use property-tune for this property")
-    V = C.T @ torch.linalg.inv(gram)                 # (n_out, P): C V = I
+    V = C.T @ torch.linalg.inv(C @ C.T)              # (n_out, P): C V = I (the rows are independent: _choose_rows)
     worst = (cfg.margin - _domain_bounds(ws, bs, dlo, dhi, C, d, cfg.grid)).clamp_min(cfg.margin)
     steep = worst / cfg.band                         # S_k: past the band, S_k σ ≥ the largest m − (c_k y + d_k)
     f64 = dict(dtype=torch.float64)
@@ -113,7 +112,8 @@ def patch_layers(ws: list[torch.Tensor], bs: list[torch.Tensor], boxes, rows, dl
             else:
                 w[sizes[k] + j, sizes[k - 1] + j] = 1.0
         nw.append(w), nbias.append(b)
-    # the original output layer becomes hidden: a copy of the last hidden layer, then the patch neurons
+    # the original output layer becomes hidden: a copy of the last hidden layer, then the patch neurons, which read
+    # σ_b (one hidden layer only: the face distances themselves, σ_b being their sum)
     last = sizes[-1]
     w = torch.zeros(last + P * nb, nw[-1].shape[0], **f64)
     b = torch.zeros(len(w), **f64)
@@ -123,7 +123,10 @@ def patch_layers(ws: list[torch.Tensor], bs: list[torch.Tensor], boxes, rows, dl
             r = last + k * nb + j
             w[r, :last] = -(C[k] @ ws[L])
             b[r] = cfg.margin - C[k] @ bs[L] - d[k]
-            w[r, last + j] = -steep[k]
+            if L == 1:
+                w[r, last + 2 * n_in * j: last + 2 * n_in * (j + 1)] = -steep[k]
+            else:
+                w[r, last + j] = -steep[k]
     nw.append(w), nbias.append(b)
     # new output layer: the original outputs plus V r
     w = torch.zeros(n_out, len(b), **f64)
@@ -137,17 +140,40 @@ def patch_layers(ws: list[torch.Tensor], bs: list[torch.Tensor], boxes, rows, dl
 
 
 def _choose_rows(ws, bs, prop, x_box: torch.Tensor, margin: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per unsafe disjunct, the row whose correction to ≥ margin is smallest on average over the box samples."""
+    """One row per unsafe disjunct, linearly independent across disjuncts (so one correction cannot undo another),
+    with the smallest total mean correction to ≥ margin over the box samples. Every combination is tried when there
+    are at most 4 096 of them, else each disjunct's cheapest row that keeps the set independent, fewest rows first."""
     from ..verify import ReluNet
 
     y = ReluNet(ws, bs).forward(x_box.double())
-    rows = []
+    options = []                           # per disjunct: [(cost, c, d)] cheapest first
     for c, d in prop.unsafe:
         c, d = c.double(), d.double()
         cost = torch.relu(margin - (y @ c.T + d)).mean(0)
-        r = int(cost.argmin())
-        rows.append((c[r], d[r]))
-    return rows
+        options.append(sorted(((float(cost[r]), c[r], d[r]) for r in range(len(d))), key=lambda t: t[0]))
+
+    def independent(rows) -> bool:
+        m = torch.stack([c for _, c, _ in rows])
+        return int(torch.linalg.matrix_rank(m @ m.T)) == len(rows)
+
+    best = None
+    if math.prod(len(o) for o in options) <= 4096:
+        for combo in itertools.product(*options):
+            total = sum(t[0] for t in combo)
+            if (best is None or total < best[0]) and independent(combo):
+                best = (total, combo)
+        chosen = list(best[1]) if best else None
+    else:
+        picked: dict[int, tuple] = {}
+        for k in sorted(range(len(options)), key=lambda k: len(options[k])):
+            row = next((t for t in options[k] if independent([*picked.values(), t])), None)
+            if row is None:
+                break
+            picked[k] = row
+        chosen = [picked[k] for k in range(len(options))] if len(picked) == len(options) else None
+    require(chosen is not None, "property-patch: no choice of one row per unsafe disjunct is linearly independent, "
+            "so no one patch can satisfy them all; use property-tune for this property")
+    return [(c, d) for _, c, d in chosen]
 
 
 @REPAIRERS.register("property_patch", "add neurons that correct the outputs inside the property's box only (zero "
