@@ -40,13 +40,13 @@ from ..sites import Sites
 
 @dataclass
 class PropertyPatchConfig:
-    margin: float = 1e-3          # m: in the box the patched row is at least this positive (the verifier's tolerance
-                                  # is ~1e-9; 1e-3 is the margin property-tune's bound rounds ask for)
-    band: float = 1e-4            # normalised input units past the box (+ slack) where the patch may still act
-    slack: float = 2e-6           # δ: the patch's box is the property's widened by this (the verifier widens the
-                                  # float32 box by an ulp, ~6e-8; σ must stay exactly 0 there)
-    grid: int = 4                 # sub-boxes per input dimension for the domain bounds (grid ** inputs boxes)
-    row_samples: int = 4096       # box samples that choose each disjunct's row (the one needing the least correction)
+    # margin: 1e-3, the margin property-tune's bound rounds ask for (the verifier's own tolerance is ~1e-9).
+    # slack: the verifier widens the float32 box by one ulp (~6e-8); σ must stay exactly 0 on that box.
+    margin: float = 1e-3          # m: in the box, every patched row is made at least this positive
+    band: float = 1e-4            # width past the box (+ slack), in normalised input units, where the patch may act
+    slack: float = 2e-6           # δ: the patch's box is the property's box widened by this
+    grid: int = 4                 # sub-boxes per input dimension for the domain bound (grid ** inputs boxes)
+    row_samples: int = 4096       # box samples that choose each disjunct's row
     seed: int = 0
     device: str = "cpu"
 
