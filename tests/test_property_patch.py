@@ -114,6 +114,15 @@ def test_structural_edit_applies_reverts_saves_and_reloads(tmp_path):
     reloaded, rinfo = load_model_folder(tmp_path / "run")
     assert rinfo["arch_args"]["hidden"] == res.edit.meta["hidden"]
     assert torch.equal(reloaded(x), want)
+    # the record says what changed: no weight, parameters added (not "nothing changed")
+    import json
+
+    st = json.loads((tmp_path / "run" / "metrics.json").read_text())["structure"]
+    assert st["hidden_before"] == [16, 16] and st["hidden_after"] == res.edit.meta["hidden"]
+    assert st["added_parameters"] == res.edit.meta["added_parameters"] and st["original_weights_changed"] == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "changed the network&#x27;s structure" in page or "changed the network's structure" in page
+    assert "nothing changed" not in page
 
 
 def test_revert_of_an_edit_never_applied_is_refused():

@@ -187,6 +187,8 @@ class Run:
 
     @property
     def changed_weights(self) -> int | None:
+        if self.metrics.get("structure"):          # a structural edit: parameters added, none changed
+            return int(self.metrics["structure"].get("added_parameters", 0))
         if "changed_weights" in self.metrics:
             return int(self.metrics["changed_weights"])
         norms = self.metrics.get("edit_norms")
@@ -579,7 +581,22 @@ def _edited_layer(layer: str, edits: list[dict[str, Any]]) -> bool:
     return any(e["name"].startswith(layer + ".") for e in edits)
 
 
+def _structure_text(st: dict[str, Any], candidate: bool) -> str:
+    before, after = st.get("hidden_before"), st.get("hidden_after") or []
+    widths = (f"hidden layers {', '.join(map(str, before))} → {', '.join(map(str, after))}" if before
+              else f"hidden layers now {', '.join(map(str, after))}")
+    return (f"<p>{'The rejected candidate changed' if candidate else 'The repair changed'} the network's structure, "
+            f"not its weights: {_e(widths)} (one layer deeper), {fmt_value('n_', st.get('added_parameters', 0))} "
+            "parameters added, every original weight kept as it was. edit.safetensors holds the new layers "
+            f"({'candidate-edit.safetensors for the candidate' if candidate else 'chain:&lt;i&gt;.weight / .bias'})."
+            "</p>")
+
+
 def _edit_table(run: Run) -> str:
+    if run.metrics.get("structure"):
+        return _structure_text(run.metrics["structure"], False)
+    if run.metrics.get("candidate_structure"):
+        return _structure_text(run.metrics["candidate_structure"], True)
     if not run.edits:
         if run.edits_are_candidate or not run.accepted:
             return "<p class=\"note\">No edit: the gate rejected the candidate and its edit is not in this folder.</p>"

@@ -79,6 +79,18 @@ def repaired_info(info: dict[str, Any], result) -> dict[str, Any]:
     return out
 
 
+def _structure(info: dict[str, Any], result) -> dict[str, Any]:
+    """metrics.json's account of a structural edit (property-patch): no weight changed, parameters added."""
+    out = {}
+    for key, edit in (("structure", result.edit), ("candidate_structure", result.candidate_edit)):
+        if edit is not None and edit.layers is not None and (key == "structure" or edit is not result.edit):
+            out[key] = {"added_parameters": int(edit.meta.get("added_parameters", 0)),
+                        "hidden_before": (info.get("arch_args") or {}).get("hidden"),
+                        "hidden_after": [int(w.shape[0]) for w, _ in edit.layers[:-1]],
+                        "original_weights_changed": 0}
+    return out
+
+
 def _report(folder: Path) -> str:
     try:
         return render_run(load_run(folder))
@@ -114,7 +126,8 @@ def write_run(out: str | Path, info: dict[str, Any], result, source: str | None 
                                           "repair_seconds": result.repair_seconds, "samples_used": result.samples_used,
                                           "edit_norms": result.edit.norms(result.model), "accepted": result.accepted,
                                           "gate": result.gate, "candidate_after": result.candidate_after,
-                                          "note": result.summary().get("note")})
+                                          "note": result.summary().get("note"),
+                                          **_structure(info, result)})
         write_json(tmp / "config.json", {**result.config, "source_model": source, "command": command,
                                          "machine": machine()})
         if defect is not None:
