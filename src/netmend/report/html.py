@@ -662,7 +662,7 @@ def _side_effects(run: Run) -> str:
     if isinstance(pb, list) and isinstance(pa, list) and len(pb) == len(pa) and pb:
         names = [_class_name(classes, i) if len(str(classes[i] if i < len(classes) else "")) <= 12 else str(i)
                  for i in range(len(pb))]
-        out.append(f"<h3>Per-class accuracy</h3>" + charts.per_class_bars(names, pb, pa, run.after_label))
+        out.append("<h3>Per-class accuracy</h3>" + charts.per_class_bars(names, pb, pa, run.after_label))
     else:
         out.append("<p class=\"note\">Per-class accuracy not available for this defect.</p>")
     if "robust_accuracy" in run.before:
@@ -920,7 +920,7 @@ def _cmp_side_effects(runs: list[Run]) -> str:
         grid = np.array([[100 * (a[j] - b[j]) if _num(a[j]) and _num(b[j]) else np.nan for j in range(n)]
                          for b, a in per])
         out.append("<h3>Per-class accuracy: change in points</h3>"
-                   f"<p class=\"sub\">Before the repair: "
+                   "<p class=\"sub\">Before the repair: "
                    + ", ".join(f"{_e(_class_name(classes, j))} {100 * per[0][0][j]:.1f} %" for j in range(n)) + "</p>"
                    + charts.delta_heatmap([r.name + ("" if r.accepted else " (cand.)") for r in runs],
                                           [_class_name(classes, j) for j in range(n)], grid,
