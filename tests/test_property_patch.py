@@ -159,3 +159,15 @@ def test_rows_are_chosen_independent_and_a_property_no_patch_can_meet_is_refused
     with pytest.raises(NetmendError, match="no choice of one row per unsafe disjunct is linearly independent") as exc:
         api.repair(net, defect, method="property-patch")
     assert "\n" not in str(exc.value)
+
+
+def test_a_wide_input_keeps_the_domain_bound_small():
+    """40 inputs: 4⁴⁰ sub-boxes would never finish; the bound splits the widest few dimensions only."""
+    torch.manual_seed(0)
+    net = acasxu([40], 3, hidden=[16, 16])
+    with torch.no_grad():
+        net.fc3.bias[0] -= 2.0
+    box = (torch.full((40,), 0.1), torch.full((40,), 0.2))
+    defect = SafetyDefect(net.eval(), Property("wide", [box], _property().unsafe, 40, 3), SafetyOptions(**SMALL))
+    res = api.repair(net, defect, method="property-patch")
+    assert res.accepted and verify(res.model, defect.prop, timeout=30).status == "verified"

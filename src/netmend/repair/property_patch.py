@@ -45,7 +45,7 @@ class PropertyPatchConfig:
     margin: float = 1e-3          # m: in the box, every patched row is made at least this positive
     band: float = 1e-4            # width past the box (+ slack), in normalised input units, where the patch may act
     slack: float = 2e-6           # δ: the patch's box is the property's box widened by this
-    grid: int = 4                 # sub-boxes per input dimension for the domain bound (grid ** inputs boxes)
+    grid: int = 4                 # splits per input dimension for the domain bound (≤ 4096 sub-boxes)
     row_samples: int = 4096       # box samples that choose each disjunct's row
     seed: int = 0
     device: str = "cpu"
@@ -62,14 +62,21 @@ def chain_layers(model: nn.Module) -> list[nn.Linear]:
     return [m for m in mods if isinstance(m, nn.Linear)]
 
 
+MAX_SUBBOXES = 4096
+
+
 def _domain_bounds(ws, bs, dlo, dhi, C, d, grid: int):
     """Lower bounds of the outputs' rows C y + d over the domain (min over a grid of sub-boxes, CROWN)."""
     from ..verify import ReluNet, crown_bounds
 
     net = ReluNet(ws, bs)
     n = len(dlo)
-    edges = [torch.linspace(float(a), float(b), grid + 1, dtype=torch.float64) for a, b in zip(dlo, dhi)]
-    idx = torch.tensor(list(itertools.product(range(grid), repeat=n)))
+    # `grid` splits along the widest dimensions, as many of them as keep the sub-boxes ≤ MAX_SUBBOXES
+    k = min(n, int(math.log(MAX_SUBBOXES) / math.log(grid))) if grid > 1 else 0
+    split = set(torch.argsort(dhi - dlo, descending=True)[:k].tolist())
+    parts = [grid if i in split else 1 for i in range(n)]
+    edges = [torch.linspace(float(a), float(b), p + 1, dtype=torch.float64) for a, b, p in zip(dlo, dhi, parts)]
+    idx = torch.tensor(list(itertools.product(*(range(p) for p in parts))))
     lo = torch.stack([edges[i][idx[:, i]] for i in range(n)], 1)
     hi = torch.stack([edges[i][idx[:, i] + 1] for i in range(n)], 1)
     return crown_bounds(net, lo, hi, C, d, mode="forward").lower.amin(0)
