@@ -290,3 +290,46 @@ def test_attack_fields_of_another_defect_are_refused(tmp_path):
         load_grid(_write(tmp_path, GRID.replace("[attacks.badnets]\n", "[attacks.badnets]\ncue_class = 1\n")))
     with pytest.raises(NetmendError, match="fraction must be in"):
         load_grid(_write(tmp_path, SPURIOUS.replace("fraction = 0.5", "fraction = 1.5"), "f.toml"))
+
+
+ACAS = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (ACAS / "acasxu" / "nnet").is_dir(), reason="ACAS Xu files not found under ../shared/data")
+def test_network_files_with_their_own_property_and_certified_cells(tmp_path):
+    """`models` may name network files, each with the property it is repaired against; `certify = true` runs the
+    repair → verify loop in the cell and the table gains `verified`. The same network under two properties is two
+    entries (both violated: VNN-COMP's N2,9 φ2 and φ8); a defect option the defect does not know is one line naming
+    the entry."""
+    nnet = ACAS / "acasxu" / "nnet"
+    text = f"""
+seeds = [0]
+data_dir = "{ACAS}"
+models = [{{folder = "{nnet / 'ACASXU_run2a_1_4_batch_2000.nnet'}", defect = {{property = "prop_2"}}}},
+          {{folder = "{nnet / 'ACASXU_run2a_2_9_batch_2000.nnet'}", defect = {{property = "prop_8"}}}},
+          {{folder = "{nnet / 'ACASXU_run2a_2_9_batch_2000.nnet'}", defect = {{property = "prop_2"}}}}]
+[defect]
+eval_samples = 20000
+fidelity_samples = 5000
+
+[methods.property-patch]
+certify = true
+verify_timeout = 30
+"""
+    plan = load_grid(_write(tmp_path, text))
+    assert len(plan.cells) == 3 and len(plan.models) == 2
+    assert {c.coords["defect"] for c in plan.cells} == {"property=prop_2", "property=prop_8"}
+    s = run_bench(_write(tmp_path, text), tmp_path / "o", workers=1, log=_quiet)
+    assert not s["failed"], s["failed"]
+    rows = (tmp_path / "o" / "results.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    got = [dict(zip(head, r.split(","))) for r in rows[1:]]
+    by = {(r["model"].rsplit("/", 1)[-1], r["defect"]): r for r in got}
+    n14 = by["ACASXU_run2a_1_4_batch_2000.nnet", "property=prop_2"]
+    assert n14["status"] == "ok" and n14["verified"] == "1" and float(n14["after_fidelity"]) == 1.0
+    assert float(n14["after_violation_rate"]) == 0 < float(n14["before_violation_rate"])
+    for prop in ("prop_8", "prop_2"):          # one network, two properties: two cells, each patched and proved
+        r = by["ACASXU_run2a_2_9_batch_2000.nnet", f"property={prop}"]
+        assert r["status"] == "ok" and r["verified"] == "1" and float(r["after_fidelity"]) == 1.0
+    with pytest.raises(NetmendError, match="models .* defect"):
+        load_grid(_write(tmp_path, text.replace('property = "prop_8"', 'property = "prop_8", nope = 1'), "bad.toml"))

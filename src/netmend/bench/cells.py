@@ -29,7 +29,10 @@ def one_thread() -> None:
 
 
 def pack(folder: Path) -> Files:
-    """A folder's files by relative path (small models: a run folder is a few hundred KB to a few MB)."""
+    """A folder's files by relative path (small models: a run folder is a few hundred KB to a few MB); a network
+    file (a grid's `models` may name one) as itself."""
+    if folder.is_file():
+        return {folder.name: folder.read_bytes()}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -89,13 +92,25 @@ def cell_task(cell: dict[str, Any], model: Files) -> dict[str, Any]:
         m = cell["method"]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="netmend-bench-") as tmp:
-            net, info = load_model_folder(unpack(model, Path(tmp) / "model"))
+            folder = unpack(model, Path(tmp) / "model")
+            if (folder / "model.json").is_file():
+                net, info = load_model_folder(folder)
+            else:                              # a network file (e.g. an ACAS Xu .nnet), loaded as the CLI would
+                from ..modelio import load_any_model
+
+                net, info = load_any_model(folder / next(iter(model)))
             defect = api.defect_for(info, data_dir=cell["data_dir"], model=net,
                                     **{**cell["defect"], "seed": cell["seed"]})
-            result = api.repair(net, defect, method=m["method"], localiser=m["localiser"], repairer=m["repairer"],
-                                locate_options=m["locate"], repair_options=m["repair"], seed=cell["seed"],
-                                device=cell["device"], max_accuracy_drop=m["max_accuracy_drop"] / 100,
-                                gate=m["gate"])
+            how = dict(method=m["method"], localiser=m["localiser"], repairer=m["repairer"],
+                       locate_options=m["locate"], repair_options=m["repair"], seed=cell["seed"],
+                       device=cell["device"], max_accuracy_drop=m["max_accuracy_drop"] / 100, gate=m["gate"])
+            if m.get("certify"):
+                from ..certify import certified_repair
+
+                result = certified_repair(net, defect, rounds=m["certify"]["rounds"],
+                                          verify_timeout=m["certify"]["verify_timeout"], **how)
+            else:
+                result = api.repair(net, defect, **how)
             row = result_row(result)
             result.method = cell["id"]         # the comparison report names each run by its cell
             write_run(Path(tmp) / "run", info, result, source=cell["model_source"], defect=defect,
@@ -116,4 +131,6 @@ def result_row(result) -> dict[str, Any]:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and "seconds" not in k:
                 row[f"{when}_{k}"] = v
+    if "verified" in s["after"]:           # a certified cell: did the verifier prove the result (1) or not (0)
+        row["verified"] = int(bool(s["after"]["verified"]))
     return row

@@ -105,12 +105,24 @@ class Method(_Strict):
     defect: dict[str, Any] = {}         # defect options for this method only (e.g. pairs = 20)
     max_accuracy_drop: float = 1.0      # acceptance gate, in accuracy points (as `netmend repair`)
     gate: bool = True
+    certify: bool = False               # safety: repair → verify → counterexamples → repair (as `--certify`)
+    certify_rounds: int = 3
+    verify_timeout: float = 60.0
+
+    @model_validator(mode="after")
+    def _certify_numbers(self) -> "Method":
+        if self.certify_rounds < 0 or not self.verify_timeout > 0:
+            raise ValueError("certify_rounds must be ≥ 0 and verify_timeout > 0")
+        return self
 
 
 class ModelFolder(_Strict):
-    """An existing model folder with the seeds of its own cells (a model trained with seed s, repaired with seed s)."""
+    """An existing model folder (or a network file netmend loads, e.g. an ACAS Xu .nnet) with the seeds of its own
+    cells (a model trained with seed s, repaired with seed s) and defect options of its own (e.g. the property a
+    network is repaired against), between the grid's and each method's."""
     folder: str
-    seeds: list[int]
+    seeds: list[int] | None = None      # None: the grid's seeds
+    defect: dict[str, Any] = {}
 
 
 class Grid(_Strict):
@@ -139,7 +151,7 @@ class Grid(_Strict):
                              "model folders), not both")
         if not trained and not self.models:
             raise ValueError("the grid is empty: give datasets, archs and attacks, or models")
-        own = [m for m in self.models if isinstance(m, ModelFolder)]
+        own = [m for m in self.models if isinstance(m, ModelFolder) and m.seeds is not None]
         needs_seeds = trained or len(own) < len(self.models)
         for key in (("datasets", "archs", "attacks") if trained else ()) + (("seeds",) if needs_seeds else ()) \
                 + ("methods",):
@@ -147,11 +159,12 @@ class Grid(_Strict):
                 raise ValueError(f"the grid is empty: {key} lists nothing"
                                  + (" (or give each model its own: {folder = ..., seeds = [...]})"
                                     if key == "seeds" and self.models else ""))
-        folders = [m.folder if isinstance(m, ModelFolder) else m for m in self.models]
+        folders = [(m.folder, canonical(m.defect)) if isinstance(m, ModelFolder) else (m, "{}") for m in self.models]
         for key, values in (("seeds", self.seeds), ("datasets", self.datasets), ("archs", self.archs),
                             ("models", folders), *((f"models {m.folder!r} seeds", m.seeds) for m in own)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} lists a value twice")
+
         if any(not m.seeds for m in own):
             raise ValueError("a models entry lists no seeds")
         if any(s < 0 for s in [*self.seeds, *(s for m in own for s in m.seeds)]):
@@ -269,8 +282,14 @@ def _check_method(label: str, m: Method, defect_kinds: set[str], defect_config, 
         raise NetmendError(f"{where}: the defect's seed is each cell's seed (give seeds = [...])")
     if defect_config is not None:
         _check_options(f"{where}.defect", defect_config, {**shared_defect, **m.defect})
-    return {"label": label, "method": name, "localiser": m.localiser, "repairer": m.repairer,
-            "locate": m.locate, "repair": m.repair, "max_accuracy_drop": m.max_accuracy_drop, "gate": m.gate}
+    if m.certify and defect_kinds != {"safety"}:
+        raise NetmendError(f"{where}: certify proves safety properties; the grid's models have "
+                           f"{', '.join(sorted(k for k in defect_kinds if k != 'safety'))} defects")
+    out = {"label": label, "method": name, "localiser": m.localiser, "repairer": m.repairer,
+           "locate": m.locate, "repair": m.repair, "max_accuracy_drop": m.max_accuracy_drop, "gate": m.gate}
+    if m.certify:                        # only when asked: the recipes (and cell ids) of earlier grids stay the same
+        out["certify"] = {"rounds": m.certify_rounds, "verify_timeout": m.verify_timeout}
+    return out
 
 
 def _plan(grid: Grid, path: Path) -> Plan:
@@ -291,10 +310,12 @@ def _plan(grid: Grid, path: Path) -> Plan:
 
         kinds = set()
         for entry in grid.models:
-            m, seeds = (entry.folder, entry.seeds) if isinstance(entry, ModelFolder) else (entry, grid.seeds)
+            own_entry = isinstance(entry, ModelFolder)
+            m = entry.folder if own_entry else entry
+            seeds = entry.seeds if own_entry and entry.seeds is not None else grid.seeds
             folder = (base / m).resolve()
             try:
-                info = read_info(folder)
+                info = read_info(folder) if not folder.is_file() else _network_info(folder)
             except NetmendError as exc:
                 raise NetmendError(f"grid {path}: models: {exc}") from None
             kind = (info.get("defect") or {}).get("kind")
@@ -304,7 +325,9 @@ def _plan(grid: Grid, path: Path) -> Plan:
             recipe = {"folder": str(folder), "content": _folder_hash(folder)}
             key = sha256(recipe)
             models[key] = recipe
-            per_model += [(key, {"model": m}, s) for s in seeds]
+            own_defect = entry.defect if own_entry else {}
+            coords = {"model": m, **({"defect": _defect_label(own_defect)} if own_defect else {})}
+            per_model += [(key, coords, s, own_defect) for s in seeds]
         configs = {DEFECTS.entry(k).config for k in kinds}
         defect_config = configs.pop() if len(configs) == 1 else None
     else:
@@ -333,37 +356,49 @@ def _plan(grid: Grid, path: Path) -> Plan:
                         recipe = {"train": _train_recipe(ds, arch, aname, a, train, seed, grid.device)}
                         key = sha256(recipe)
                         models[key] = recipe
-                        per_model.append((key, {"dataset": ds, "arch": arch, "attack": aname}, seed))
+                        per_model.append((key, {"dataset": ds, "arch": arch, "attack": aname}, seed, {}))
     try:
         methods = {label: _check_method(label, m, kinds, defect_config, grid.defect)
                    for label, m in grid.methods.items()}
     except NetmendError as exc:
         raise NetmendError(f"grid {path}: {exc}") from None
+    for _key, _coords, _seed, own_defect in per_model:      # a model's own defect options, checked like the grid's
+        if own_defect and defect_config is not None:
+            for label, m in grid.methods.items():
+                try:
+                    _check_options(f"models {_coords['model']!r} defect", defect_config,
+                                   {**grid.defect, **own_defect, **m.defect})
+                except NetmendError as exc:
+                    raise NetmendError(f"grid {path}: {exc}") from None
     cells = []
     for label, mrec in methods.items():
-        defect = {**grid.defect, **grid.methods[label].defect}
-        for key, coords, seed in per_model:
+        for key, coords, seed, own_defect in per_model:
+            defect = {**grid.defect, **own_defect, **grid.methods[label].defect}
             recipe = {"model": key, "method": mrec, "defect": defect, "seed": seed, "device": grid.device}
             h = sha256(recipe)[:10]
             name = "-".join(_slug(str(v)) for v in (*coords.values(), label)) + f"-s{seed}-{h}"
             cells.append(Cell(name, {**coords, "method": label, "seed": seed}, key, mrec, defect, seed, grid.device,
                               data_dir))
     # the table's order: model coordinates, then method, then seed — the same whichever way the grid ran
-    order = {k: i for i, k in enumerate(dict.fromkeys(tuple(c.items()) for _, c, _ in per_model))}
+    order = {k: i for i, k in enumerate(dict.fromkeys(tuple(c.items()) for _, c, _, _ in per_model))}
     labels = list(methods)
     cells.sort(key=lambda c: (order[tuple((k, v) for k, v in c.coords.items() if k not in ("method", "seed"))],
                               labels.index(c.coords["method"]), c.seed))
     dump = grid.model_dump()
-    seeds_of: dict[str, list[int]] = {}
-    for k, _, s in per_model:
-        seeds_of.setdefault(k, []).append(s)
+    seeds_of: dict[tuple, list[int]] = {}
+    for k, _, s, own_defect in per_model:
+        seeds_of.setdefault((k, canonical(own_defect)), []).append(s)
     own = any(isinstance(m, ModelFolder) for m in grid.models)       # a grid written before own seeds hashes as then
-    dump["models"] = [f"{models[k]['folder']}#{models[k]['content']}" + (f"@{seeds_of[k]}" if own else "")
-                      for k in seeds_of] if grid.models else []
+    dump["models"] = [f"{models[k]['folder']}#{models[k]['content']}" + (f"@{seeds_of[k, d]}" if own else "")
+                      + (f"%{d}" if d != "{}" else "") for k, d in seeds_of] if grid.models else []
     for a in dump["attacks"].values():     # fields a backdoor leaves at their defaults: out of the hash, as before
         if a["defect"] == "backdoor":      # they existed (an earlier grid's output folder still resumes)
             for k in NOT_BACKDOOR:
                 a.pop(k)
+    for mdump in dump["methods"].values():        # certify's fields, unless asked for: out of the hash, as before they
+        if not mdump["certify"]:                  # existed (an earlier grid's output folder still resumes)
+            for k in ("certify", "certify_rounds", "verify_timeout"):
+                mdump.pop(k)
     dump["data_dir"] = None                           # where the data lies is not what the grid computes
     return Plan(grid, path, sha256(dump), models, cells)
 
@@ -390,10 +425,24 @@ def _train_recipe(ds: str, arch: str, name: str, a: Attack, train: dict[str, Any
             **common}
 
 
+def _network_info(path: Path) -> dict[str, Any]:
+    """The info of a network file netmend loads directly (e.g. an ACAS Xu .nnet / .onnx)."""
+    from ..modelio import load_any_model
+
+    return load_any_model(path)[1]
+
+
+def _defect_label(options: dict[str, Any]) -> str:
+    """A model's own defect options as a table column: `property=prop_2`."""
+    return " ".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
 def _folder_hash(folder: Path) -> str:
-    """A model folder's content hash (its files, by name), so an edited model is not mistaken for the old one."""
+    """A model folder's content hash (its files, by name), so an edited model is not mistaken for the old one; a
+    network file's, of its bytes."""
     h = hashlib.sha256()
-    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+    files = [folder] if folder.is_file() else sorted(q for q in folder.rglob("*") if q.is_file())
+    for p in files:
         h.update(str(p.relative_to(folder)).encode() + b"\0")
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
