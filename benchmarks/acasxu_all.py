@@ -5,34 +5,37 @@
     python benchmarks/acasxu_all.py --report               # rewrite the .md from the CSV only
     python benchmarks/acasxu_all.py --method property-patch   # the local patch: results/acasxu_all-property-patch.*
 
-For each (network, property) that `benchmarks/verify_acasxu.py` found violated: the network (the .nnet file of the
-same ACAS Xu network, for its input domain), the property's .vnnlib, `SafetyDefect` with the seed, then
-`netmend.certify.certified_repair(method=--method)`, by default `property-tune`: the repair (sampled steps, then bound-guided rounds until
-the verifier inside the repair proves the property), the acceptance gate, and the complete verifier on the repaired
-model (the result's `verified`). Reported per instance: verified after repair or not, fidelity (agreement with the
-original advisory on 10⁵ fresh domain samples outside the property's box, the defect's fidelity metric, seed + 4),
-the violation rate on 10⁶ uniform box samples, parameter change (‖ΔW‖/‖W‖ over all weights, weights changed),
-seconds (repair, verification). Rows are appended to results/acasxu_all.csv as they finish; a rerun skips done rows.
+A thin wrapper over `netmend bench`. It writes one grid (<out>-bench/acasxu.toml): every (network, property) that
+`benchmarks/verify_acasxu.py` found violated is a `models` entry (the network's .nnet file, for its input domain,
+with the property as its own defect option), and the method runs with `certify = true`. So each cell is
+`netmend.certify.certified_repair`: the repair, the acceptance gate, and the complete verifier on the repaired
+model, with up to --rounds more repairs from the verifier's counterexamples. The grid runs on --workers local
+workers, and a rerun resumes it. This script then reads each cell's run folder into one row per instance:
+- verified after the repair or not;
+- fidelity: agreement with the original advisory on 10⁵ fresh domain samples outside the property's box (the
+  defect's fidelity metric, seed + 4);
+- the violation rate on 10⁶ uniform box samples;
+- the parameter change: ‖ΔW‖/‖W‖ over the edited weights, and the weights changed;
+- seconds: repair, verification, and the cell in all.
+
+For a rejected candidate the row has the candidate's numbers. Rows go to results/acasxu_all<suffix>.csv; --report
+rewrites the .md from it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from netmend.certify import certified_repair  # noqa: E402
-from netmend.errors import NetmendError, first_line  # noqa: E402
-from netmend.defects.safety import SafetyOptions, safety_from_info  # noqa: E402
-from netmend.zoo.acasxu import load_nnet  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "acasxu"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -56,38 +59,67 @@ def violated_instances(path: Path) -> list[dict]:
         return [r for r in csv.DictReader(f) if r["status"] == "violated"]
 
 
-def rel_change(model, edit) -> float:
-    params = dict(model.named_parameters())
-    num = sum(float(d.pow(2).sum()) for d in edit.deltas.values())
-    den = sum(float(params[n].detach().pow(2).sum()) for n in edit.deltas if n in params)
-    return (num / den) ** 0.5 if den else 0.0
-
-
-def run_one(inst: dict, args) -> dict:
+def nnet_of(inst: dict) -> Path:
     net = inst["network"].lstrip("N").replace(",", "_")
-    model, info = load_nnet(DATA / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet")
-    t0 = time.perf_counter()
-    defect = safety_from_info(info, SafetyOptions(property=str(DATA / "vnnlib" / f"{inst['property']}.vnnlib"),
-                                                  seed=args.seed), model=model)
-    res = certified_repair(model, defect, rounds=args.rounds, verify_timeout=args.verify_timeout,
-                           method=args.method, seed=args.seed, keep_rejected=True)
-    total = time.perf_counter() - t0
-    cert = res.certify
-    edit = res.candidate_edit if res.candidate_edit is not None else res.edit
-    after = res.candidate_after if res.candidate_after else res.after
-    meta = edit.meta
-    return {"index": inst["index"], "network": inst["network"], "property": inst["property"], "seed": args.seed,
-            "verified": res.after.get("verified"), "verify_status": res.after.get("verify_status"),
-            "accepted": res.accepted, "fidelity": round(after["fidelity"], 5),
-            "violation_rate_before": res.before["violation_rate"], "violation_rate_after": after["violation_rate"],
-            "falsifier_before": res.before["counterexamples_found"], "falsifier_after": after["counterexamples_found"],
-            # a structural edit (property-patch) changes no weight: the count is of the parameters it added
-            "rel_change": "added" if edit.layers is not None else f"{rel_change(model, edit):.4g}",
-            "changed_weights": edit.num_changed(),
-            "steps": meta.get("steps") or "",
+    return DATA / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet"
+
+
+def grid_text(todo: list[dict], args) -> str:
+    """The grid: one `models` entry per instance (its network file, its property), the method certified."""
+    lines = [f'title = "Every violated ACAS Xu instance, {args.method} under certify"', f"seeds = [{args.seed}]",
+             f'data_dir = "{DATA.parent}"', "models = ["]
+    lines += [f'  {{ folder = "{nnet_of(i)}", defect = {{ property = "{i["property"]}" }} }},' for i in todo]
+    lines += ["]", "", f'[methods."{args.method}"]', "certify = true", f"certify_rounds = {args.rounds}",
+              f"verify_timeout = {float(args.verify_timeout)}", ""]
+    return "\n".join(lines)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def rel_change(folder: Path, edit_file: str, model_is_after: bool) -> tuple[str, int, dict]:
+    """(‖ΔW‖/‖W‖ of the original weights, weights changed, the edit's metadata) from a run folder's files."""
+    from safetensors.torch import load_file
+
+    from netmend.edit import Edit
+
+    edit = Edit.load(folder / edit_file)
+    if edit.layers is not None:                # property-patch: no weight changed, parameters added
+        return "added", edit.num_changed(), edit.meta
+    weights = load_file(str(folder / "model.safetensors"))
+    num = den = 0.0
+    for name, d in edit.deltas.items():
+        w = weights[name].double() - (d.double() if model_is_after else 0)    # the weights before the repair
+        num += float(d.double().pow(2).sum())
+        den += float(w.pow(2).sum())
+    return (f"{(num / den) ** 0.5:.4g}" if den else "0"), edit.num_changed(), edit.meta
+
+
+def row_of(inst: dict, cell, out: Path, seed: int) -> dict:
+    """The table's row for one instance, from its cell's folder (or its one-line failure)."""
+    base = {"index": inst["index"], "network": inst["network"], "property": inst["property"], "seed": seed}
+    folder, fail = out / "cells" / cell.id, out / "failed" / f"{cell.id}.json"
+    if not (folder / "cell.json").is_file():
+        reason = _json(fail).get("error", "not run")
+        return {**base, "verified": False, "accepted": False, "reason": reason}
+    rec, run = _json(folder / "cell.json"), folder / "run"
+    met, cfg = _json(run / "metrics.json"), _json(run / "config.json")
+    accepted = bool(met.get("accepted"))
+    after = met.get("candidate_after") or met["after"]          # a rejected candidate: its own numbers
+    before = met["before"]
+    candidate = (run / "candidate-edit.safetensors").is_file()
+    rel, changed, meta = rel_change(run, "candidate-edit.safetensors" if candidate else "edit.safetensors",
+                                    model_is_after=not candidate)
+    cert = cfg.get("certify") or {}
+    return {**base, "verified": bool(met["after"].get("verified")), "verify_status": met["after"].get("verify_status"),
+            "accepted": accepted, "fidelity": round(after["fidelity"], 5),
+            "violation_rate_before": before["violation_rate"], "violation_rate_after": after["violation_rate"],
+            "falsifier_before": before["counterexamples_found"], "falsifier_after": after["counterexamples_found"],
+            "rel_change": rel, "changed_weights": changed, "steps": meta.get("steps") or "",
             "bound_rounds": ";".join(r.get("verify", "skip") for r in meta.get("bound_rounds", [])),
-            "repair_s": round(cert["repair_seconds"], 1), "verify_s": round(cert["verify_seconds"], 1),
-            "total_s": round(total, 1), "reason": (res.gate or {}).get("reason", "")}
+            "repair_s": round(cert.get("repair_seconds", 0.0), 1), "verify_s": round(cert.get("verify_seconds", 0.0), 1),
+            "total_s": round(rec["seconds"], 1), "reason": (met.get("gate") or {}).get("reason", "")}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -104,7 +136,10 @@ def write_report(rows: list[dict], args, wanted: int) -> None:
     fid = [float(r["fidelity"]) for r in ran]
     lines = ["# Repairing every violated ACAS Xu instance, each repair proved by the verifier", "",
              f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores shared with other jobs, "
-             f"torch {torch.__version__}, 1 thread, CPU. Seed {args.seed}. Command: `python benchmarks/acasxu_all.py "
+             f"torch {torch.__version__}, CPU, "
+             + ("one torch thread per instance, two instances at a time (measured before this script ran through "
+                "`netmend bench`)" if args.method == "property-tune" else
+                f"`netmend bench` with {args.workers} worker(s) of one torch thread each") + f". Seed {args.seed}. Command: `python benchmarks/acasxu_all.py "
              f"--seed {args.seed}" + ("" if args.method == "property-tune" else f" --method {args.method}")
              + "` (the violated rows of results/verify_acasxu.csv).", "",
              f"Method: {METHOD_TEXT.get(args.method, f'`{args.method}`')}, under `certified_repair` (the complete "
@@ -158,6 +193,9 @@ def main() -> None:
     ap.add_argument("--suffix", default=None, help="results/acasxu_all<suffix>.csv/.md (default: none for "
                                                     "property-tune, -<method> otherwise)")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--workers", type=int, default=2, help="netmend bench workers (one torch thread each)")
+    ap.add_argument("--bench", default=None, help="the grid's folder (default benchmarks/runs/acasxu_all<suffix>-bench; "
+                                                  "a rerun resumes it)")
     args = ap.parse_args()
     if args.suffix is None:
         args.suffix = "" if args.method == "property-tune" else f"-{args.method}"
@@ -170,25 +208,26 @@ def main() -> None:
         keep = {s.strip() for s in args.instances.split(",")}
         todo = [r for r in todo if r["index"] in keep]
     path = RESULTS / f"acasxu_all{args.suffix}.csv"
-    rows = read_rows(path)
-    done = {(r["index"], r["seed"]) for r in rows}
-    for inst in todo:
-        if args.report or (inst["index"], str(args.seed)) in done:
-            continue
-        try:
-            row = run_one(inst, args)
-        except NetmendError as exc:                 # one failed instance is a row with its reason, not the end
-            row = {"index": inst["index"], "network": inst["network"], "property": inst["property"],
-                   "seed": args.seed, "verified": False, "accepted": False, "reason": first_line(exc)}
-        print(row, flush=True)
-        new = not path.is_file()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        rows.append({k: str(v) for k, v in row.items()})
-        write_report(rows, args, wanted)
+    if args.report:
+        write_report(read_rows(path), args, wanted)
+        return
+    from netmend.bench import load_grid, run_bench
+
+    bench = Path(args.bench or RESULTS.parent / "runs" / f"acasxu_all{args.suffix}-bench")
+    bench.mkdir(parents=True, exist_ok=True)
+    grid = bench / "acasxu.toml"
+    grid.write_text(grid_text(todo, args))
+    run_bench(grid, bench / "out", workers=args.workers, log=lambda *a: print(*a, flush=True))
+    plan = load_grid(grid)
+    cells = {(Path(c.coords["model"]).name, c.coords["defect"].split("=", 1)[1]): c for c in plan.cells}
+    new = [row_of(i, cells[nnet_of(i).name, i["property"]], bench / "out", args.seed) for i in todo]
+    keep = {(str(r["index"]), str(r["seed"])) for r in new}
+    rows = [r for r in read_rows(path) if (r["index"], r["seed"]) not in keep] + [{k: str(v) for k, v in r.items()}
+                                                                                for r in new]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: (int(r["index"]), int(r["seed"]))))
     write_report(rows, args, wanted)
 
 
