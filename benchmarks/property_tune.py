@@ -8,7 +8,10 @@
 
 The same networks, properties, defect options and metrics as benchmarks/care.py (violation rate on 10⁶ uniform box
 samples, the metric falsifier's hits with its own seed, held-out counterexamples, fidelity outside the box), so the
-rows sit beside CARE's in benchmarks/results/care.md. Writes <out>.csv and <out>.md.
+rows sit beside CARE's in benchmarks/results/care.md. A thin wrapper over `netmend bench`: one grid
+(benchmarks/runs/<out name>-bench/property.toml: each case's network file with its property × the method × the seeds; with --verify
+under certify), run on --workers local workers and resumed on a rerun, then one row per case and seed read from the
+cells' run folders. Writes <out>.csv and <out>.md.
 """
 from __future__ import annotations
 
@@ -16,16 +19,13 @@ import argparse
 import csv
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import netmend
-from care import DATA, safety_case
-from netmend.verify import verify
+from care import DATA
 
-CASES = {"n29-phi8": safety_case("2_9", "8"), "n33-phi2s": safety_case("3_3", "phi2-strengthened")}
+CASES = {"n29-phi8": ("2_9", "8"), "n33-phi2s": ("3_3", "phi2-strengthened")}     # name -> (network, property)
 METRICS = ["violation_rate", "counterexamples_found", "heldout_violation_rate", "fidelity"]
 
 
@@ -39,12 +39,12 @@ def _number(v: str):
 
 
 def write_markdown(rows: list[dict], args) -> None:
-    pct = lambda v: f"{100 * v:.4g}"   # noqa: E731
+    pct = lambda v: "—" if v is None or v != v else f"{100 * v:.4g}"   # noqa: E731  (none held out: NaN / null)
     what = {"property-tune": "netmend's sampling-based safety fine-tuning",
             "property-patch": "netmend's local patch: added neurons act inside the box only, every weight kept"}
     lines = [f"# {args.method} on ACAS Xu ({what[args.method]})", "",
-             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, {args.threads} thread(s), "
-             f"device {args.device}; seeds {sorted({r['seed'] for r in rows})}; preset defaults. Last command: "
+             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, `netmend bench` with "
+             f"{args.workers} worker(s) of one torch thread each, device {args.device}; seeds {sorted({r['seed'] for r in rows})}; preset defaults. Last command: "
              f"`python benchmarks/property_tune.py {' '.join(sys.argv[1:])}`. Rates in %. Changed weights: for "
              "property-patch, the parameters it added (no original weight changes).", "",
              "| case | seed | violation rate (10⁶ uniform) | falsifier hits | held-out violations | fidelity outside the box "
@@ -57,15 +57,57 @@ def write_markdown(rows: list[dict], args) -> None:
                      f"{r['changed_weights']} | {r.get('verified', '') or '—'} {r.get('verify_s', '') or ''} |")
     lines.append("")
     if getattr(args, "skipped", None):
-        lines += [f"Not repaired, the verifier's answer on the input network: {'; '.join(args.skipped)}.", ""]
+        lines += [f"Not repaired: {'; '.join(args.skipped)}.", ""]
     for case in dict.fromkeys(r["case"] for r in rows):
         sub = [r for r in rows if r["case"] == case]
         met = [r["seed"] for r in sub if r["violation_rate_after"] == 0 and r["counterexamples_found_after"] == 0
-               and r["heldout_violation_rate_after"] < 0.01 and r["fidelity_after"] >= 0.99]
+               and (r["heldout_violation_rate_after"] or 0) < 0.01 and r["fidelity_after"] >= 0.99]
         lines.append(f"- {case}: the issue's floors (0 in 10⁶, no falsifier hit, held-out < 1 %, fidelity ≥ 99 %) met "
                      f"on seeds {met} of {[r['seed'] for r in sub]}")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def nnet(net: str) -> Path:
+    return DATA / "acasxu" / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet"
+
+
+def grid_text(args) -> str:
+    """One `netmend bench` grid: each case's network file with its property × the method × the seeds; with
+    --verify, the method under certify (the verifier on the input when the falsifier finds nothing, and on the
+    result; no further rounds)."""
+    lines = [f'title = "{args.method} on ACAS Xu"', f"seeds = {list(args.seeds)}", f'data_dir = "{DATA}"',
+             f'device = "{args.device}"', "models = ["]
+    lines += [f'  {{ folder = "{nnet(CASES[c][0])}", defect = {{ property = "{CASES[c][1]}" }} }},' for c in args.cases]
+    lines += ["]", "", f'[methods."{args.method}"]']
+    if args.verify:
+        lines += ["certify = true", "certify_rounds = 0", "verify_timeout = 60.0"]
+    return "\n".join(lines) + "\n"
+
+
+def row_of(name: str, cell, out: Path, args) -> dict | None:
+    """One case and seed's row from its cell's run folder (None, and a line in `args.skipped`, when it failed)."""
+    import json
+
+    from netmend.edit import Edit
+
+    folder = out / "cells" / cell.id
+    if not (folder / "cell.json").is_file():
+        fail = out / "failed" / f"{cell.id}.json"
+        why = json.loads(fail.read_text())["error"] if fail.is_file() else "not run"
+        args.skipped.append(f"{name} (seed {cell.seed}): {why}")
+        return None
+    run = folder / "run"
+    met = json.loads((run / "metrics.json").read_text())
+    edit = Edit.load(run / "edit.safetensors")
+    row = {"case": name, "seed": cell.seed, "repair_s": round(met["repair_seconds"], 1),
+           "steps": edit.meta.get("steps", "—"), "changed_weights": edit.num_changed()}
+    for k in METRICS:
+        row[f"{k}_before"], row[f"{k}_after"] = met["before"][k], met["after"][k]
+    if args.verify:
+        cert = json.loads((run / "config.json").read_text()).get("certify") or {}
+        row["verified"], row["verify_s"] = met["after"].get("verify_status"), round(cert.get("verify_seconds", 0), 2)
+    return row
 
 
 def main(argv=None) -> None:
@@ -81,7 +123,7 @@ def main(argv=None) -> None:
                                                           "and each repaired one (60 s)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="netmend bench workers (one torch thread each)")
     ap.add_argument("--method", default="property-tune", choices=["property-tune", "property-patch"])
     ap.add_argument("--out", type=Path, default=None, help="default: results/property_tune (property-tune) or "
                                                           "results/property_patch")
@@ -90,7 +132,7 @@ def main(argv=None) -> None:
     if args.networks == "all":
         for a in range(1, 6):
             for b in range(1, 10):
-                CASES[f"n{a}{b}-{args.property}"] = safety_case(f"{a}_{b}", args.property)
+                CASES[f"n{a}{b}-{args.property}"] = (f"{a}_{b}", args.property)
         args.cases = [c for c in CASES if c.startswith("n") and c.endswith(f"-{args.property}") and c[1:3].isdigit()
                       and len(c.split("-")[0]) == 3]
     elif args.networks is not None:
@@ -102,29 +144,24 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown case(s) {unknown}; known: {list(CASES)}")
     if args.out is None:
         args.out = Path(__file__).parent / "results" / args.method.replace("-", "_")
-    torch.set_num_threads(args.threads)
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")
+    from netmend.bench import load_grid, run_bench
+
+    bench = Path(__file__).parent / "runs" / f"{args.out.name}-bench"      # runs/: not in git
+    bench.mkdir(parents=True, exist_ok=True)
+    grid = bench / "property.toml"
+    grid.write_text(grid_text(args))
+    run_bench(grid, bench / "out", workers=args.workers, log=lambda *a: print(*a, flush=True))
+    plan = load_grid(grid)
+    names = {(nnet(CASES[c][0]).name, CASES[c][1]): c for c in args.cases}
     rows = []
-    for seed in args.seeds:
-        for name in args.cases:
-            t0 = time.perf_counter()
-            model, defect = CASES[name](args, seed)
-            setup = time.perf_counter() - t0
-            if args.verify and (v0 := verify(model, defect.prop, timeout=60, seed=seed)).status != "violated":
-                print(f"{name}: the verifier says {v0.status} on the input network: nothing to repair", flush=True)
-                args.skipped.append(f"{name} (seed {seed}): {v0.status}")
-                continue
-            res = netmend.api.repair(model, defect, method=args.method, seed=seed, device=args.device)
-            row = {"case": name, "seed": seed, "setup_s": round(setup, 1), "repair_s": round(res.repair_seconds, 1),
-                   "steps": res.edit.meta.get("steps", "—"), "changed_weights": res.edit.num_changed()}
-            for k in METRICS:
-                row[f"{k}_before"], row[f"{k}_after"] = res.before[k], res.after[k]
-            if args.verify:
-                v = verify(res.model, defect.prop, timeout=60, seed=seed)
-                row["verified"], row["verify_s"] = v.status, round(v.seconds, 2)
+    for c in plan.cells:
+        name = names[Path(c.coords["model"]).name, c.coords["defect"].split("=", 1)[1]]
+        row = row_of(name, c, bench / "out", args)
+        if row is not None:
             rows.append(row)
-            print(row, flush=True)
+    rows.sort(key=lambda r: (r["seed"], args.cases.index(r["case"])))
     if not rows:
         raise SystemExit("no case was repaired")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +172,7 @@ def main(argv=None) -> None:
         rows = sorted([r for r in old if (r["case"], r["seed"]) not in done] + rows,
                       key=lambda r: (list(CASES).index(r["case"]), r["seed"]))
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     write_markdown(rows, args)
