@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from care import nnet_path  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
 
 DATA = ROOT.parent / "shared" / "data" / "acasxu"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,8 +61,7 @@ def violated_instances(path: Path) -> list[dict]:
 
 
 def nnet_of(inst: dict) -> Path:
-    net = inst["network"].lstrip("N").replace(",", "_")
-    return DATA / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet"
+    return nnet_path(inst["network"].lstrip("N").replace(",", "_"))
 
 
 def grid_text(todo: list[dict], args) -> str:

@@ -29,7 +29,7 @@ import torch
 import netmend
 from netmend.modelio import load_model_folder, save_model_folder
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @dataclass
@@ -77,12 +77,17 @@ def backdoor_case(dataset: str):
     return build
 
 
+def nnet_path(net: str) -> Path:
+    """ACAS Xu network N<a>,<b> ("a_b") as its .nnet file in the data folder."""
+    return DATA / "acasxu" / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet"
+
+
 def safety_case(net: str, prop: str):
     def build(args, seed):
         from netmend.defects.safety import SafetyOptions, safety_from_info
         from netmend.zoo.acasxu import load_nnet
 
-        model, info = load_nnet(DATA / "acasxu" / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet")
+        model, info = load_nnet(nnet_path(net))
         return model, safety_from_info(info, SafetyOptions(property=prop, seed=seed), model=model)
 
     return build

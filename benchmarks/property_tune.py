@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from care import DATA
+from care import DATA, nnet_path
 
 CASES = {"n29-phi8": ("2_9", "8"), "n33-phi2s": ("3_3", "phi2-strengthened")}     # name -> (network, property)
 METRICS = ["violation_rate", "counterexamples_found", "heldout_violation_rate", "fidelity"]
@@ -68,17 +68,13 @@ def write_markdown(rows: list[dict], args) -> None:
     print("\n".join(lines))
 
 
-def nnet(net: str) -> Path:
-    return DATA / "acasxu" / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet"
-
-
 def grid_text(args) -> str:
     """One `netmend bench` grid: each case's network file with its property × the method × the seeds; with
     --verify, the method under certify (the verifier on the input when the falsifier finds nothing, and on the
     result; no further rounds)."""
     lines = [f'title = "{args.method} on ACAS Xu"', f"seeds = {list(args.seeds)}", f'data_dir = "{DATA}"',
              f'device = "{args.device}"', "models = ["]
-    lines += [f'  {{ folder = "{nnet(CASES[c][0])}", defect = {{ property = "{CASES[c][1]}" }} }},' for c in args.cases]
+    lines += [f'  {{ folder = "{nnet_path(CASES[c][0])}", defect = {{ property = "{CASES[c][1]}" }} }},' for c in args.cases]
     lines += ["]", "", f'[methods."{args.method}"]']
     if args.verify:
         lines += ["certify = true", "certify_rounds = 0", "verify_timeout = 60.0"]
@@ -154,7 +150,7 @@ def main(argv=None) -> None:
     grid.write_text(grid_text(args))
     run_bench(grid, bench / "out", workers=args.workers, log=lambda *a: print(*a, flush=True))
     plan = load_grid(grid)
-    names = {(nnet(CASES[c][0]).name, CASES[c][1]): c for c in args.cases}
+    names = {(nnet_path(CASES[c][0]).name, CASES[c][1]): c for c in args.cases}
     rows = []
     for c in plan.cells:
         name = names[Path(c.coords["model"]).name, c.coords["defect"].split("=", 1)[1]]

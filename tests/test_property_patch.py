@@ -149,8 +149,7 @@ def test_rows_are_chosen_independent_and_a_property_no_patch_can_meet_is_refused
     from netmend.verify import relu_chain
 
     net = _net(3)
-    chain = relu_chain(net)
-    rows = _choose_rows(chain.weights, chain.biases, _property(True), torch.rand(256, 3) * 0.3 + BOX[0], 1e-3)
+    rows = _choose_rows(relu_chain(net), _property(True), torch.rand(256, 3) * 0.3 + BOX[0], 1e-3)
     c = torch.stack([r[0] for r in rows])
     assert int(torch.linalg.matrix_rank(c)) == 2
     both = Property("both", [BOX], [(torch.tensor([[1.0, -1.0, 0.0]]), torch.zeros(1)),

@@ -164,7 +164,6 @@ class Grid(_Strict):
                             ("models", folders), *((f"models {m.folder!r} seeds", m.seeds) for m in own)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{key} lists a value twice")
-
         if any(not m.seeds for m in own):
             raise ValueError("a models entry lists no seeds")
         if any(s < 0 for s in [*self.seeds, *(s for m in own for s in m.seeds)]):
@@ -362,14 +361,13 @@ def _plan(grid: Grid, path: Path) -> Plan:
                    for label, m in grid.methods.items()}
     except NetmendError as exc:
         raise NetmendError(f"grid {path}: {exc}") from None
-    for _key, _coords, _seed, own_defect in per_model:      # a model's own defect options, checked like the grid's
-        if own_defect and defect_config is not None:
-            for label, m in grid.methods.items():
-                try:
-                    _check_options(f"models {_coords['model']!r} defect", defect_config,
-                                   {**grid.defect, **own_defect, **m.defect})
-                except NetmendError as exc:
-                    raise NetmendError(f"grid {path}: {exc}") from None
+    own_defects = [(e.folder, e.defect) for e in grid.models if isinstance(e, ModelFolder) and e.defect]
+    for folder, own_defect in own_defects if defect_config is not None else ():   # checked like the grid's, once each
+        for m in grid.methods.values():
+            try:
+                _check_options(f"models {folder!r} defect", defect_config, {**grid.defect, **own_defect, **m.defect})
+            except NetmendError as exc:
+                raise NetmendError(f"grid {path}: {exc}") from None
     cells = []
     for label, mrec in methods.items():
         for key, coords, seed, own_defect in per_model:

@@ -65,11 +65,10 @@ def chain_layers(model: nn.Module) -> list[nn.Linear]:
 MAX_SUBBOXES = 4096
 
 
-def _domain_bounds(ws, bs, dlo, dhi, C, d, grid: int):
+def _domain_bounds(net, dlo, dhi, C, d, grid: int):
     """Lower bounds of the outputs' rows C y + d over the domain (min over a grid of sub-boxes, CROWN)."""
-    from ..verify import ReluNet, crown_bounds
+    from ..verify import crown_bounds
 
-    net = ReluNet(ws, bs)
     n = len(dlo)
     # `grid` splits along the widest dimensions, as many of them as keep the sub-boxes ≤ MAX_SUBBOXES
     k = min(n, int(math.log(MAX_SUBBOXES) / math.log(grid))) if grid > 1 else 0
@@ -82,9 +81,11 @@ def _domain_bounds(ws, bs, dlo, dhi, C, d, grid: int):
     return crown_bounds(net, lo, hi, C, d, mode="forward").lower.amin(0)
 
 
-def patch_layers(ws: list[torch.Tensor], bs: list[torch.Tensor], boxes, rows, dlo, dhi,
-                 cfg: PropertyPatchConfig) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-    """The patched chain's (weights, biases), float64. rows: one (c, d) per unsafe disjunct, to be made ≥ margin."""
+def patch_layers(net, boxes, rows, dlo, dhi, cfg: PropertyPatchConfig
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """The patched chain's (weights, biases), float64, from the network's (a ReluNet). rows: one (c, d) per unsafe
+    disjunct, to be made ≥ margin."""
+    ws, bs = net.weights, net.biases
     L = len(ws) - 1                                  # hidden layers
     n_in, n_out = ws[0].shape[1], ws[-1].shape[0]
     sizes = [w.shape[0] for w in ws[:-1]]
@@ -92,7 +93,7 @@ def patch_layers(ws: list[torch.Tensor], bs: list[torch.Tensor], boxes, rows, dl
     C = torch.stack([c for c, _ in rows])
     d = torch.stack([dd for _, dd in rows])
     V = C.T @ torch.linalg.inv(C @ C.T)              # (n_out, P): C V = I (the rows are independent: _choose_rows)
-    worst = (cfg.margin - _domain_bounds(ws, bs, dlo, dhi, C, d, cfg.grid)).clamp_min(cfg.margin)
+    worst = (cfg.margin - _domain_bounds(net, dlo, dhi, C, d, cfg.grid)).clamp_min(cfg.margin)
     steep = worst / cfg.band                         # S_k: past the band, S_k σ ≥ the largest m − (c_k y + d_k)
     f64 = dict(dtype=torch.float64)
     nw, nbias = [], []
@@ -146,13 +147,11 @@ def patch_layers(ws: list[torch.Tensor], bs: list[torch.Tensor], boxes, rows, dl
     return nw, nbias, info
 
 
-def _choose_rows(ws, bs, prop, x_box: torch.Tensor, margin: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _choose_rows(net, prop, x_box: torch.Tensor, margin: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One row per unsafe disjunct, linearly independent across disjuncts (so one correction cannot undo another),
     with the smallest total mean correction to ≥ margin over the box samples. Every combination is tried when there
     are at most 4 096 of them, else each disjunct's cheapest row that keeps the set independent, fewest rows first."""
-    from ..verify import ReluNet
-
-    y = ReluNet(ws, bs).forward(x_box.double())
+    y = net.forward(x_box.double())
     options = []                           # per disjunct: [(cost, c, d)] cheapest first
     for c, d in prop.unsafe:
         c, d = c.double(), d.double()
@@ -193,24 +192,24 @@ def property_patch(model: nn.Module, defect: Defect, sites: Sites | None, cfg: P
     if sites is not None and sites.sites:
         raise NetmendError("property-patch adds neurons and keeps every weight; it takes no localised sites")
     t0 = time.perf_counter()
-    linears = chain_layers(model)
-    ws = [m.weight.detach().cpu().double() for m in linears]
-    bs = [(m.bias.detach().cpu().double() if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float64))
-          for m in linears]
+    from ..verify import relu_chain
+
+    linears = chain_layers(model)                # the strict shape the new chain replaces; weights as the verifier's
+    net = relu_chain(model)
     prop = defect.prop
-    require(ws[0].shape[1] == prop.n_inputs and ws[-1].shape[0] == prop.n_outputs,
+    require(net.n_in == prop.n_inputs and net.n_out == prop.n_outputs,
             f"property {prop.name} speaks of {prop.n_inputs} inputs / {prop.n_outputs} outputs, the network has "
-            f"{ws[0].shape[1]} / {ws[-1].shape[0]}")
+            f"{net.n_in} / {net.n_out}")
     dlo, dhi = defect.domain()
     boxes = [(lo.double(), hi.double()) for lo, hi in prop.boxes]
     dlo = torch.minimum(dlo.double(), torch.stack([lo for lo, _ in boxes]).amin(0))
     dhi = torch.maximum(dhi.double(), torch.stack([hi for _, hi in boxes]).amax(0))
     g = torch.Generator().manual_seed(int(cfg.seed) + 777)      # repair-only stream
-    rows = _choose_rows(ws, bs, prop, prop.sample(cfg.row_samples, g), cfg.margin)
-    nw, nbias, info = patch_layers(ws, bs, boxes, rows, dlo, dhi, cfg)
+    rows = _choose_rows(net, prop, prop.sample(cfg.row_samples, g), cfg.margin)
+    nw, nbias, info = patch_layers(net, boxes, rows, dlo, dhi, cfg)
     dtype = linears[0].weight.dtype
     layers = [(w.to(dtype), b.to(dtype)) for w, b in zip(nw, nbias)]
-    before = sum(w.numel() + b.numel() for w, b in zip(ws, bs))
+    before = sum(w.numel() + b.numel() for w, b in zip(net.weights, net.biases))
     after = sum(w.numel() + b.numel() for w, b in layers)
     return Edit({}, {"repairer": "property_patch", **info, "added_parameters": after - before,
                      "hidden": [w.shape[0] for w, _ in layers[:-1]], "seconds": time.perf_counter() - t0},

@@ -75,8 +75,13 @@ def repaired_info(info: dict[str, Any], result) -> dict[str, Any]:
     out["defect"] = defect
     out["repairs"] = list(info.get("repairs", [])) + [result.method]
     if result.edit.layers is not None and "arch_args" in info:      # a structural edit: the widths it gave the chain
-        out["arch_args"] = {**info["arch_args"], "hidden": [w.shape[0] for w, _ in result.edit.layers[:-1]]}
+        out["arch_args"] = {**info["arch_args"], "hidden": _hidden(result.edit)}
     return out
+
+
+def _hidden(edit) -> list[int]:
+    """The hidden widths of a structural edit's chain."""
+    return [int(w.shape[0]) for w, _ in edit.layers[:-1]]
 
 
 def _structure(info: dict[str, Any], result) -> dict[str, Any]:
@@ -86,7 +91,7 @@ def _structure(info: dict[str, Any], result) -> dict[str, Any]:
         if edit is not None and edit.layers is not None and (key == "structure" or edit is not result.edit):
             out[key] = {"added_parameters": int(edit.meta.get("added_parameters", 0)),
                         "hidden_before": (info.get("arch_args") or {}).get("hidden"),
-                        "hidden_after": [int(w.shape[0]) for w, _ in edit.layers[:-1]],
+                        "hidden_after": _hidden(edit),
                         "original_weights_changed": 0}
     return out
 

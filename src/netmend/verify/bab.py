@@ -267,12 +267,13 @@ def verify(model: nn.Module, prop: Property, timeout: float = 60.0, seed: int = 
         boxes += n
         max_depth = max(max_depth, int(depth.max()))
         eff = b.lower - tol                                   # (n, R)
-        if root_lb is None and root_alpha > 0 and alpha_steps == 0 \
-                and not bool((disjunct_values(eff, mask).amin(-1) > 0).all()):
-            ba = crown_bounds(net, lo, hi, C, d, mode=mode, alpha_steps=root_alpha, pre=b.pre)
-            eff = torch.maximum(eff, ba.lower - tol)          # both sound: the better of the two
         dval = disjunct_values(eff, mask)                    # (n, J)
         bval = dval.amin(-1)                                  # (n,)
+        if root_lb is None and root_alpha > 0 and alpha_steps == 0 and not bool((bval > 0).all()):
+            ba = crown_bounds(net, lo, hi, C, d, mode=mode, alpha_steps=root_alpha, pre=b.pre)
+            eff = torch.maximum(eff, ba.lower - tol)          # both sound: the better of the two
+            dval = disjunct_values(eff, mask)
+            bval = dval.amin(-1)
         if root_lb is None:
             root_lb = float(bval.min())
         proved = bval > 0
