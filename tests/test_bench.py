@@ -153,6 +153,10 @@ BAD = {
     "zero epochs": (GRID.replace("epochs = 4", "epochs = 0"), "option epochs=0: must be > 0"),
     "models and datasets": (GRID.replace("seeds = [0, 1]", 'seeds = [0]\nmodels = ["m"]'), "not both"),
     "missing model folder": ('seeds = [0]\nmodels = ["nowhere"]\nmethods = ["finetune"]\n', "model folder not found"),
+    "certify on a backdoor": (GRID.replace("repair = { epochs = 1 }", "repair = { epochs = 1 }\ncertify = true"),
+                              "methods.finetune: certify proves safety properties"),
+    "negative verify timeout": (GRID.replace("repair = { epochs = 1 }", "repair = { epochs = 1 }\nverify_timeout = -1.0"),
+                                "verify_timeout > 0"),
 }
 
 

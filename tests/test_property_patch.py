@@ -170,3 +170,13 @@ def test_a_wide_input_keeps_the_domain_bound_small():
     defect = SafetyDefect(net.eval(), Property("wide", [box], _property().unsafe, 40, 3), SafetyOptions(**SMALL))
     res = api.repair(net, defect, method="property-patch")
     assert res.accepted and verify(res.model, defect.prop, timeout=30).status == "verified"
+
+
+@pytest.mark.parametrize("option", ["margin=0", "band=-1e-4", "slack=0", "grid=0"])
+def test_a_bad_option_is_one_line(option):
+    net = _net(0)
+    key, value = option.split("=")
+    with pytest.raises(NetmendError, match="property_patch: .* must be") as exc:
+        api.repair(net, SafetyDefect(net, _property(), SafetyOptions(**SMALL)), method="property-patch",
+                   repair_options={key: float(value) if key != "grid" else int(value)})
+    assert "\n" not in str(exc.value)
