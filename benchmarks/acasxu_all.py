@@ -96,14 +96,13 @@ def rel_change(folder: Path, edit_file: str, model_is_after: bool) -> tuple[str,
     return (f"{(num / den) ** 0.5:.4g}" if den else "0"), edit.num_changed(), edit.meta
 
 
-def row_of(inst: dict, cell, out: Path, seed: int) -> dict:
-    """The table's row for one instance, from its cell's folder (or its one-line failure)."""
+def row_of(inst: dict, res, seed: int) -> dict:
+    """The table's row for one instance, from its cell (a `netmend.bench.CellResult`): its run folder, or its
+    one-line failure."""
     base = {"index": inst["index"], "network": inst["network"], "property": inst["property"], "seed": seed}
-    folder, fail = out / "cells" / cell.id, out / "failed" / f"{cell.id}.json"
-    if not (folder / "cell.json").is_file():
-        reason = _json(fail).get("error", "not run")
-        return {**base, "verified": False, "accepted": False, "reason": reason}
-    rec, run = _json(folder / "cell.json"), folder / "run"
+    if res.status != "ok":
+        return {**base, "verified": False, "accepted": False, "reason": res.error or "not run"}
+    run = res.run
     met, cfg = _json(run / "metrics.json"), _json(run / "config.json")
     accepted = bool(met.get("accepted"))
     after = met.get("candidate_after") or met["after"]          # a rejected candidate: its own numbers
@@ -119,7 +118,7 @@ def row_of(inst: dict, cell, out: Path, seed: int) -> dict:
             "rel_change": rel, "changed_weights": changed, "steps": meta.get("steps") or "",
             "bound_rounds": ";".join(r.get("verify", "skip") for r in meta.get("bound_rounds", [])),
             "repair_s": round(cert.get("repair_seconds", 0.0), 1), "verify_s": round(cert.get("verify_seconds", 0.0), 1),
-            "total_s": round(rec["seconds"], 1), "reason": (met.get("gate") or {}).get("reason", "")}
+            "total_s": round(res.seconds, 1), "reason": (met.get("gate") or {}).get("reason", "")}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -211,16 +210,16 @@ def main() -> None:
     if args.report:
         write_report(read_rows(path), args, wanted)
         return
-    from netmend.bench import load_grid, run_bench
+    from netmend.bench import load_grid, read_cells, run_bench
 
     bench = Path(args.bench or RESULTS.parent / "runs" / f"acasxu_all{args.suffix}-bench")
     bench.mkdir(parents=True, exist_ok=True)
     grid = bench / "acasxu.toml"
     grid.write_text(grid_text(todo, args))
     run_bench(grid, bench / "out", workers=args.workers, log=lambda *a: print(*a, flush=True))
-    plan = load_grid(grid)
-    cells = {(Path(c.coords["model"]).name, c.coords["defect"].split("=", 1)[1]): c for c in plan.cells}
-    new = [row_of(i, cells[nnet_of(i).name, i["property"]], bench / "out", args.seed) for i in todo]
+    cells = {(Path(r.coords["model"]).name, r.coords["defect"].split("=", 1)[1]): r
+             for r in read_cells(bench / "out", load_grid(grid))}
+    new = [row_of(i, cells[nnet_of(i).name, i["property"]], args.seed) for i in todo]
     keep = {(str(r["index"]), str(r["seed"])) for r in new}
     rows = [r for r in read_rows(path) if (r["index"], r["seed"]) not in keep] + [{k: str(v) for k, v in r.items()}
                                                                                 for r in new]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import statistics
@@ -28,42 +27,29 @@ from pathlib import Path
 
 import torch
 
-from netmend.bench.grid import load_grid
+from netmend.bench import load_grid, read_cells
 from netmend.metrics import defense_effectiveness_rating
 
 HERE = Path(__file__).parent
 METRICS = ("clean_accuracy", "asr", "robust_accuracy")
 
 
-def _cells(out: Path) -> tuple[list[dict], dict]:
-    """The finished cells of a grid output, whether its run finished, is still running or was stopped (results.csv
-    is rewritten only at the end of a run), with each cell's repair seconds."""
-    rows, seconds = [], {}
-    for f in sorted((out / "cells").glob("*/cell.json")):
-        rec = json.loads(f.read_text())
-        rows.append({"cell": rec["cell"], **rec["coords"], "status": "ok", **rec["row"]})
-        seconds[rec["cell"]] = rec["repair_seconds"]
-    return rows, seconds
-
-
 def read_rows(out: Path) -> list[dict]:
-    """The finished cells of a `netmend bench` output (and the failed ones results.csv lists), with each cell's
-    seconds and its DER."""
-    cells, seconds = _cells(out)
-    if (out / "results.csv").exists():
-        with open(out / "results.csv") as f:
-            done = {r["cell"] for r in cells}
-            cells += [r for r in csv.DictReader(f) if r["status"] != "ok" and r["cell"] not in done]
+    """The cells of a `netmend bench` output, whether its run finished, is still running or was stopped (results.csv
+    is rewritten only at the end of a run, the cell folders and failure records as each cell ends): the finished
+    ones with their repair seconds and DER, then the failed ones."""
     rows = []
-    for r in cells:
-        if r["status"] != "ok":
-            rows.append({**r, "ok": False})
+    for c in read_cells(out):
+        r = {"cell": c.id, **c.coords, "status": c.status}
+        if c.status != "ok":
+            rows.append({**r, "error": c.error, "ok": False})
             continue
+        r.update(c.row)
         before = {m: float(r[f"before_{m}"]) for m in METRICS}
         own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
         after = {m: float(r[f"{own}_{m}"]) for m in METRICS}
         rows.append({**r, "ok": True, "before": before, "after_own": after, "der": defense_effectiveness_rating(before, after),
-                     "repair_seconds": seconds.get(r["cell"]), "accepted": str(r["accepted"]) == "True"})
+                     "repair_seconds": c.repair_seconds, "accepted": str(r["accepted"]) == "True"})
     return rows
 
 

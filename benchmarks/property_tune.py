@@ -81,22 +81,20 @@ def grid_text(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def row_of(name: str, cell, out: Path, args) -> dict | None:
-    """One case and seed's row from its cell's run folder (None, and a line in `args.skipped`, when it failed)."""
+def row_of(name: str, res, args) -> dict | None:
+    """One case and seed's row from its cell's run folder (`res`: a `netmend.bench.CellResult`; None, and a line in
+    `args.skipped`, when it failed or did not run)."""
     import json
 
     from netmend.edit import Edit
 
-    folder = out / "cells" / cell.id
-    if not (folder / "cell.json").is_file():
-        fail = out / "failed" / f"{cell.id}.json"
-        why = json.loads(fail.read_text())["error"] if fail.is_file() else "not run"
-        args.skipped.append(f"{name} (seed {cell.seed}): {why}")
+    if res.status != "ok":
+        args.skipped.append(f"{name} (seed {res.seed}): {res.error or 'not run'}")
         return None
-    run = folder / "run"
+    run = res.run
     met = json.loads((run / "metrics.json").read_text())
     edit = Edit.load(run / "edit.safetensors")
-    row = {"case": name, "seed": cell.seed, "repair_s": round(met["repair_seconds"], 1),
+    row = {"case": name, "seed": res.seed, "repair_s": round(met["repair_seconds"], 1),
            "steps": edit.meta.get("steps", "—"), "changed_weights": edit.num_changed()}
     for k in METRICS:
         row[f"{k}_before"], row[f"{k}_after"] = met["before"][k], met["after"][k]
@@ -142,19 +140,18 @@ def main(argv=None) -> None:
         args.out = Path(__file__).parent / "results" / args.method.replace("-", "_")
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")
-    from netmend.bench import load_grid, run_bench
+    from netmend.bench import load_grid, read_cells, run_bench
 
     bench = Path(__file__).parent / "runs" / f"{args.out.name}-bench"      # runs/: not in git
     bench.mkdir(parents=True, exist_ok=True)
     grid = bench / "property.toml"
     grid.write_text(grid_text(args))
     run_bench(grid, bench / "out", workers=args.workers, log=lambda *a: print(*a, flush=True))
-    plan = load_grid(grid)
     names = {(nnet_path(CASES[c][0]).name, CASES[c][1]): c for c in args.cases}
     rows = []
-    for c in plan.cells:
-        name = names[Path(c.coords["model"]).name, c.coords["defect"].split("=", 1)[1]]
-        row = row_of(name, c, bench / "out", args)
+    for res in read_cells(bench / "out", load_grid(grid)):
+        name = names[Path(res.coords["model"]).name, res.coords["defect"].split("=", 1)[1]]
+        row = row_of(name, res, args)
         if row is not None:
             rows.append(row)
     rows.sort(key=lambda r: (r["seed"], args.cases.index(r["case"])))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import platform
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from netmend.api import defect_for
-from netmend.bench.grid import load_grid
+from netmend.bench import load_grid, read_cells
 from netmend.data.triggers import stamp_batched
 from netmend.edit import Edit
 from netmend.metrics import attack_success_rate, predict
@@ -54,25 +53,23 @@ def measure(grid: Path, out: Path, cache: Path) -> list[dict]:
     """Per finished cell: ASR at every trigger variant before and after, and the cell's accuracy and gate verdict."""
     plan = load_grid(grid)
     rows = []
-    for c in plan.cells:
-        folder = out / "cells" / c.id
-        if not (folder / "cell.json").is_file():
+    for c, res in zip(plan.cells, read_cells(out, plan)):
+        if res.status != "ok":
             continue
-        rec = json.loads((folder / "cell.json").read_text())
         model, info = load_model_folder(cache / c.model_key)
         defect = defect_for(info, **{**c.defect, "seed": c.seed})
-        candidate = folder / "run" / "candidate-edit.safetensors"
+        candidate = res.run / "candidate-edit.safetensors"
         fixed = (Edit.load(candidate).apply(copy.deepcopy(model)) if candidate.is_file()
-                 else load_model_folder(folder / "run")[0])
+                 else load_model_folder(res.run)[0])
         before, after = variant_asr(model, defect), variant_asr(fixed, defect)
-        r = rec["row"]
+        r = res.row
         own = "candidate" if "candidate_clean_accuracy" in r else "after"
         for variant in before:
             rows.append({"dataset": c.coords["dataset"], "seed": c.seed, "method": c.coords["method"],
                          "variant": variant, "accepted": r["accepted"],
                          "clean_accuracy_before": r["before_clean_accuracy"],
                          "clean_accuracy_after": r[f"{own}_clean_accuracy"], "asr_before": before[variant],
-                         "asr_after": after[variant], "repair_seconds": rec["repair_seconds"]})
+                         "asr_after": after[variant], "repair_seconds": res.repair_seconds})
     return rows
 
 

@@ -20,6 +20,7 @@ from ..errors import NetmendError, first_line
 from ..modelio import check_fresh_out, fresh_folder, write_json
 from .cells import Files, cell_task, one_thread, pack, train_task, unpack
 from .grid import Plan, load_grid
+from .results import cell_paths, read_cells
 from .table import write_tables
 
 Job = tuple[str, Callable[..., dict], tuple, bool]       # (key, task, arguments, needs a GPU)
@@ -149,10 +150,6 @@ def _store_model(folder: Path, files: Files) -> None:
             raise
 
 
-def _cell_files(out: Path, cid: str) -> tuple[Path, Path]:
-    return out / "cells" / cid, out / "failed" / f"{cid}.json"
-
-
 def run_bench(grid: str | Path, out: str | Path, workers: int | None = None, ray: str | None = None,
               cache: str | Path | None = None, limit: int | None = None, only: list[str] | None = None,
               log: Callable[[str], Any] = print) -> dict[str, Any]:
@@ -182,7 +179,7 @@ def run_bench(grid: str | Path, out: str | Path, workers: int | None = None, ray
         for stale in (out / "cells").iterdir():       # a cell folder without its record, or a killed run's partial
             if stale.is_dir() and not (stale / "cell.json").is_file():
                 shutil.rmtree(stale, ignore_errors=True)
-        finished = [c.id for c in plan.cells if (_cell_files(out, c.id)[0] / "cell.json").is_file()]
+        finished = [c.id for c in plan.cells if (cell_paths(out, c.id)[0] / "cell.json").is_file()]
         todo = [c for c in plan.cells if c.id not in set(finished)]
         left = [c for c in todo if only and c.coords["method"] not in only]
         todo = [c for c in todo if not only or c.coords["method"] in only]
@@ -246,7 +243,7 @@ def _cells(plan: Plan, todo, out: Path, cache: Path, backend, model_errors: dict
 
 def _record(out: Path, c, res: dict, ran: list, failed: dict, log, progress: str) -> None:
     """A finished cell's folder (built beside itself, renamed into place), or its one-line error."""
-    folder, fail = _cell_files(out, c.id)
+    folder, fail = cell_paths(out, c.id)
     ran.append(c.id)
     if "error" in res:
         failed[c.id] = res["error"]
@@ -266,17 +263,14 @@ def _finish(plan: Plan, out: Path) -> None:
     from ..report.html import write_report
 
     rows, timings, folders, skipped = [], [], [], {}
-    for c in plan.cells:
-        folder, fail = _cell_files(out, c.id)
-        if (folder / "cell.json").is_file():
-            rec = json.loads((folder / "cell.json").read_text())
-            rows.append({"cell": c.id, **c.coords, "status": "ok", **rec["row"]})
-            timings.append({"cell": c.id, "seconds": rec["seconds"], "repair_seconds": rec["repair_seconds"]})
-            folders.append(folder / "run")
-        elif fail.is_file():
-            error = json.loads(fail.read_text())["error"]
-            rows.append({"cell": c.id, **c.coords, "status": "failed", "error": error})
-            skipped[c.id] = error
+    for r in read_cells(out, plan):
+        if r.status == "ok":
+            rows.append({"cell": r.id, **r.coords, "status": "ok", **r.row})
+            timings.append({"cell": r.id, "seconds": r.seconds, "repair_seconds": r.repair_seconds})
+            folders.append(r.run)
+        elif r.status == "failed":
+            rows.append({"cell": r.id, **r.coords, "status": "failed", "error": r.error})
+            skipped[r.id] = r.error
     keys = [k for k in plan.cells[0].coords if k != "seed"]
     title = plan.grid.title or f"netmend bench {plan.path.name}"
     write_tables(out, title, keys, rows, timings)
