@@ -190,3 +190,38 @@ def test_race_survivors_keeps_a_candidate_the_rest_could_still_make_the_best():
     a, b = torch.rand(300, generator=g, dtype=torch.float64), torch.rand(300, generator=g, dtype=torch.float64)
     assert sorted(race_survivors({0: (a, den), 1: (b, den)}, 3000, z=4.0)) == [0, 1]
     assert race_survivors({0: (a, den), 1: (a + 1.0, den)}, 3000, z=4.0) == [0]
+
+
+def test_probe_reads_the_fit_rows_layer_inputs_the_statistics_pass_kept(backdoored):
+    """The clean probe rows that are repair fit samples start at the edited layer from the inputs the statistics
+    pass kept: the same rates as running the model from its input; and an upstream weight change makes those
+    kept inputs unusable (None), never stale."""
+    import copy
+
+    from netmend.edit import Edit
+    from netmend.editing import cached_layer_inputs, prefetch_moments, statistics_inputs
+    from netmend.repair.rectify import RectifyConfig, fit_layer_inputs, make_probe, probe_rates_many
+
+    model, info = backdoored
+    model = copy.deepcopy(model).eval()
+    defect = defect_for(info, pairs=1, repair_fraction=0.1)
+    cfg = RectifyConfig()
+    probe = make_probe(model, defect, cfg)
+    assert probe.fit_rows == (len(defect.repair.y_val), len(probe.pairs) - len(defect.repair.y_val))
+    layers = [k.rsplit(".", 1)[0] for k, _ in model.named_parameters() if k.endswith("weight")][-2:]
+    stats = statistics_inputs(defect, cfg.stats_include_val)
+    prefetch_moments(model, layers, stats)
+    kept = fit_layer_inputs(model, defect, layers, cfg)
+    assert set(kept) == set(layers) and all(len(t) == len(defect.repair.x_fit) for t in kept.values())
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    edits = [Edit({f"{name}.weight": 0.05 * torch.randn(params[f"{name}.weight"].shape, generator=g)})
+             for name in layers]
+    plain, base = probe_rates_many(model, edits, [1.0, 2.0], probe, batch_size=64, with_base=True)
+    reused, base2 = probe_rates_many(model, edits, [1.0, 2.0], probe, batch_size=64, with_base=True, fit_inputs=kept)
+    assert base2 == base and reused == plain
+    first = [k for k, _ in model.named_parameters()][0]
+    with torch.no_grad():
+        params[first].add_(0.1)                     # an upstream change: the kept inputs no longer hold
+    assert cached_layer_inputs(model, layers[-1], stats) is None
+    assert fit_layer_inputs(model, defect, layers, cfg) == {}

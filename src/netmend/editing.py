@@ -57,22 +57,32 @@ def second_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size
 
 def _moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int, device: str
             ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    S, count, keys = _key_sums(model, {layer: check_editable(model, layer)}, inputs, batch_size, device)
+    S, count, keys, _raw = _key_sums(model, {layer: check_editable(model, layer)}, inputs, batch_size, device)
     require(count[layer] > 0, "no statistics inputs to estimate the key second moment")
     return S[layer] / count[layer], count[layer], keys[layer]
 
 
 def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int,
-              device: str) -> tuple[dict[str, torch.Tensor | None], dict[str, int], dict[str, torch.Tensor | None]]:
+              device: str, keep_inputs: int = 0
+              ) -> tuple[dict[str, torch.Tensor | None], dict[str, int], dict[str, torch.Tensor | None],
+                         dict[str, torch.Tensor]]:
     """Σ k kᵀ (float64), the number of keys and, where they are few (`LOW_RANK`), the keys themselves (float64,
-    one per row; else None) at every layer of `mods`, from one forward pass per batch."""
+    one per row; else None) at every layer of `mods`, from one forward pass per batch. With `keep_inputs` (bytes),
+    also each layer's inputs as the model computed them, for as many layers as fit in that budget (the deepest
+    first): a later pass over the same samples reads them instead of running the model up to the layer."""
     S: dict[str, torch.Tensor | None] = dict.fromkeys(mods)
     count = dict.fromkeys(mods, 0)
     kept: dict[str, list[torch.Tensor] | None] = {layer: [] for layer in mods}
+    raw: dict[str, list[torch.Tensor]] = {}
     model.eval()
     with torch.no_grad(), capture(model, list(mods)) as cap, fast_layout(model, inputs[:2], len(inputs)):
         for xb in _batches(inputs, batch_size):
             model(xb.to(device))
+            if keep_inputs and not raw and len(inputs):
+                raw = {layer: [] for layer in _within_budget(cap.inputs, list(mods), len(inputs) / len(xb),
+                                                             keep_inputs)}
+            for layer in raw:
+                raw[layer].append(cap.inputs[layer].detach().clone())
             for layer, mod in mods.items():
                 K = flat_keys(mod, cap.inputs[layer]).double()
                 if S[layer] is None:
@@ -88,7 +98,18 @@ def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor
     for layer, m in S.items():
         if m is not None and m.shape[0] >= GRAM_BLOCKED:            # the strips filled the upper triangle
             S[layer] = torch.triu(m) + torch.triu(m, 1).T
-    return S, count, keys
+    return S, count, keys, {layer: torch.cat(v) for layer, v in raw.items() if v}
+
+
+def _within_budget(first: dict[str, torch.Tensor], layers: list[str], batches: float, budget: int) -> list[str]:
+    """The layers whose inputs over all the batches fit in `budget` bytes together, deepest (last) first."""
+    chosen, used = [], 0.0
+    for layer in reversed(layers):
+        size = first[layer].element_size() * first[layer].numel() * batches
+        if used + size <= budget:
+            chosen.append(layer)
+            used += size
+    return chosen
 
 
 GRAM_BLOCKED = 512       # from this width on, Σ KᵀK is accumulated in row strips over the upper triangle only
@@ -147,12 +168,12 @@ def _cached(key: tuple, model: nn.Module, fp: tuple) -> torch.Tensor | None:
 
 
 def _store_moment(key: tuple, model: nn.Module, fp: tuple, C: torch.Tensor, count: int, upstream: list[str],
-                  keys: torch.Tensor | None = None) -> None:
+                  keys: torch.Tensor | None = None, layer_inputs: torch.Tensor | None = None) -> None:
     if len(_MOMENTS) > 32:
         _MOMENTS.clear()
     _MOMENTS[key] = (weakref.ref(model), fp, C, upstream)
     _prune(_COUNTS)
-    _COUNTS[id(C)] = (weakref.ref(C), count, keys)
+    _COUNTS[id(C)] = (weakref.ref(C), count, keys, layer_inputs)
 
 
 def _prune(cache: dict) -> None:
@@ -179,6 +200,22 @@ def moment_keys(C: torch.Tensor) -> torch.Tensor | None:
     return hit[2] if hit is not None and hit[0]() is C else None
 
 
+INPUTS_BUDGET = 256 * 2**20   # bytes of layer inputs `prefetch_moments` keeps for later passes over the same samples
+
+
+def cached_layer_inputs(model: nn.Module, layer: str, inputs: torch.Tensor) -> torch.Tensor | None:
+    """The inputs of `layer` for every sample of `inputs` (one row each, in order), as the statistics pass of
+    `prefetch_moments` computed them on this model with its current upstream weights; None where that pass did not
+    keep them (over `INPUTS_BUDGET`, another model or statistics set, or an upstream weight changed since)."""
+    try:
+        fp = _fingerprint(model, _upstream(model, layer, inputs))
+    except NetmendError:
+        return None
+    C = _cached((id(model), layer, content_digest(inputs)), model, fp)
+    hit = _COUNTS.get(id(C)) if C is not None else None
+    return hit[3] if hit is not None and hit[0]() is C else None
+
+
 def prefetch_moments(model: nn.Module, layers: list[str], inputs: torch.Tensor, batch_size: int = 256,
                      device: str = "cpu") -> None:
     """Fill the moment cache for several layers with one forward pass over `inputs` (instead of one pass per
@@ -197,10 +234,11 @@ def prefetch_moments(model: nn.Module, layers: list[str], inputs: torch.Tensor, 
             missing[layer] = (mod, key, fp, upstream)
     if len(missing) < 2:                                 # nothing to share: cached_moment does it on demand
         return
-    S, count, keys = _key_sums(model, {layer: m[0] for layer, m in missing.items()}, inputs, batch_size, device)
+    S, count, keys, raw = _key_sums(model, {layer: m[0] for layer, m in missing.items()}, inputs, batch_size, device,
+                                    keep_inputs=INPUTS_BUDGET)
     for layer, (_mod, key, fp, upstream) in missing.items():
         if count[layer] > 0:
-            _store_moment(key, model, fp, S[layer] / count[layer], count[layer], upstream, keys[layer])
+            _store_moment(key, model, fp, S[layer] / count[layer], count[layer], upstream, keys[layer], raw.get(layer))
 
 
 def share_moments(src: nn.Module, dst: nn.Module) -> int:

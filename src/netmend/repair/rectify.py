@@ -136,6 +136,7 @@ class Probe:
     pulled: int
     base_correct: torch.Tensor | None = None
     carried_as: str = ""              # how the corruption was carried (Pairs.carried_as)
+    fit_rows: tuple[int, int] | None = None   # (start, count): clean probe rows start… are repair fit samples 0…count−1
 
 
 @torch.no_grad()
@@ -153,7 +154,10 @@ def make_probe(model: nn.Module, defect: Defect, cfg: RectifyConfig) -> Probe | 
     if not len(y):
         return None
     pairs = select_pairs(defect, cfg.pairs)
-    return Probe(pairs.transplant(x, y), pulled_class(model, pairs, cfg.device), carried_as=pairs.carried_as())
+    nval = len(r.y_val)
+    fit_rows = (nval, len(y) - nval) if len(y) > nval else None
+    return Probe(pairs.transplant(x, y), pulled_class(model, pairs, cfg.device), carried_as=pairs.carried_as(),
+                 fit_rows=fit_rows)
 
 
 def _rates(pc: torch.Tensor, pb: torch.Tensor, y: torch.Tensor, pulled: int) -> dict[str, float]:
@@ -325,9 +329,32 @@ def _rank_one_factors(edit: Edit, dW: torch.Tensor) -> tuple[torch.Tensor, torch
     return d.to(device=dW.device, dtype=dW.dtype), lam.to(device=dW.device, dtype=dW.dtype)
 
 
+def fit_layer_inputs(model: nn.Module, defect: Defect, layers: list[str], cfg: "RectifyConfig"
+                     ) -> dict[str, torch.Tensor]:
+    """Per layer of `layers` where the model is a plain chain at it: its inputs on the repair fit samples, as the
+    localiser's statistics pass kept them (`cached_layer_inputs`: the statistics set starts with the fit samples).
+    The probe's clean side holds the same samples, so its pass reads them there instead of running the model up to
+    the layer again: the same values, one forward pass over the fit samples fewer."""
+    from ..editing import cached_layer_inputs, statistics_inputs
+    from ..hooks import split_sequential
+
+    layers = [layer for layer in dict.fromkeys(layers) if split_sequential(model, layer) is not None]
+    if not layers:
+        return {}
+    stats = statistics_inputs(defect, cfg.stats_include_val)
+    n_fit = len(defect.repair.x_fit)
+    out = {}
+    for layer in layers:
+        t = cached_layer_inputs(model, layer, stats)
+        if t is not None and len(t) >= n_fit:
+            out[layer] = t[:n_fit]
+    return out
+
+
 @torch.no_grad()
 def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], probe: Probe, device: str = "cpu",
-                     batch_size: int = 512, with_base: bool = False, judge: tuple[str, float] | None = None
+                     batch_size: int = 512, with_base: bool = False, judge: tuple[str, float] | None = None,
+                     fit_inputs: dict[str, torch.Tensor] | None = None
                      ) -> tuple[list[list[dict[str, float]]], dict[str, float] | None]:
     """`probe_rates_scaled` of several edits of the model as it stands (each tried alone), with one forward pass
     per probe batch for all of them: the pass captures every edited layer's input and output, and each edit's
@@ -335,7 +362,9 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
     `probe_rates`, read from the same pass (and `probe.base_correct` set). Each edit's predictions are the ones its
     own pass would give. With `judge` = (probe cost, ε) and `probe.base_correct` known or measured here, a
     candidate (edit, γ) that cannot be chosen stops being run (`eliminated_candidates`); its rates are then those
-    of the samples it ran on, with `probe_samples` and `eliminated` saying so."""
+    of the samples it ran on, with `probe_samples` and `eliminated` saying so. `fit_inputs` (`fit_layer_inputs`):
+    the edited layers' inputs on the clean probe rows that are repair fit samples (`probe.fit_rows`); where every
+    candidate still running has them, those rows start at the layer instead of at the model's input."""
     layers = [_edited_layer(model, e) for e in edits]
     out: list[list[dict[str, float]] | None] = [None] * len(edits)
     for i, (e, layer) in enumerate(zip(edits, layers)):
@@ -360,18 +389,41 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
     own: tuple[list, list] = ([], [])
     labels, n = probe.pairs.labels, len(probe.pairs)
     judging = judge is not None and len(preds) > 1 and (with_base or probe.base_correct is not None)
+    fit_inputs = fit_inputs or {}
+    start, count = probe.fit_rows or (n, 0)
+
+    def pieces(lo: int, hi: int, cut: list[str]):
+        """The clean rows [lo, hi) as (x, inputs of each cut layer or None: run the model) pieces, in order."""
+        if not count or not cut or not all(layer in fit_inputs for layer in cut):
+            return [(lo, hi, None)]
+        a, b = max(lo, start), min(hi, start + count)
+        if a >= b:
+            return [(lo, hi, None)]
+        parts = [(lo, a, None)] if lo < a else []
+        parts.append((a, b, {layer: fit_inputs[layer][a - start: b - start].to(device) for layer in cut}))
+        return parts + ([(b, hi, None)] if b < hi else [])
+
     with fast_layout(model, probe.pairs.clean[:2], 2 * n):
         for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
             cut = sorted({layers[i] for i, _g in running})
-            for side, x in enumerate((probe.pairs.clean[lo: lo + batch_size], probe.pairs.corrupted[lo: lo + batch_size])):
+            batches = [(0, probe.pairs.clean[a:b], kept) for a, b, kept in pieces(lo, hi, cut)]
+            batches.append((1, probe.pairs.corrupted[lo:hi], None))
+            for side, x, kept in batches:
                 x = x.to(device)
-                with capture(model, cut) as cap:
-                    y = model(x)
+                if kept is None:
+                    with capture(model, cut) as cap:
+                        y = model(x)
+                    ins, outs = cap.inputs, cap.outputs
+                else:                             # the layers' inputs kept by the statistics pass: start there
+                    ins = kept
+                    outs = {layer: get_layer(model, layer)(kept[layer]) for layer in cut}
+                    y = run_from(model, cut[0], outs[cut[0]]) if with_base else None
                 if with_base:
                     own[side].append(y.argmax(1).cpu())
                 for i in sorted({i for i, _g in running}):
                     layer, mod = layers[i], mods[i]
-                    k, h0 = cap.inputs[layer], cap.outputs[layer]
+                    k, h0 = ins[layer], outs[layer]
                     if isinstance(mod, nn.Linear):  # ΔW = Λ dᵀ: (k·d) Λ
                         change = (k @ factors[i][0])[..., None] * factors[i][1] if i in factors else F.linear(k, dWs[i])
                     elif i in factors:            # ΔW = Λ ⊗ d: project the keys on d, then a one-channel conv
@@ -380,12 +432,12 @@ def probe_rates_many(model: nn.Module, edits: list[Edit], gammas: list[float], p
                                           mod.padding, mod.dilation)
                     else:
                         change = F.conv2d(k, dWs[i], None, mod.stride, mod.padding, mod.dilation, mod.groups)
-                    carry = carried_at(model, layer, x)   # a skip connection across the cut: computed once per batch
+                    carry = carried_at(model, layer, x) if kept is None else None   # a skip connection across the cut
                     for g in gammas:
                         if (i, g) in running:
                             h = torch.add(h0, change, alpha=g)     # one pass over the output, not two
                             preds[i, g][side].append(run_from(model, layer, h, x, carry).argmax(1).cpu())
-            seen = min(n, lo + batch_size)
+            seen = hi
             if judging and seen < n and len(running) > 1:
                 running -= _judged(judge, {c: preds[c] for c in running}, own, probe, labels[:seen], n)
     if with_base:
@@ -690,8 +742,9 @@ def _probe_round(work: nn.Module, defect: Defect, sites, probe: Probe, cfg: Rect
     at every overshoot γ, from one pass over the probe; with `with_base` also the model's own probe rates."""
     top = list(sites)[: max(1, cfg.lookahead)]
     edits = [rank_one_edit(work, defect, s.layer, rcfg, value=s.info.get("value_point")) for s in top]
+    fit = fit_layer_inputs(work, defect, [s.layer for s in top], cfg) if probe.fit_rows else {}
     rates, base = probe_rates_many(work, edits, overshoot_gammas(cfg), probe, cfg.device, with_base=with_base,
-                                   judge=(cfg.probe_cost, cfg.epsilon))
+                                   judge=(cfg.probe_cost, cfg.epsilon), fit_inputs=fit)
     return list(zip(edits, rates)), base
 
 
