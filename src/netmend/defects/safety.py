@@ -35,6 +35,7 @@ from torch import nn
 
 from ..data.vnnlib import Property, argmin_property, check_network, load_vnnlib
 from ..errors import NetmendError, require
+from ..inference import chain_forward
 from ..metrics import wilson_interval
 from ..registry import DEFECTS
 from .base import Defect, Objective, RepairData
@@ -99,7 +100,8 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def _outputs(model: nn.Module, x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
     dev = _device(model)
-    return torch.cat([model(x[i: i + chunk].to(dev)).cpu() for i in range(0, len(x), chunk)]) if len(x) else torch.zeros(0, 5)
+    f = chain_forward(model) or model
+    return torch.cat([f(x[i: i + chunk].to(dev)).cpu() for i in range(0, len(x), chunk)]) if len(x) else torch.zeros(0, 5)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ..defects.capabilities import require_capability
 from ..edit import Edit
 from ..errors import NetmendError, first_line, require
 from ..methods import MethodPreset
+from ..inference import chain_forward
 from ..registry import METHODS, REPAIRERS
 from ..sites import Sites
 from ..train import masked_step
@@ -86,19 +87,20 @@ def decision_hinge(z: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Ten
     return decision_terms(z, y, margin).mean()
 
 
-def active_mean(terms, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+def active_mean(terms, x: torch.Tensor, *rest: torch.Tensor, screen=None) -> torch.Tensor:
     """mean(terms(x, *rest)) with the graph built only through the samples whose hinge is active.
 
     A hinge term that is zero has zero gradient, so a pass without gradient over the whole batch, then a pass with
     gradient over the active samples only, gives the same value and the same gradient as one pass over all of them
     — at the cost of a forward pass instead of a forward and backward pass for the (many) inactive ones. That makes
     large fresh batches cheap, and batch size is what limits the keep term (its sampling noise moves the decisions).
+    `screen(x, *rest)`: the same terms computed another way without gradient (`chain_forward`), for that first pass.
     """
     n = len(x)
     if n == 0:
         return x.new_zeros(())
     with torch.no_grad():
-        active = terms(x, *rest) > 0
+        active = (screen or terms)(x, *rest) > 0
     if not bool(active.any()):
         return terms(x[:1], *[r[:1] for r in rest]).sum() * 0          # zero, with a graph to the weights
     return terms(x[active], *[r[active] for r in rest]).sum() / n
@@ -131,14 +133,23 @@ def property_tune(model: nn.Module, defect: Defect, sites: Sites | None, cfg: Pr
     g = torch.Generator().manual_seed(int(cfg.seed) + 777)      # repair-only stream
     last: dict = {}
 
+    fast = chain_forward(work)
+    net = fast or work
+
+    def box_terms(x: torch.Tensor, f=work) -> torch.Tensor:
+        return torch.relu(defect.property_margin(f(x)) + cfg.margin)
+
+    def keep_terms(x: torch.Tensor, y: torch.Tensor, f=work) -> torch.Tensor:
+        return decision_terms(defect.decision_logits(f(x)), y, cfg.keep_margin)
+
     def train(steps: int, cover=None) -> int:
         nonlocal last
         i = -1
         for i in range(steps):
             xb, xk, yk = defect.sample_fresh(cfg.box_batch, cfg.keep_batch, g)
             xb, xk, yk = xb.to(dev), xk.to(dev), yk.to(dev)
-            box = active_mean(lambda x: torch.relu(defect.property_margin(work(x)) + cfg.margin), xb)
-            keep = active_mean(lambda x, y: decision_terms(defect.decision_logits(work(x)), y, cfg.keep_margin), xk, yk)
+            box = active_mean(box_terms, xb, screen=lambda x: box_terms(x, net))
+            keep = active_mean(keep_terms, xk, yk, screen=lambda x, y: keep_terms(x, y, net))
             ev = decision_hinge(defect.decision_logits(work(x_ev)), y_ev, 0.01)
             loss = cfg.box_weight * box + cfg.keep_weight * keep + cfg.evidence_weight * ev
             if cover is not None:
