@@ -2,13 +2,23 @@
 
     python benchmarks/care.py                          # every case, seed 0
     python benchmarks/care.py --cases census-sex fmnist-badnets n29-phi8
-    python benchmarks/care.py --seeds 0 1 2 --threads 2
+    python benchmarks/care.py --seeds 0 1 2 --workers 2
     python benchmarks/care.py --cases n29-phi8 n33-phi2s --merge   # rerun two cases, keep the other rows
 
 Cases: fairness Census×{sex, race, age}, Credit×{sex, age}, Bank×{age} (netmend's 64-32-16-8-4 MLP per CSV);
 backdoor BadNets 3×3, 10% poisoning, target 0, small CNN on Fashion-MNIST and MNIST-5k; safety ACAS Xu
-N2,9 φ8 (official box) and N3,3 strengthened φ2. Trained models are cached under --cache (a Fashion-MNIST
-model already trained by benchmarks/rectify.py under /work/cache/models/rectify is reused as is).
+N2,9 φ8 (official box) and N3,3 strengthened φ2.
+
+A thin wrapper over `netmend bench`. The models are trained here, one per dataset and seed, and cached as model
+folders under --cache (a Fashion-MNIST model already trained by benchmarks/rectify.py under
+/work/cache/models/rectify is reused as is); the ACAS Xu networks are their .nnet files. Then one grid per option
+group (fairness, backdoor, N2,9, N3,3: <bench>/<group>.toml), each with the one method "care" and that group's locate
+and repair options, and each `models` entry a model folder (or network file) with its seed(s) and its own defect
+options (the protected attribute, the property). The grids run on --workers local workers into
+<bench>/<group>-<grid hash>/ (benchmarks/runs/<out name>-bench by default: not in git), and a rerun of the same
+command resumes them. The rows come from the cells' run folders (metrics.json before / after and seconds; the
+edit's metadata for the scales, PSO iterations, rounds and costs); a row's cell_s is its whole cell (model load,
+defect, repair, measurements, run folder), training being done before the grids run.
 Writes <out>.csv (one row per case and seed), <out>.md (the table, machine, seeds) and <out>.json (scales, traces).
 """
 from __future__ import annotations
@@ -18,9 +28,10 @@ import csv
 import json
 import os
 import platform
+import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,45 +47,39 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 class Case:
     name: str
     kind: str
-    build: Callable[[argparse.Namespace, int], tuple[Any, Any]]     # (args, seed) -> (model, defect)
-    locate: dict[str, Any] = field(default_factory=dict)
-    repair: dict[str, Any] = field(default_factory=dict)
+    group: str              # the grid it runs in: one per set of locate / repair options (GROUPS)
+    dataset: str = ""       # fairness, backdoor: the dataset the model is trained on
+    protected: str = ""     # fairness: the protected attribute (a defect option of the models entry)
+    net: str = ""           # safety: the ACAS Xu network ("2_9")
+    prop: str = ""          # safety: the property (a defect option of the models entry)
     paper: str = ""
 
 
-def _cached(folder: Path, train: Callable[[], tuple[Any, dict]]):
+def _trained(folder: Path, train: Callable[[], tuple[Any, dict]]) -> Path:
+    """The model folder, trained and saved first when it is not there yet."""
     if not (folder / "model.json").is_file():
         t0 = time.perf_counter()
         model, info = train()
         print(f"trained {folder.name} in {time.perf_counter() - t0:.0f}s", flush=True)
         save_model_folder(folder, model, info)
-    return load_model_folder(folder)
+    return folder
 
 
-def fairness_case(dataset: str, protected: str):
-    def build(args, seed):
-        from netmend.defects.fairness import FairnessOptions, fairness_from_info, train_fairness
+def fairness_folder(cache: Path, dataset: str, seed: int) -> Path:
+    from netmend.defects.fairness import train_fairness
 
-        model, info = _cached(args.cache / f"{dataset}-mlp-s{seed}", lambda: train_fairness(dataset, seed=seed))
-        return model, fairness_from_info(info, FairnessOptions(protected=protected, seed=seed), model=model)
-
-    return build
+    return _trained(cache / f"{dataset}-mlp-s{seed}", lambda: train_fairness(dataset, seed=seed))
 
 
-def backdoor_case(dataset: str):
-    def build(args, seed):
-        from netmend.data.triggers import TriggerSpec
-        from netmend.defects.backdoor import BackdoorOptions, backdoor_from_info
-        from netmend.train import train_backdoored
+def backdoor_folder(cache: Path, dataset: str, seed: int) -> Path:
+    from netmend.data.triggers import TriggerSpec
+    from netmend.train import train_backdoored
 
-        shared = args.cache.parent / "rectify" / f"{dataset}-small-cnn-badnets-s{seed}"    # same recipe
-        folder = shared if (shared / "model.json").is_file() else args.cache / f"{dataset}-small-cnn-badnets-s{seed}"
-        model, info = _cached(folder, lambda: train_backdoored(
-            dataset, "small-cnn", TriggerSpec(kind="badnets", size=3), target=0, poison_rate=0.1,
-            cfg=netmend.train.TrainConfig(seed=seed)))
-        return model, backdoor_from_info(info, BackdoorOptions(seed=seed))
-
-    return build
+    shared = cache.parent / "rectify" / f"{dataset}-small-cnn-badnets-s{seed}"    # same recipe
+    folder = shared if (shared / "model.json").is_file() else cache / f"{dataset}-small-cnn-badnets-s{seed}"
+    return _trained(folder, lambda: train_backdoored(
+        dataset, "small-cnn", TriggerSpec(kind="badnets", size=3), target=0, poison_rate=0.1,
+        cfg=netmend.train.TrainConfig(seed=seed)))
 
 
 def nnet_path(net: str) -> Path:
@@ -82,13 +87,34 @@ def nnet_path(net: str) -> Path:
     return DATA / "acasxu" / "nnet" / f"ACASXU_run2a_{net}_batch_2000.nnet"
 
 
-def safety_case(net: str, prop: str):
-    def build(args, seed):
-        from netmend.defects.safety import SafetyOptions, safety_from_info
-        from netmend.zoo.acasxu import load_nnet
+def model_entry(case: Case, args, seed: int) -> tuple[Path, dict[str, Any]]:
+    """The case's `models` entry for one seed: (its model folder or network file, its own defect options). The cell
+    adds its seed to those options, so the defect is FairnessOptions(protected=..., seed=seed),
+    BackdoorOptions(seed=seed) or SafetyOptions(property=..., seed=seed), and the repair runs with the same seed."""
+    if case.kind == "fairness":
+        return fairness_folder(args.cache, case.dataset, seed), {"protected": case.protected}
+    if case.kind == "backdoor":
+        return backdoor_folder(args.cache, case.dataset, seed), {}
+    return nnet_path(case.net), {"property": case.prop}
 
-        model, info = load_nnet(nnet_path(net))
-        return model, safety_from_info(info, SafetyOptions(property=prop, seed=seed), model=model)
+
+# The model and defect of a case, built in this process (benchmarks/care_speed.py times CARE's kernels on them).
+def fairness_case(dataset: str, protected: str):
+    def build(args, seed):
+        from netmend.defects.fairness import FairnessOptions, fairness_from_info
+
+        model, info = load_model_folder(fairness_folder(args.cache, dataset, seed))
+        return model, fairness_from_info(info, FairnessOptions(protected=protected, seed=seed), model=model)
+
+    return build
+
+
+def backdoor_case(dataset: str):
+    def build(args, seed):
+        from netmend.defects.backdoor import BackdoorOptions, backdoor_from_info
+
+        model, info = load_model_folder(backdoor_folder(args.cache, dataset, seed))
+        return model, backdoor_from_info(info, BackdoorOptions(seed=seed))
 
     return build
 
@@ -126,19 +152,24 @@ SAFE_REPAIR = json.loads(os.environ.get("CARE_SAFE_REPAIR", '{"alpha": 0.5, "spr
 SAFE_N33_LOCATE = {"outputs": [0], "box_only": True, "specific": 1.0}
 SAFE_N33_REPAIR = {**SAFE_REPAIR, "alpha": 0.8}
 
+GROUPS = {     # group -> (locate options, repair options) of its grid's one method, "care"
+    "fairness": (FAIR_LOCATE, FAIR_REPAIR),
+    "backdoor": (BD_LOCATE, BD_REPAIR),
+    "n29": ({}, SAFE_REPAIR),
+    "n33": (SAFE_N33_LOCATE, SAFE_N33_REPAIR),
+}
+
 CASES = [
-    Case("census-sex", "fairness", fairness_case("census", "sex"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN1"),
-    Case("census-race", "fairness", fairness_case("census", "race"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN1"),
-    Case("census-age", "fairness", fairness_case("census", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN1"),
-    Case("credit-sex", "fairness", fairness_case("credit", "sex"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN2"),
-    Case("credit-age", "fairness", fairness_case("credit", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN2"),
-    Case("bank-age", "fairness", fairness_case("bank", "age"), locate=FAIR_LOCATE, repair=FAIR_REPAIR, paper="NN3"),
-    Case("mnist5k-badnets", "backdoor", backdoor_case("mnist-5k"), locate=BD_LOCATE, repair=BD_REPAIR, paper="NN5"),
-    Case("fmnist-badnets", "backdoor", backdoor_case("fashion-mnist"), locate=BD_LOCATE, repair=BD_REPAIR,
-         paper="NN6"),
-    Case("n29-phi8", "safety", safety_case("2_9", "8"), repair=SAFE_REPAIR, paper="NN7"),
-    Case("n33-phi2s", "safety", safety_case("3_3", "phi2-strengthened"), locate=SAFE_N33_LOCATE,
-         repair=SAFE_N33_REPAIR, paper="NN8"),
+    Case("census-sex", "fairness", "fairness", dataset="census", protected="sex", paper="NN1"),
+    Case("census-race", "fairness", "fairness", dataset="census", protected="race", paper="NN1"),
+    Case("census-age", "fairness", "fairness", dataset="census", protected="age", paper="NN1"),
+    Case("credit-sex", "fairness", "fairness", dataset="credit", protected="sex", paper="NN2"),
+    Case("credit-age", "fairness", "fairness", dataset="credit", protected="age", paper="NN2"),
+    Case("bank-age", "fairness", "fairness", dataset="bank", protected="age", paper="NN3"),
+    Case("mnist5k-badnets", "backdoor", "backdoor", dataset="mnist-5k", paper="NN5"),
+    Case("fmnist-badnets", "backdoor", "backdoor", dataset="fashion-mnist", paper="NN6"),
+    Case("n29-phi8", "safety", "n29", net="2_9", prop="8", paper="NN7"),
+    Case("n33-phi2s", "safety", "n33", net="3_3", prop="phi2-strengthened", paper="NN8"),
 ]
 
 HEADLINE = {   # (metric, lower is better) per kind
@@ -148,32 +179,107 @@ HEADLINE = {   # (metric, lower is better) per kind
 }
 
 
-def run_case(case: Case, args, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    t0 = time.perf_counter()
-    model, defect = case.build(args, seed)
-    setup = time.perf_counter() - t0
-    res = netmend.api.repair(model, defect, method="care", locate_options=case.locate, repair_options=case.repair,
-                             seed=seed, device=args.device)
-    row: dict[str, Any] = {"case": case.name, "paper": case.paper, "kind": case.kind, "seed": seed,
-                           "setup_s": round(setup, 2), "locate_s": round(res.locate_seconds, 2),
-                           "repair_s": round(res.repair_seconds, 2), "care_s": round(res.seconds, 2),
-                           "neurons": len(res.edit.meta["scales"]), "pso_iterations": res.edit.meta["iterations"],
-                           "rounds": len(res.edit.meta.get("rounds", [])) or 1,
-                           "best_cost": round(res.edit.meta["best_cost"], 5),
-                           "identity_cost": round(res.edit.meta["identity_cost"], 5)}
+def _toml(v: Any) -> str:
+    """A value as TOML (inline tables for the options: TOML has no null, and no option here is one)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        key = lambda k: k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)     # noqa: E731
+        return "{ " + ", ".join(f"{key(str(k))} = {_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
+    raise SystemExit(f"cannot write {v!r} into a grid file (TOML has no null)")
+
+
+def grid_text(group: str, entries: list[tuple[Path, dict[str, Any], list[int]]], args) -> str:
+    """One `netmend bench` grid: the group's models entries (folder or network file, own seeds, own defect
+    options) × the method "care" with the group's locate and repair options."""
+    locate, repair = GROUPS[group]
+    lines = [f'title = "CARE: {group}"', f"data_dir = {_toml(str(DATA))}", f"device = {_toml(args.device)}",
+             "models = ["]
+    lines += [f"  {{ folder = {_toml(str(folder))}, seeds = {_toml(seeds)}"
+              + (f", defect = {_toml(defect)}" if defect else "") + " }," for folder, defect, seeds in entries]
+    lines += ["]", "", "[methods.care]", f"locate = {_toml(locate)}", f"repair = {_toml(repair)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _scalars(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def row_of(case: Case, res) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The case's row and detail for one seed, from its cell (a `netmend.bench.CellResult`) run folder."""
+    from netmend.edit import Edit
+
+    run = res.run
+    met = json.loads((run / "metrics.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    sites = json.loads((run / "sites.json").read_text())["sites"]
+    meta = Edit.load(run / "edit.safetensors").meta
+    # a candidate the acceptance gate rejected: the row shows CARE's own result (candidate_after) and the gate's verdict
+    before, after = met["before"], met.get("candidate_after") or met["after"]
+    gate = "accepted" if met.get("accepted") else "rejected: " + ((met.get("gate") or {}).get("reason") or "")
+    r5 = lambda v: round(v, 5) if isinstance(v, (int, float)) else v     # noqa: E731  (NaN / ∞ are null there)
+    row: dict[str, Any] = {"case": case.name, "paper": case.paper, "kind": case.kind, "seed": res.seed,
+                           "cell_s": round(res.seconds, 2), "locate_s": round(met["locate_seconds"], 2),
+                           "repair_s": round(met["repair_seconds"], 2), "care_s": round(met["seconds"], 2),
+                           "neurons": len(meta["scales"]), "pso_iterations": meta["iterations"],
+                           "rounds": len(meta.get("rounds", [])) or 1,
+                           "best_cost": r5(meta["best_cost"]), "identity_cost": r5(meta["identity_cost"]),
+                           "gate": gate}
     for k in HEADLINE[case.kind]:
-        if k in res.before:
-            row[f"{k}_before"], row[f"{k}_after"] = res.before[k], res.after[k]
+        if k in before:
+            row[f"{k}_before"], row[f"{k}_after"] = before[k], after[k]
     if case.kind == "fairness":
         for k in ("discrimination_rate", "discrimination_rate_uniform", "discrimination_rate_evidence"):
-            b, a = res.before.get(k), res.after.get(k)
+            b, a = before.get(k), after.get(k)
             if b:
                 row[f"{k}_reduction"] = (b - a) / b
-    detail = {"case": case.name, "seed": seed, "sites": [[s.layer, s.index, s.score] for s in res.sites],
-              "scales": res.edit.meta["scales"], "trace": res.edit.meta["trace"], "before": res.summary()["before"],
-              "after": res.summary()["after"], "defect": defect.describe()}
+    detail = {"case": case.name, "seed": res.seed, "sites": [[s["layer"], s["index"], s["score"]] for s in sites],
+              "scales": meta["scales"], "trace": meta["trace"], "before": _scalars(before), "after": _scalars(after),
+              "defect": cfg["defect"], "cell": res.id}
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return row, detail
+
+
+def _key(folder: Path, defect: dict[str, Any]) -> tuple[str, str]:
+    """A models entry as a cell's coordinates name it: the folder, and the `defect` column (`property=8`)."""
+    return str(Path(folder).resolve()), " ".join(f"{k}={v}" for k, v in sorted(defect.items()))
+
+
+def run_group(group: str, cases: list[Case], args) -> tuple[list[dict], list[dict]]:
+    """Write and run one group's grid (resumed when its folder holds this grid's output), then read its cells."""
+    from netmend.bench import load_grid, read_cells, run_bench
+
+    entries, owner = [], {}
+    for case in cases:
+        by_folder: dict[tuple[Path, str], list[int]] = {}
+        for seed in args.seeds:
+            folder, defect = model_entry(case, args, seed)
+            by_folder.setdefault((folder, json.dumps(defect)), []).append(seed)
+        for (folder, defect), seeds in by_folder.items():      # a network file: one entry for every seed
+            entries.append((folder, json.loads(defect), seeds))
+            owner[_key(folder, json.loads(defect))] = case
+    args.bench.mkdir(parents=True, exist_ok=True)
+    grid = args.bench / f"{group}.toml"
+    grid.write_text(grid_text(group, entries, args))
+    plan = load_grid(grid)
+    out = args.bench / f"{group}-{plan.hash[:10]}"      # another selection of cases / seeds: another folder
+    run_bench(grid, out, workers=args.workers, log=lambda *a: print(*a, flush=True))
+    rows, details = [], []
+    for res in read_cells(out, plan):
+        case = owner[str(Path(res.coords["model"]).resolve()), res.coords.get("defect", "")]
+        if res.status != "ok":
+            args.skipped.append(f"{case.name} (seed {res.seed}): {res.error or 'not run'}")
+            continue
+        row, detail = row_of(case, res)
+        rows.append(row)
+        details.append(detail)
+    return rows, details
 
 
 def _fmt(v: Any) -> str:
@@ -184,9 +290,9 @@ def _fmt(v: Any) -> str:
 
 def write_markdown(rows: list[dict], path: Path, args) -> None:
     lines = ["# CARE benchmark (causal localisation + PSO)", "",
-             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, {args.threads} thread(s), "
-             f"device {args.device}; seeds {args.seeds}. Rates in %, times in s. "
-             f"Command: `python benchmarks/care.py {' '.join(sys.argv[1:])}`", "",
+             f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, `netmend bench` with "
+             f"{args.workers} worker(s) of one torch thread each, device {args.device}; seeds {args.seeds}. "
+             f"Rates in %, times in s. Command: `python benchmarks/care.py {' '.join(sys.argv[1:])}`", "",
              f"Deviations from CARE's defaults (see the comments in benchmarks/care.py): fairness locate {FAIR_LOCATE}, "
              f"repair {FAIR_REPAIR}, objective 'pool' (repair-pool rows + DI evidence); safety repair {SAFE_REPAIR} "
              f"(N3,3: locate {SAFE_N33_LOCATE}, repair {SAFE_N33_REPAIR}) with 4000 outside-box keep samples and a "
@@ -194,7 +300,9 @@ def write_markdown(rows: list[dict], path: Path, args) -> None:
              f"seeds; backdoor locate {BD_LOCATE or 'netmend default'} repair "
              f"{BD_REPAIR or 'netmend default'} (default: flattened conv features, 30 neurons, alpha 0.5; CARE: one "
              f"dense layer, 5 neurons, alpha 0.2); PSO keeps the candidate with the lowest validation cost (fairness, "
-             f"safety: the defect's validation objective; backdoor: the repair split's validation part).", ""]
+             f"safety: the defect's validation objective; backdoor: the repair split's validation part).", "",
+             "After: the model CARE returned; `gate` says whether netmend's acceptance gate keeps it (a rejected "
+             "repair is handed back as the input model, with the reason: the gate's own fresh measurements).", ""]
     for kind in ("fairness", "backdoor", "safety"):
         sub = [r for r in rows if r["kind"] == kind]
         if not sub:
@@ -205,11 +313,11 @@ def write_markdown(rows: list[dict], path: Path, args) -> None:
         if kind == "fairness":
             cols += ["DI reduction (test)", "DI reduction (uniform)"]
             keys += ["discrimination_rate_reduction", "discrimination_rate_uniform_reduction"]
-        cols += ["neurons", "PSO iters", "locate s", "repair s", "CARE s"]
-        keys += ["neurons", "pso_iterations", "locate_s", "repair_s", "care_s"]
+        cols += ["neurons", "PSO iters", "locate s", "repair s", "CARE s", "gate"]
+        keys += ["neurons", "pso_iterations", "locate_s", "repair_s", "care_s", "gate"]
         if kind == "safety":
-            cols.insert(-3, "PSO runs")
-            keys.insert(-3, "rounds")
+            cols.insert(-4, "PSO runs")
+            keys.insert(-4, "rounds")
         lines += [f"## {kind}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in sub:
             lines.append("| " + " | ".join(_fmt(r.get(k, "")) if k not in ("locate_s", "repair_s", "care_s", "seed",
@@ -227,6 +335,7 @@ def write_markdown(rows: list[dict], path: Path, args) -> None:
     path.write_text("\n".join(lines))
 
 
+
 def main(argv=None) -> None:
     from netmend.memory import keep_freed_memory
 
@@ -235,25 +344,36 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", nargs="*", default=[c.name for c in CASES], choices=[c.name for c in CASES])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/care"))
+    ap.add_argument("--workers", type=int, default=1, help="netmend bench workers (one torch thread each)")
+    ap.add_argument("--cache", type=Path, default=Path("/work/cache/models/care"), help="the trained model folders")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "care")
+    ap.add_argument("--bench", type=Path, default=None, help="the grids and their outputs (default "
+                                                             "benchmarks/runs/<out name>-bench; a rerun resumes them)")
     ap.add_argument("--merge", action="store_true", help="keep the rows of cases not rerun from the existing <out>.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)        # the models trained here: one thread, as the cells run
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")
+    args.bench = args.bench or Path(__file__).parent / "runs" / f"{args.out.name}-bench"      # runs/: not in git
+    args.skipped = []
     rows, details = [], []
-    for seed in args.seeds:
-        for case in (c for c in CASES if c.name in args.cases):
-            row, detail = run_case(case, args, seed)
-            rows.append(row)
-            details.append(detail)
+    for group in GROUPS:
+        cases = [c for c in CASES if c.group == group and c.name in args.cases]
+        if cases:
+            r, d = run_group(group, cases, args)
+            rows += r
+            details += d
+    order = {c.name: i for i, c in enumerate(CASES)}
+    rows.sort(key=lambda r: (r["seed"], order[r["case"]]))          # the old order: seed, then case
+    details.sort(key=lambda d: (d["seed"], order[d["case"]]))
+    if args.skipped:
+        print("not repaired: " + "; ".join(args.skipped), flush=True)
+    if not rows:
+        raise SystemExit("no case was repaired")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and args.out.with_suffix(".json").is_file():   # keep the other cases' rows from the last run
         done = {(r["case"], r["seed"]) for r in rows}
         old = json.loads(args.out.with_suffix(".json").read_text())
-        order = {c.name: i for i, c in enumerate(CASES)}
         rows = sorted([r for r in old["rows"] if (r["case"], r["seed"]) not in done] + rows,
                       key=lambda r: (order.get(r["case"], 99), r["seed"]))
         details = sorted([d for d in old["details"] if (d["case"], d["seed"]) not in done] + details,
@@ -267,6 +387,8 @@ def main(argv=None) -> None:
                                                          "details": details}, indent=1, default=str))
     write_markdown(rows, args.out.with_suffix(".md"), args)
     print(f"wrote {args.out}.csv/.md/.json")
+    if args.skipped:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
