@@ -47,14 +47,17 @@ def write_markdown(rows: list[dict], args) -> None:
              f"{args.workers} worker(s) of one torch thread each, device {args.device}; seeds {sorted({r['seed'] for r in rows})}; preset defaults. Last command: "
              f"`python benchmarks/property_tune.py {' '.join(sys.argv[1:])}`. Rates in %. Changed weights: for "
              "property-patch, the parameters it added (no original weight changes).", "",
+             "Each row shows what the method returned; `gate` says whether netmend's acceptance gate keeps it (a "
+             "rejected repair is handed back as the input model).", "",
              "| case | seed | violation rate (10⁶ uniform) | falsifier hits | held-out violations | fidelity outside the box "
-             "| repair s | steps | changed weights | verifier after |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| repair s | steps | changed weights | verifier after | gate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['seed']} | {pct(r['violation_rate_before'])} → {pct(r['violation_rate_after'])} | "
                      f"{r['counterexamples_found_before']} → {r['counterexamples_found_after']} | "
                      f"{pct(r['heldout_violation_rate_before'])} → {pct(r['heldout_violation_rate_after'])} | "
                      f"{pct(r['fidelity_before'])} → {pct(r['fidelity_after'])} | {r['repair_s']} | {r['steps']} | "
-                     f"{r['changed_weights']} | {r.get('verified', '') or '—'} {r.get('verify_s', '') or ''} |")
+                     f"{r['changed_weights']} | {r.get('verified', '') or '—'} {r.get('verify_s', '') or ''} | "
+                     f"{r.get('gate', '')} |")
     lines.append("")
     if getattr(args, "skipped", None):
         lines += [f"Not repaired: {'; '.join(args.skipped)}.", ""]
@@ -93,14 +96,17 @@ def row_of(name: str, res, args) -> dict | None:
         return None
     run = res.run
     met = json.loads((run / "metrics.json").read_text())
-    edit = Edit.load(run / "edit.safetensors")
+    candidate = (run / "candidate-edit.safetensors").is_file()       # the gate rejected it: the method's own result
+    edit = Edit.load(run / ("candidate-edit.safetensors" if candidate else "edit.safetensors"))
+    after = met.get("candidate_after") or met["after"]
+    gate = "accepted" if met.get("accepted") else "rejected: " + ((met.get("gate") or {}).get("reason") or "")
     row = {"case": name, "seed": res.seed, "repair_s": round(met["repair_seconds"], 1),
-           "steps": edit.meta.get("steps", "—"), "changed_weights": edit.num_changed()}
+           "steps": edit.meta.get("steps", "—"), "changed_weights": edit.num_changed(), "gate": gate}
     for k in METRICS:
-        row[f"{k}_before"], row[f"{k}_after"] = met["before"][k], met["after"][k]
+        row[f"{k}_before"], row[f"{k}_after"] = met["before"][k], after[k]
     if args.verify:
         cert = json.loads((run / "config.json").read_text()).get("certify") or {}
-        row["verified"], row["verify_s"] = met["after"].get("verify_status"), round(cert.get("verify_seconds", 0), 2)
+        row["verified"], row["verify_s"] = after.get("verify_status"), round(cert.get("verify_seconds", 0), 2)
     return row
 
 
