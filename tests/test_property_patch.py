@@ -132,6 +132,18 @@ def test_revert_of_an_edit_never_applied_is_refused():
         res.edit.revert(copy.deepcopy(net))
 
 
+def test_a_structural_edit_is_not_merged_into_another():
+    """Summing edits is for weight deltas; a patch's new layers would be lost in a sum, so it is refused."""
+    from netmend.edit import Edit
+
+    net = _net(0)
+    res = api.repair(net, SafetyDefect(net, _property(), SafetyOptions(**SMALL)), method="property-patch")
+    weights = Edit({"0.bias": torch.zeros(16)}, {})
+    for a, b in ((res.edit, weights), (weights, res.edit)):
+        with pytest.raises(NetmendError, match="structural edit"):
+            a.merge(b)
+
+
 def test_a_model_that_is_not_a_relu_chain_is_refused_in_one_line():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()

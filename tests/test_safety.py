@@ -391,3 +391,19 @@ def test_active_mean_has_the_value_and_gradient_of_the_full_batch_mean():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_part, g_full))
     none = active_mean(lambda xx, yy: decision_terms(net(xx), yy, -1e6), x, y)      # nothing active
     assert float(none.detach()) == 0 and none.requires_grad
+
+
+def test_a_safety_defect_built_in_python_names_a_property_that_does_not_fit_the_network():
+    """The Python path gets the CLI's one-line error: the property's input or output count is not the network's."""
+    import pytest
+    from torch import nn
+
+    from netmend.data.vnnlib import argmin_property
+    from netmend.defects.safety import SafetyDefect
+    from netmend.errors import NetmendError
+
+    prop = argmin_property("p", [([0.0] * 5, [1.0] * 5)], [0])
+    with pytest.raises(NetmendError, match="speaks of 5 inputs"):
+        SafetyDefect(nn.Sequential(nn.Linear(7, 5)), prop)
+    with pytest.raises(NetmendError, match="has 5 outputs, the network 3"):
+        SafetyDefect(nn.Sequential(nn.Linear(5, 3)), prop)

@@ -92,7 +92,11 @@ class Edit:
         return Edit(deltas, dict(meta or {}))
 
     def merge(self, other: "Edit") -> "Edit":
-        """Sum of two edits (used by methods that edit in rounds)."""
+        """Sum of two edits (used by methods that edit in rounds). A structural edit replaces the network's layers:
+        there is no sum to take with it, so merging one is refused instead of dropping its layers."""
+        if self.layers is not None or other.layers is not None:
+            raise NetmendError("a structural edit (new layers) cannot be merged with another edit: apply one, then "
+                               "repair the result")
         deltas = {k: v.clone() for k, v in self.deltas.items()}
         for k, v in other.deltas.items():
             deltas[k] = deltas[k] + v if k in deltas else v.clone()

@@ -227,10 +227,7 @@ class SafetyDefect(Defect):
         self.original = copy.deepcopy(model).to(o.device).eval()
         for p in self.original.parameters():
             p.requires_grad_(False)
-        with torch.no_grad():
-            probe = self.original(torch.zeros(1, prop.n_inputs, device=o.device))
-        if probe.shape[-1] != prop.n_outputs:
-            raise NetmendError(f"property {prop.name} has {prop.n_outputs} outputs, the network {probe.shape[-1]}")
+        check_network(prop, self.original)       # the property's input and output counts are the network's
         self.normalisation = normalisation if normalisation is not None else getattr(model, "normalisation", None)
         fal = dict(starts=o.falsify_starts, steps=o.falsify_steps, step=o.falsify_step,
                    local_radius=o.local_radius, local_rounds=o.local_rounds, snap=o.falsify_snap)
