@@ -28,7 +28,6 @@ import csv
 import json
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 import netmend
+from netmend.bench.toml_text import toml_value
 from netmend.modelio import load_model_folder, save_model_folder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -179,31 +179,15 @@ HEADLINE = {   # (metric, lower is better) per kind
 }
 
 
-def _toml(v: Any) -> str:
-    """A value as TOML (inline tables for the options: TOML has no null, and no option here is one)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        key = lambda k: k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)     # noqa: E731
-        return "{ " + ", ".join(f"{key(str(k))} = {_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
-    raise SystemExit(f"cannot write {v!r} into a grid file (TOML has no null)")
-
-
 def grid_text(group: str, entries: list[tuple[Path, dict[str, Any], list[int]]], args) -> str:
     """One `netmend bench` grid: the group's models entries (folder or network file, own seeds, own defect
     options) × the method "care" with the group's locate and repair options."""
     locate, repair = GROUPS[group]
-    lines = [f'title = "CARE: {group}"', f"data_dir = {_toml(str(DATA))}", f"device = {_toml(args.device)}",
+    lines = [f'title = "CARE: {group}"', f"data_dir = {toml_value(str(DATA))}", f"device = {toml_value(args.device)}",
              "models = ["]
-    lines += [f"  {{ folder = {_toml(str(folder))}, seeds = {_toml(seeds)}"
-              + (f", defect = {_toml(defect)}" if defect else "") + " }," for folder, defect, seeds in entries]
-    lines += ["]", "", "[methods.care]", f"locate = {_toml(locate)}", f"repair = {_toml(repair)}"]
+    lines += [f"  {{ folder = {toml_value(str(folder))}, seeds = {toml_value(seeds)}"
+              + (f", defect = {toml_value(defect)}" if defect else "") + " }," for folder, defect, seeds in entries]
+    lines += ["]", "", "[methods.care]", f"locate = {toml_value(locate)}", f"repair = {toml_value(repair)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -69,6 +69,13 @@ def train_task(recipe: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
 
             model, info = train_leakage(recipe["arch"], cfg, layout_seed=recipe["layout_seed"], null=recipe["null"],
                                         base=recipe["dataset"], **common)
+        elif kind == "mislabelled":
+            from ..defects.wrong_predictions import train_mislabelled
+
+            model, info = train_mislabelled(recipe["dataset"], recipe["arch"], recipe["source_class"],
+                                            recipe["as_class"], recipe["fraction"], cfg, **common)
+        elif kind == "clean":                  # nothing planted: the model records no defect (kind "clean")
+            model, info = train_backdoored(recipe["dataset"], recipe["arch"], None, cfg=cfg, **common)
         else:
             model, info = train_backdoored(recipe["dataset"], recipe["arch"], TriggerSpec.from_json(recipe["trigger"]),
                                            recipe["target"], recipe["poison_rate"], cfg, **common)
@@ -99,8 +106,10 @@ def cell_task(cell: dict[str, Any], model: Files) -> dict[str, Any]:
                 from ..modelio import load_any_model
 
                 net, info = load_any_model(folder / next(iter(model)))
-            defect = api.defect_for(info, data_dir=cell["data_dir"], model=net,
-                                    **{**cell["defect"], "seed": cell["seed"]})
+            options = {**cell["defect"], "seed": cell["seed"]}
+            kind = options.pop("kind", None)   # another defect than the model records (as `netmend repair --defect`)
+            recorded = info if kind is None else {**info, "defect": {**(info.get("defect") or {}), "kind": kind}}
+            defect = api.defect_for(recorded, data_dir=cell["data_dir"], model=net, **options)
             how = dict(method=m["method"], localiser=m["localiser"], repairer=m["repairer"],
                        locate_options=m["locate"], repair_options=m["repair"], seed=cell["seed"],
                        device=cell["device"], max_accuracy_drop=m["max_accuracy_drop"] / 100, gate=m["gate"])

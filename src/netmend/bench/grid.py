@@ -21,18 +21,30 @@ class _Strict(BaseModel):
 
 _TRIGGER = ("kind", "size", "position", "margin", "pattern", "alpha", "pattern_seed", "params")
 ATTACK_FIELDS = {"backdoor": (*_TRIGGER, "target", "poison_rate"),       # the fields each kind of attack reads
-                 "spurious": (*_TRIGGER, "cue_class", "fraction"), "leakage": ("null", "layout_seed")}
-NOT_BACKDOOR = ("defect", "cue_class", "fraction", "null", "layout_seed")  # added after backdoor grids were hashed
+                 "spurious": (*_TRIGGER, "cue_class", "fraction"), "leakage": ("null", "layout_seed"),
+                 "clean": (), "mislabelled": ("source_class", "as_class", "fraction")}
+MISLABELLED = ("source_class", "as_class")      # added after spurious and leakage grids were hashed: out of their hash
+NOT_BACKDOOR = ("defect", "cue_class", "fraction", "null", "layout_seed", *MISLABELLED)  # added after backdoor grids
+# The defect a trained model records: what its cells repair unless their `defect` options name another kind. A clean
+# model records none, so its cells must name one.
+RECORDS = {"backdoor": "backdoor", "spurious": "spurious", "leakage": "leakage", "clean": None,
+           "mislabelled": "wrong-predictions"}
 
 
 class Attack(_Strict):
     """What training plants. A backdoor (default): a trigger (netmend's TriggerSpec fields), the target class and the
     poison rate. A spurious cue: the same trigger fields, put on a `fraction` of class `cue_class`'s training images
     with their labels kept. Feature leakage: the dataset's images become BlockMNIST's digit blocks beside a `null`
-    block (nothing is poisoned; the leakage comes from training itself)."""
-    defect: Literal["backdoor", "spurious", "leakage"] = "backdoor"
+    block (nothing is poisoned; the leakage comes from training itself). A clean model: nothing planted; its cells
+    repair the defect their `defect` options name (`kind = "adversarial"` or `"wrong-predictions"`). Mislabelled
+    classes: a `fraction` of class `source_class`'s training labels set to `as_class` (the model records a
+    wrong-predictions defect)."""
+    defect: Literal["backdoor", "spurious", "leakage", "clean", "mislabelled"] = "backdoor"
     cue_class: int | None = None        # spurious: the class whose images carry the cue (default 0)
-    fraction: float | None = None       # spurious: share of that class's training images that carry it (default 0.5)
+    fraction: float | None = None       # spurious: share of that class's training images that carry it (default 0.5);
+                                        # mislabelled: share of source_class's training labels changed (default 0.4)
+    source_class: int | None = None     # mislabelled (required): the class whose labels are changed
+    as_class: int | None = None         # mislabelled (required): the label they get
     null: str | None = None             # leakage: the null block's pattern (default "square")
     layout_seed: int | None = None      # leakage: which half each image's digit takes (default 0)
     kind: str | None = None             # trigger kind; default: the attack's own name
@@ -59,10 +71,19 @@ class Attack(_Strict):
         for n in sorted(self.model_fields_set - {"defect"}):
             if n not in ATTACK_FIELDS[self.defect]:
                 owners = " or ".join(k for k, v in ATTACK_FIELDS.items() if n in v)
-                raise ValueError(f"{n} is for a {owners} attack, this one plants a {self.defect} "
+                plants = "nothing" if self.defect == "clean" else f"a {self.defect}"
+                raise ValueError(f"{n} is for a {owners} attack, this one plants {plants} "
                                  f"(defect = \"{self.defect}\")")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.defect == "mislabelled":
+            missing = [n for n in MISLABELLED if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"a mislabelled attack needs source_class (the class whose labels change) and "
+                                 f"as_class (the label they get): {' and '.join(missing)} missing")
+            if min(self.source_class, self.as_class) < 0 or self.source_class == self.as_class:
+                raise ValueError(f"source_class and as_class must be two different classes ≥ 0, got "
+                                 f"{self.source_class} and {self.as_class}")
         return self
 
 
@@ -263,7 +284,7 @@ def _check_method(label: str, m: Method, defect_kinds: set[str], defect_config, 
         preset = METHODS.get(name)
         bad = sorted(k for k in defect_kinds if not preset.applies_to(k))
         if bad:
-            raise NetmendError(f"{where}: method {name!r} does not repair a {bad[0]} defect")
+            raise NetmendError(f"{where}: method {name!r} does not repair the defect {bad[0]!r}")
     loc = m.localiser if m.localiser is not None else (preset.localiser if preset else None)
     rep = m.repairer or (preset.repairer if preset else None)
     for reg, comp, opts, preset_opts in ((LOCALISERS, loc, m.locate, preset.locate_options if preset else {}),
@@ -280,7 +301,7 @@ def _check_method(label: str, m: Method, defect_kinds: set[str], defect_config, 
     if "seed" in m.defect or "seed" in shared_defect:
         raise NetmendError(f"{where}: the defect's seed is each cell's seed (give seeds = [...])")
     if defect_config is not None:
-        _check_options(f"{where}.defect", defect_config, {**shared_defect, **m.defect})
+        _check_options(f"{where}.defect", defect_config, _options({**shared_defect, **m.defect}))
     if m.certify and defect_kinds != {"safety"}:
         raise NetmendError(f"{where}: certify proves safety properties; the grid's models have "
                            f"{', '.join(sorted(k for k in defect_kinds if k != 'safety'))} defects")
@@ -289,6 +310,41 @@ def _check_method(label: str, m: Method, defect_kinds: set[str], defect_config, 
     if m.certify:                        # only when asked: the recipes (and cell ids) of earlier grids stay the same
         out["certify"] = {"rounds": m.certify_rounds, "verify_timeout": m.verify_timeout}
     return out
+
+
+def _options(defect: dict[str, Any]) -> dict[str, Any]:
+    """A cell's defect options as its defect's config takes them: without `kind`, which picks the defect itself."""
+    return {k: v for k, v in defect.items() if k != "kind"}
+
+
+def _cell_kinds(grid: Grid, sources: list[tuple[str, str | None, dict[str, Any]]], path: Path) -> dict[str, set[str]]:
+    """{method label: the defect kinds its cells repair}. A cell repairs the defect its model records, or the kind
+    its defect options name (`kind`, as `netmend repair --defect`; the method's over the model entry's over the
+    grid's): a clean model, which records none, needs one."""
+    from ..registry import DEFECTS
+
+    tables = [("defect", grid.defect), *((f"models {e.folder!r} defect", e.defect) for e in grid.models
+                                         if isinstance(e, ModelFolder)),
+              *((f"methods.{label}.defect", m.defect) for label, m in grid.methods.items())]
+    for where, options in tables:
+        if "kind" in options:
+            kind = options["kind"]
+            try:
+                if not isinstance(kind, str):
+                    raise NetmendError(f"kind names a defect (a string), got {kind!r}")
+                DEFECTS.entry(kind)
+            except NetmendError as exc:
+                raise NetmendError(f"grid {path}: {where}: {exc}") from None
+    kinds: dict[str, set[str]] = {}
+    for label, m in grid.methods.items():
+        kinds[label] = set()
+        for where, recorded, own in sources:
+            kind = {"kind": recorded, **grid.defect, **own, **m.defect}["kind"]
+            if kind is None:
+                raise NetmendError(f"grid {path}: {where} records no defect to repair: name the one its cells repair, "
+                                   f"e.g. defect = {{ kind = \"adversarial\" }} (grid, models entry or method)")
+            kinds[label].add(kind)
+    return kinds
 
 
 def _plan(grid: Grid, path: Path) -> Plan:
@@ -304,10 +360,10 @@ def _plan(grid: Grid, path: Path) -> Plan:
     data_dir = str((base / grid.data_dir).resolve()) if grid.data_dir else None
     models: dict[str, dict[str, Any]] = {}
     per_model: list[tuple[str, dict[str, Any], int]] = []      # (model key, coords without seed/method, seed)
+    sources: list[tuple[str, str | None, dict[str, Any]]] = []  # (where, the defect its model records, own options)
     if grid.models:
         from ..modelio import read_info
 
-        kinds = set()
         for entry in grid.models:
             own_entry = isinstance(entry, ModelFolder)
             m = entry.folder if own_entry else entry
@@ -318,17 +374,13 @@ def _plan(grid: Grid, path: Path) -> Plan:
             except NetmendError as exc:
                 raise NetmendError(f"grid {path}: models: {exc}") from None
             kind = (info.get("defect") or {}).get("kind")
-            if kind in (None, "clean"):
-                raise NetmendError(f"grid {path}: models: {m} records no defect to repair")
-            kinds.add(kind)
             recipe = {"folder": str(folder), "content": _folder_hash(folder)}
             key = sha256(recipe)
             models[key] = recipe
             own_defect = entry.defect if own_entry else {}
             coords = {"model": m, **({"defect": _defect_label(own_defect)} if own_defect else {})}
             per_model += [(key, coords, s, own_defect) for s in seeds]
-        configs = {DEFECTS.entry(k).config for k in kinds}
-        defect_config = configs.pop() if len(configs) == 1 else None
+            sources.append((f"models: {m}", None if kind == "clean" else kind, own_defect))
     else:
         for kind, reg, names in (("datasets", DATASETS, grid.datasets), ("archs", ARCHITECTURES, grid.archs)):
             for n in names:
@@ -341,12 +393,11 @@ def _plan(grid: Grid, path: Path) -> Plan:
                                        f"models — list trained {n} model folders under models instead")
         for name, a in grid.attacks.items():
             try:
-                if a.defect != "leakage":        # a leakage model carries no trigger
+                if a.defect in ("backdoor", "spurious"):        # the others carry no trigger
                     TRIGGERS.entry(a.kind or name)
             except NetmendError as exc:
                 raise NetmendError(f"grid {path}: attacks.{name}: {exc}") from None
-        kinds = {a.defect for a in grid.attacks.values()}
-        defect_config = DEFECTS.entry(next(iter(kinds))).config if len(kinds) == 1 else None
+        sources += [(f"attacks.{name}", RECORDS[a.defect], {}) for name, a in grid.attacks.items()]
         train = grid.train.model_dump()
         for ds in grid.datasets:
             for arch in grid.archs:
@@ -356,16 +407,22 @@ def _plan(grid: Grid, path: Path) -> Plan:
                         key = sha256(recipe)
                         models[key] = recipe
                         per_model.append((key, {"dataset": ds, "arch": arch, "attack": aname}, seed, {}))
+    kinds = _cell_kinds(grid, sources, path)
+    configs = {label: {DEFECTS.entry(k).config for k in ks} for label, ks in kinds.items()}
+    config = {label: cs.pop() if len(cs) == 1 else None for label, cs in configs.items()}
     try:
-        methods = {label: _check_method(label, m, kinds, defect_config, grid.defect)
+        methods = {label: _check_method(label, m, kinds[label], config[label], grid.defect)
                    for label, m in grid.methods.items()}
     except NetmendError as exc:
         raise NetmendError(f"grid {path}: {exc}") from None
     own_defects = [(e.folder, e.defect) for e in grid.models if isinstance(e, ModelFolder) and e.defect]
-    for folder, own_defect in own_defects if defect_config is not None else ():   # checked like the grid's, once each
-        for m in grid.methods.values():
+    for folder, own_defect in own_defects:      # checked like the grid's, once each
+        for label, m in grid.methods.items():
+            if config[label] is None:
+                continue
             try:
-                _check_options(f"models {folder!r} defect", defect_config, {**grid.defect, **own_defect, **m.defect})
+                _check_options(f"models {folder!r} defect", config[label],
+                               _options({**grid.defect, **own_defect, **m.defect}))
             except NetmendError as exc:
                 raise NetmendError(f"grid {path}: {exc}") from None
     cells = []
@@ -393,6 +450,9 @@ def _plan(grid: Grid, path: Path) -> Plan:
         if a["defect"] == "backdoor":      # they existed (an earlier grid's output folder still resumes)
             for k in NOT_BACKDOOR:
                 a.pop(k)
+        for k in MISLABELLED:              # and those only a mislabelled attack sets, out of every other's
+            if k in a and a[k] is None:
+                a.pop(k)
     for mdump in dump["methods"].values():        # certify's fields, unless asked for: out of the hash, as before they
         if not mdump["certify"]:                  # existed (an earlier grid's output folder still resumes)
             for k in ("certify", "certify_rounds", "verify_timeout"):
@@ -418,6 +478,11 @@ def _train_recipe(ds: str, arch: str, name: str, a: Attack, train: dict[str, Any
     if a.defect == "leakage":
         return {"defect": "leakage", "dataset": ds, "arch": arch, "null": a.null or "square",
                 "layout_seed": a.layout_seed or 0, **common}
+    if a.defect == "clean":
+        return {"defect": "clean", "dataset": ds, "arch": arch, **common}
+    if a.defect == "mislabelled":
+        return {"defect": "mislabelled", "dataset": ds, "arch": arch, "source_class": a.source_class,
+                "as_class": a.as_class, "fraction": 0.4 if a.fraction is None else a.fraction, **common}
     # a backdoor's recipe has no "defect" key: the hashes of the models grids trained before stay the same
     return {"dataset": ds, "arch": arch, "trigger": spec.to_json(), "target": a.target, "poison_rate": a.poison_rate,
             **common}
