@@ -185,6 +185,25 @@ def test_interrupted_repair_leaves_nothing(model_dir, tmp_path, sig, code, word)
     assert not out.exists() and not [f for f in tmp_path.iterdir() if "partial" in f.name]
 
 
+def test_terminated_bench_stops_without_recording_a_failure(model_dir, tmp_path):
+    """SIGTERM during a grid's cell (one worker: the cell runs in the command's own process) stops the whole grid
+    with one line and exit 143; the cell is not recorded as failed, so a rerun runs it."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'seeds = [0, 1]\nmodels = ["{model_dir / "model"}"]\n\n[methods.finetune]\n'
+                    'repair = { epochs = 100000 }\n')
+    out = tmp_path / "bench"
+    env = {**os.environ, "NETMEND_QUIET": "1", "NETMEND_THREADS": "1"}
+    p = subprocess.Popen([NETMEND, "bench", str(grid), "--out", str(out), "--workers", "1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=_as_from_a_terminal)
+    time.sleep(12)                                   # past start-up: the first cell is repairing
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "netmend: terminated"
+    assert not list((out / "failed").glob("*.json")) and not list((out / "cells").iterdir())
+
+
 def test_interrupt_while_loading_is_one_line(model_dir, tmp_path):
     """Ctrl-C in the first seconds, while torch and the registry load: one line and exit 130, not a traceback from
     inside an import (this used to print one, or a RecursionError)."""

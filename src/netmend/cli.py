@@ -667,8 +667,10 @@ def _fresh_demo_dir() -> Path:
     return base / f"run{i}"
 
 
-class Terminated(Exception):
-    """SIGTERM, raised where the program is so that half-built folders are cleaned up on the way out."""
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that half-built folders are cleaned up on the way out. A
+    BaseException, as KeyboardInterrupt: code that records a failure and goes on (a `netmend bench` cell) must not
+    take it for one."""
 
 
 def _on_sigterm(_signum, _frame):
