@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 import netmend
+from netmend.bench.grid import defect_label
 from netmend.bench.toml_text import toml_value
 from netmend.modelio import load_model_folder, save_model_folder
 
@@ -232,7 +233,7 @@ def row_of(case: Case, res) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _key(folder: Path, defect: dict[str, Any]) -> tuple[str, str]:
     """A models entry as a cell's coordinates name it: the folder, and the `defect` column (`property=8`)."""
-    return str(Path(folder).resolve()), " ".join(f"{k}={v}" for k, v in sorted(defect.items()))
+    return str(Path(folder).resolve()), defect_label(defect)
 
 
 def run_group(group: str, cases: list[Case], args) -> tuple[list[dict], list[dict]]:

@@ -5,14 +5,13 @@ hash and cell ids."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from netmend.bench import load_grid, read_cells, run_bench
 from netmend.errors import NetmendError
 
-from test_bench import GRID, SPURIOUS
+from test_bench import GRID, SPURIOUS, _quiet, _write
 
 # 1 clean digits MLP × 2 methods: FGSM/PGD adversarial examples, and wrong predictions; a few seconds in all
 CLEAN = """
@@ -66,16 +65,6 @@ method = "finetune"
 repair = { epochs = 1 }
 defect = { classes = "1" }
 """
-
-
-def _quiet(*_):
-    pass
-
-
-def _write(tmp_path: Path, text: str, name: str = "grid.toml") -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
 
 
 def _config(res) -> dict:

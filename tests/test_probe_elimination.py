@@ -223,5 +223,5 @@ def test_probe_reads_the_fit_rows_layer_inputs_the_statistics_pass_kept(backdoor
     first = [k for k, _ in model.named_parameters()][0]
     with torch.no_grad():
         params[first].add_(0.1)                     # an upstream change: the kept inputs no longer hold
-    assert cached_layer_inputs(model, layers[-1], stats) is None
+    assert cached_layer_inputs(model, [layers[-1]], stats) == {}
     assert fit_layer_inputs(model, defect, layers, cfg) == {}

@@ -88,15 +88,18 @@ def _scalars(m: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def defect_for(info: dict[str, Any], data_dir=None, model: nn.Module | None = None, **options) -> Defect:
-    """Rebuild the defect a model folder records (its kind's options as keyword arguments)."""
-    kind = info.get("defect", {}).get("kind")
+def defect_for(info: dict[str, Any], data_dir=None, model: nn.Module | None = None, kind: str | None = None,
+               **options) -> Defect:
+    """Rebuild the defect a model folder records (its kind's options as keyword arguments), or with `kind` another
+    one (`netmend repair --defect`: adversarial examples or wrong predictions on a clean model)."""
+    kind = kind or info.get("defect", {}).get("kind")
     if kind in (None, "clean"):
         raise NetmendError("this model records no defect to repair (it was trained clean)")
     entry = DEFECTS.entry(kind)
     from .schema import check_defect_fields
 
     check_defect_fields(info, kind)
+    info = {**info, "defect": {**info.get("defect", {}), "kind": kind}}
     extra = {"model": model} if (model is not None and entry.extra.get("needs_model")) else {}
     return entry.obj(info, make_config(entry.config, options), data_dir=data_dir, **extra)
 

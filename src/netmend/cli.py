@@ -142,7 +142,8 @@ def build_defect(info: dict[str, Any], kind: str | None, data_dir: str | None, g
     """The defect for a model: its recorded kind (or --defect), with the options the user gave."""
     import dataclasses
 
-    from .registry import DEFECTS, make_config
+    from .api import defect_for
+    from .registry import DEFECTS
 
     kind = kind or info.get("defect", {}).get("kind")
     if kind in (None, "clean"):
@@ -150,16 +151,14 @@ def build_defect(info: dict[str, Any], kind: str | None, data_dir: str | None, g
     entry = DEFECTS.entry(kind)
     from .schema import check_defect_fields
 
-    check_defect_fields(info, kind)
+    check_defect_fields(info, kind)          # a broken model.json is named before the flags (defect_for checks again)
     fields = {f.name for f in dataclasses.fields(entry.config)} if entry.config else set()
     given = {k: v for k, v in given.items() if v is not None}
     unknown = sorted(set(given) - fields)
-    if unknown:
+    if unknown:                          # named as the command's flags, before the defect checks its own options
         flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
         raise NetmendError(f"{flags} does not apply to a {kind} defect (its options: {', '.join(sorted(fields)) or 'none'})")
-    info = {**info, "defect": {**info.get("defect", {}), "kind": kind}}
-    extra = {"model": model} if (model is not None and entry.extra.get("needs_model")) else {}
-    return entry.obj(info, make_config(entry.config, given), data_dir=data_dir, **extra)
+    return defect_for(info, data_dir=data_dir, model=model, kind=kind, **given)
 
 
 def _print_result_table(results: list[dict[str, Any]], title: str) -> None:

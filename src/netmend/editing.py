@@ -203,17 +203,22 @@ def moment_keys(C: torch.Tensor) -> torch.Tensor | None:
 INPUTS_BUDGET = 256 * 2**20   # bytes of layer inputs `prefetch_moments` keeps for later passes over the same samples
 
 
-def cached_layer_inputs(model: nn.Module, layer: str, inputs: torch.Tensor) -> torch.Tensor | None:
-    """The inputs of `layer` for every sample of `inputs` (one row each, in order), as the statistics pass of
-    `prefetch_moments` computed them on this model with its current upstream weights; None where that pass did not
-    keep them (over `INPUTS_BUDGET`, another model or statistics set, or an upstream weight changed since)."""
-    try:
-        fp = _fingerprint(model, _upstream(model, layer, inputs))
-    except NetmendError:
-        return None
-    C = _cached((id(model), layer, content_digest(inputs)), model, fp)
-    hit = _COUNTS.get(id(C)) if C is not None else None
-    return hit[3] if hit is not None and hit[0]() is C else None
+def cached_layer_inputs(model: nn.Module, layers: list[str], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per layer of `layers`: its inputs for every sample of `inputs` (one row each, in order), as the statistics
+    pass of `prefetch_moments` computed them on this model with its current upstream weights. A layer is left out
+    where that pass did not keep them (over `INPUTS_BUDGET`, another model or statistics set, or an upstream weight
+    changed since)."""
+    dig, out = content_digest(inputs), {}
+    for layer in layers:
+        try:
+            fp = _fingerprint(model, _upstream(model, layer, inputs))
+        except NetmendError:
+            continue
+        C = _cached((id(model), layer, dig), model, fp)
+        hit = _COUNTS.get(id(C)) if C is not None else None
+        if hit is not None and hit[0]() is C and hit[3] is not None:
+            out[layer] = hit[3]
+    return out
 
 
 def prefetch_moments(model: nn.Module, layers: list[str], inputs: torch.Tensor, batch_size: int = 256,

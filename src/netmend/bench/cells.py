@@ -106,10 +106,8 @@ def cell_task(cell: dict[str, Any], model: Files) -> dict[str, Any]:
                 from ..modelio import load_any_model
 
                 net, info = load_any_model(folder / next(iter(model)))
-            options = {**cell["defect"], "seed": cell["seed"]}
-            kind = options.pop("kind", None)   # another defect than the model records (as `netmend repair --defect`)
-            recorded = info if kind is None else {**info, "defect": {**(info.get("defect") or {}), "kind": kind}}
-            defect = api.defect_for(recorded, data_dir=cell["data_dir"], model=net, **options)
+            # a `kind` among the options: another defect than the model records (as `netmend repair --defect`)
+            defect = api.defect_for(info, data_dir=cell["data_dir"], model=net, **{**cell["defect"], "seed": cell["seed"]})
             how = dict(method=m["method"], localiser=m["localiser"], repairer=m["repairer"],
                        locate_options=m["locate"], repair_options=m["repair"], seed=cell["seed"],
                        device=cell["device"], max_accuracy_drop=m["max_accuracy_drop"] / 100, gate=m["gate"])

@@ -359,7 +359,8 @@ def _plan(grid: Grid, path: Path) -> Plan:
     base = path.resolve().parent
     data_dir = str((base / grid.data_dir).resolve()) if grid.data_dir else None
     models: dict[str, dict[str, Any]] = {}
-    per_model: list[tuple[str, dict[str, Any], int]] = []      # (model key, coords without seed/method, seed)
+    per_model: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = []   # (model key, coords without seed /
+    # method, seed, the models entry's own defect options)
     sources: list[tuple[str, str | None, dict[str, Any]]] = []  # (where, the defect its model records, own options)
     if grid.models:
         from ..modelio import read_info
@@ -378,7 +379,7 @@ def _plan(grid: Grid, path: Path) -> Plan:
             key = sha256(recipe)
             models[key] = recipe
             own_defect = entry.defect if own_entry else {}
-            coords = {"model": m, **({"defect": _defect_label(own_defect)} if own_defect else {})}
+            coords = {"model": m, **({"defect": defect_label(own_defect)} if own_defect else {})}
             per_model += [(key, coords, s, own_defect) for s in seeds]
             sources.append((f"models: {m}", None if kind == "clean" else kind, own_defect))
     else:
@@ -495,8 +496,8 @@ def _network_info(path: Path) -> dict[str, Any]:
     return load_any_model(path)[1]
 
 
-def _defect_label(options: dict[str, Any]) -> str:
-    """A model's own defect options as a table column: `property=prop_2`."""
+def defect_label(options: dict[str, Any]) -> str:
+    """A models entry's own defect options as its cells' `defect` coordinate (a table column): `property=prop_2`."""
     return " ".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 

@@ -306,7 +306,7 @@ class SafetyDefect(Defect):
         if n <= 0:
             return torch.zeros(0, self.prop.n_inputs), torch.zeros(0, dtype=torch.long)
         g = torch.Generator().manual_seed(int(seed))
-        dlo, dhi = _domain(self.normalisation, self.prop)
+        dlo, dhi = self.domain()
         blo, bhi = _box_tensors(self.prop, "cpu")
         blo, bhi = blo.amin(0), bhi.amax(0)
         w = (bhi - blo).clamp_min(1e-3)
@@ -331,7 +331,7 @@ class SafetyDefect(Defect):
         `n_box` points of the box(es), and the points of `n_keep` uniform domain draws that lie outside them —
         the fidelity metric's region (where the box covers the domain, as for φ7: satisfying in-box points
         instead, as `_fidelity_points`) — with the original network's advisories."""
-        keep = self._draw_outside(*_domain(self.normalisation, self.prop), n_keep, g)
+        keep = self._draw_outside(*self.domain(), n_keep, g)
         if len(keep) < max(1, n_keep // 100):
             xb = self.prop.sample(n_keep, g)
             keep = xb[~self.prop.violated(_outputs(self.original, xb))]
@@ -434,7 +434,7 @@ class SafetyDefect(Defect):
         finds in the box. Where the box covers (almost) the whole domain, the validation drawndown samples."""
         o = self.options
         g = torch.Generator().manual_seed(o.seed + 8)
-        lo, hi = _domain(self.normalisation, self.prop)
+        lo, hi = self.domain()
         n = 20000
         xo = self._draw_outside(lo, hi, 2 * n, g)[:n]
         if len(xo) >= n // 100:
@@ -479,7 +479,7 @@ class SafetyDefect(Defect):
         in-box samples instead (`fidelity_region` says which)."""
         if self._fid_x is None:
             g = torch.Generator().manual_seed(self.options.seed + 4)
-            lo, hi = _domain(self.normalisation, self.prop)
+            lo, hi = self.domain()
             n = self.options.fidelity_samples
             x = self._draw_outside(lo, hi, n, g)
             if len(x) >= max(1, n // 100):

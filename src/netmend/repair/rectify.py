@@ -50,9 +50,9 @@ from torch import nn
 from ..defects.base import Defect, Pairs
 from ..defects.capabilities import RatioEstimate
 from ..edit import Edit
-from ..editing import select_pairs, share_moments
+from ..editing import cached_layer_inputs, select_pairs, share_moments, statistics_inputs
 from ..errors import NetmendError, require
-from ..hooks import capture, carried_at, execution_order, get_layer, run_from
+from ..hooks import capture, carried_at, execution_order, get_layer, run_from, split_sequential
 from ..layout import fast_layout
 from ..locate.attribution import AttributionConfig, attribution_sites
 from ..metrics import logits, predict
@@ -335,20 +335,12 @@ def fit_layer_inputs(model: nn.Module, defect: Defect, layers: list[str], cfg: "
     localiser's statistics pass kept them (`cached_layer_inputs`: the statistics set starts with the fit samples).
     The probe's clean side holds the same samples, so its pass reads them there instead of running the model up to
     the layer again: the same values, one forward pass over the fit samples fewer."""
-    from ..editing import cached_layer_inputs, statistics_inputs
-    from ..hooks import split_sequential
-
     layers = [layer for layer in dict.fromkeys(layers) if split_sequential(model, layer) is not None]
     if not layers:
         return {}
-    stats = statistics_inputs(defect, cfg.stats_include_val)
     n_fit = len(defect.repair.x_fit)
-    out = {}
-    for layer in layers:
-        t = cached_layer_inputs(model, layer, stats)
-        if t is not None and len(t) >= n_fit:
-            out[layer] = t[:n_fit]
-    return out
+    kept = cached_layer_inputs(model, layers, statistics_inputs(defect, cfg.stats_include_val))
+    return {layer: t[:n_fit] for layer, t in kept.items() if len(t) >= n_fit}
 
 
 @torch.no_grad()
