@@ -212,3 +212,20 @@ def test_one_probe_pass_for_many_edits_gives_each_edits_own_rates(digits_model):
                 expect = probe_rates(model, probe)
             for k in ("probe_pull_rate", "probe_accuracy", "probe_flip_rate"):
                 assert r[k] == pytest.approx(expect[k], abs=1 / len(probe.pairs)), (edit.parameters, gamma, k)
+
+
+def test_defect_for_builds_the_kind_asked_for_and_names_a_bad_one(backdoored):
+    """`api.defect_for(info, kind=...)` builds another defect than the model records (as `netmend repair --defect`);
+    a kind that is not a defect, or a clean model with none named, is a one-line error."""
+    import pytest
+
+    from netmend.api import defect_for
+    from netmend.errors import NetmendError
+
+    model, info = backdoored
+    assert defect_for(info, model=model, kind="wrong-predictions", seed=0).kind == "wrong-predictions"
+    assert defect_for(info, model=model, seed=0).kind == "backdoor"
+    with pytest.raises(NetmendError, match="adversarail"):
+        defect_for(info, model=model, kind="adversarail")
+    with pytest.raises(NetmendError, match="records no defect"):
+        defect_for({**info, "defect": {"kind": "clean"}}, model=model)
