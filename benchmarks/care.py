@@ -10,8 +10,7 @@ backdoor BadNets 3×3, 10% poisoning, target 0, small CNN on Fashion-MNIST and M
 N2,9 φ8 (official box) and N3,3 strengthened φ2.
 
 A thin wrapper over `netmend bench`. The models are trained here, one per dataset and seed, and cached as model
-folders under --cache (a Fashion-MNIST model already trained by benchmarks/rectify.py under
-/work/cache/models/rectify is reused as is); the ACAS Xu networks are their .nnet files. Then one grid per option
+folders under --cache; the ACAS Xu networks are their .nnet files. Then one grid per option
 group (fairness, backdoor, N2,9, N3,3: <bench>/<group>.toml), each with the one method "care" and that group's locate
 and repair options, and each `models` entry a model folder (or network file) with its seed(s) and its own defect
 options (the protected attribute, the property). The grids run on --workers local workers into
@@ -76,9 +75,7 @@ def backdoor_folder(cache: Path, dataset: str, seed: int) -> Path:
     from netmend.data.triggers import TriggerSpec
     from netmend.train import train_backdoored
 
-    shared = cache.parent / "rectify" / f"{dataset}-small-cnn-badnets-s{seed}"    # same recipe
-    folder = shared if (shared / "model.json").is_file() else cache / f"{dataset}-small-cnn-badnets-s{seed}"
-    return _trained(folder, lambda: train_backdoored(
+    return _trained(cache / f"{dataset}-small-cnn-badnets-s{seed}", lambda: train_backdoored(
         dataset, "small-cnn", TriggerSpec(kind="badnets", size=3), target=0, poison_rate=0.1,
         cfg=netmend.train.TrainConfig(seed=seed)))
 

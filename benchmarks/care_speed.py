@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import care  # noqa: E402  (the benchmark's cached models and defects)
 from netmend.api import versions  # noqa: E402
 from netmend.locate.causal import CausalConfig, locate_causal  # noqa: E402
-from netmend.repair.pso import PSOConfig, repair_pso  # noqa: E402
 
 
 def timed(fn):

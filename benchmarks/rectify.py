@@ -1,206 +1,163 @@
 """Benchmark: attribution-guided rectification (dynamic / static) against fine-tuning baselines.
 
-    python benchmarks/rectify.py            # full table (fashion-mnist, mnist-5k, cifar10; 2 triggers; 3 seeds)
-    python benchmarks/rectify.py --quick    # fashion-mnist, BadNets, seed 0: a few minutes once models are cached
-    python benchmarks/rectify.py --device cuda --arch preact-resnet18 --datasets cifar10
-    python benchmarks/rectify.py --floors   # no repair: each cached model's ASR without the trigger (the floor)
+    python benchmarks/rectify.py                                     # Fashion-MNIST: 6 models, 60 cells, 2 workers
+    python benchmarks/rectify.py --datasets fashion-mnist mnist-5k cifar10
+    python benchmarks/rectify.py --datasets cifar10 --only "rectify n=1,finetune 5%"
+    python benchmarks/rectify.py --datasets fashion-mnist --tabulate OUT   # only tabulate a grid output
 
-Trained models are cached under --cache (one folder per dataset/arch/trigger/seed), so each is trained once.
-Writes <out>.csv (one row per run) and <out>.md (mean ± std per dataset/trigger/method, machine, seeds).
+A thin wrapper over `netmend bench`: per dataset, the grid file benchmarks/grids/rectify-<dataset>.toml says which
+models (small CNN, BadNets 3×3 and Blended α 0.2, 10 % poisoning, target 0, seeds 0–2) and which methods. The
+script runs the grid, or resumes it, then writes the table the README shows: clean accuracy, ASR, R-Acc (triggered
+non-target test images still given their true class) and the no-trigger ASR (`asr_clean`: ordinary confusion into
+the target, the floor an ASR should not go below) before and after, repair seconds, samples, the gate's verdict and
+the edited layers (γ, the overshoot of each round). A row shows what the method returned: a candidate the
+acceptance gate rejected is shown with its own numbers (netmend hands back the input model instead).
+Writes <results>.csv (one row per cell) and <results>.md (mean ± std over seeds), default
+benchmarks/results/rectify-<dataset>.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from netmend.data.triggers import TriggerSpec
-from netmend.modelio import load_model_folder, save_model_folder
-from netmend.train import TrainConfig, default_epochs, train_backdoored
+from netmend.bench import load_grid, read_cells
+from netmend.edit import Edit
 
-TRIGGERS = {
-    "badnets": TriggerSpec(kind="badnets", size=3),
-    "blended": TriggerSpec(kind="blended", alpha=0.2),
-}
+HERE = Path(__file__).parent
+DATASETS = ("fashion-mnist", "mnist-5k", "cifar10")
+METRICS = ("clean_accuracy", "asr", "robust_accuracy", "asr_clean")
 
 
-def cached_model(cache: Path, dataset: str, arch: str, trigger: str, seed: int, device: str = "cpu",
-                 epochs: int | None = None):
-    """Train (once) a backdoored model with 10% poisoning, target 0; return (model, info)."""
-    folder = cache / f"{dataset}-{arch}-{trigger}-s{seed}"
-    if not (folder / "model.json").is_file():
-        cfg = TrainConfig(epochs=epochs or default_epochs(arch, dataset), seed=seed)
-        t0 = time.perf_counter()
-        model, info = train_backdoored(dataset, arch, TRIGGERS[trigger], target=0, poison_rate=0.1, cfg=cfg,
-                                       device=device)
-        print(f"trained {folder.name} in {time.perf_counter() - t0:.0f}s: {info['metrics']}", flush=True)
-        save_model_folder(folder, model, info)
-    return load_model_folder(folder)
+def grid_of(dataset: str) -> Path:
+    return HERE / "grids" / f"rectify-{dataset}.toml"
 
 
-# method label -> (preset, pairs, how the defect is built, repair options)
-INVARIANT = {"probe_cost": "stamped"}  # price stamped inputs' error, not the pull rate: less over-correction
-PAPER = {"transplant": 0}          # Algorithm 1 as published: judged on the pairs, exact edits (no probe, no overshoot)
-METHODS = {
-    "rectify n=1": ("rectify", 1, "default", {}),
-    "rectify n=20": ("rectify", 20, "default", {}),
-    "rectify (invariance cost) n=1": ("rectify", 1, "default", INVARIANT),
-    "rectify (invariance cost) n=20": ("rectify", 20, "default", INVARIANT),
-    "rectify (paper loop) n=1": ("rectify", 1, "default", PAPER),
-    "rectify (paper loop) n=20": ("rectify", 20, "default", PAPER),
-    "rectify-static n=1": ("rectify-static", 1, "default", {}),
-    "rectify-static n=20": ("rectify-static", 20, "default", {}),
-    # the same 20 cleansed twins and nothing else: the repair fit split is emptied (val kept for nothing)
-    "finetune 20 cleansed": ("finetune", 20, "pairs-only", {}),
-    "finetune 5%": ("finetune", 0, "default", {}),
-}
-QUICK = {"datasets": ["fashion-mnist"], "triggers": ["badnets", "blended"], "seeds": [0],
-         "methods": ["rectify n=1", "rectify n=20", "rectify-static n=20", "finetune 5%"]}
+def edit_rounds(run: Path) -> tuple[str, str]:
+    """The layers the method edited and each round's overshoot γ, from the edit it made (a rejected one included)."""
+    path = next((p for p in (run / "candidate-edit.safetensors", run / "edit.safetensors") if p.is_file()), None)
+    meta = Edit.load(path).meta if path is not None else {}
+    gammas = " ".join(str(r.get("overshoot", 1.0)) for r in (meta.get("rounds") or [])[1:] if "layer" in r)
+    return " ".join(meta.get("layers", []) or []), gammas
 
 
-def run_one(model, info, label: str, seed: int, device: str, eval_limit: int | None) -> dict:
-    from netmend.api import defect_for, repair
+def read_rows(grid: Path, out: Path) -> tuple[list[dict], list[str]]:
+    """One row per finished cell, in the grid's order, with the method's own numbers; and the failed cells' lines."""
+    plan = load_grid(grid)
+    rows, failed = [], []
+    for res in read_cells(out, plan):
+        if res.status == "failed":
+            failed.append(f"- {res.id}: {res.error}")
+        if res.status != "ok":
+            continue
+        r, c = res.row, res.coords
+        own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
+        layers, gammas = edit_rounds(res.run)
+        rows.append({"dataset": c["dataset"], "trigger": c["attack"], "method": c["method"], "seed": res.seed,
+                     "accepted": str(r["accepted"]) == "True",
+                     **{f"{m}_before": float(r[f"before_{m}"]) for m in METRICS},
+                     **{m: float(r[f"{own}_{m}"]) for m in METRICS},
+                     "repair_seconds": res.repair_seconds, "samples_used": r["samples_used"],
+                     "overshoot": gammas, "layers": layers})
+    return rows, failed
 
-    preset, pairs, how, options = METHODS[label]
-    defect = defect_for(info, pairs=pairs, seed=seed, eval_limit=eval_limit)
-    if how == "pairs-only":
-        r = defect.repair
-        defect.repair = type(r)(r.x_fit[:0], r.y_fit[:0], r.x_val, r.y_val, {"fit": [], "val": r.indices["val"]})
-    res = repair(model, defect, method=preset, seed=seed, device=device, repair_options=dict(options))
-    used = pairs if how == "pairs-only" else res.samples_used
-    return {"clean_accuracy_before": res.before["clean_accuracy"], "asr_before": res.before["asr"],
-            "clean_accuracy": res.after["clean_accuracy"], "asr": res.after["asr"],
-            "robust_accuracy_before": res.before["robust_accuracy"], "robust_accuracy": res.after["robust_accuracy"],
-            "asr_clean_before": res.before["asr_clean"], "asr_clean": res.after["asr_clean"],
-            "repair_seconds": res.seconds, "samples_used": used,
-            "overshoot": " ".join(str(r.get("overshoot", 1.0)) for r in (res.edit.meta.get("rounds") or [])[1:]
-                                  if "layer" in r),
-            "layers": " ".join(res.edit.meta.get("layers", []) or [])}
 
-
-def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     v = [x * scale for x in values]
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}"
-
-
-def _command() -> str:
-    """The command line this run was started with, as the result files record it."""
-    return f"`python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`"
-
-
-def _recorded(g: list[dict], key: str) -> str:
-    """mean ± std of a metric added after some rows were measured: those rows' groups show –."""
-    v = [float(r[key]) for r in g if r.get(key) not in (None, "")]
-    return _ms(v, 100) if len(v) == len(g) else "–"
+    return f"{v[0]:.{digits}f}" if len(v) == 1 else f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
 
 
 def floor_lines(rows: list[dict]) -> list[str]:
-    """The ASR a model without the backdoor would show: clean non-target test images the backdoored model
-    already classifies as the target (ordinary confusion). An ASR below it is over-correction, not a better repair."""
-    per: dict[tuple, dict[str, float]] = {}
+    """The ASR a model without the backdoor would show: clean non-target test images the backdoored model already
+    classifies as the target (ordinary confusion). An ASR below it is over-correction, not a better repair."""
+    per: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        if r.get("asr_clean_before") not in (None, ""):
-            per.setdefault((r["dataset"], r["trigger"]), {})[r["seed"]] = float(r["asr_clean_before"])
-    return [f"- {ds} / {trig}: clean non-target test images the backdoored model calls the target (the ASR floor "
-            f"of ordinary confusion): {_ms(list(v.values()), 100)} % over seeds {sorted(v)}"
-            for (ds, trig), v in per.items()]
+        per.setdefault((r["dataset"], r["trigger"]), {})[r["seed"]] = r["asr_clean_before"]
+    return [f"- {ds} / {trig}: clean non-target test images the backdoored model calls the target (the ASR floor of "
+            f"ordinary confusion): {_ms(list(v.values()))} % over seeds {sorted(v)}" for (ds, trig), v in per.items()]
 
 
-def write_outputs(rows: list[dict], out: Path, args) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    lines = [f"# rectify benchmark ({args.arch}, 10% poisoning, target 0)", "",
-             f"machine: {platform.machine()} {platform.system()}, {torch.get_num_threads()} torch thread(s), "
-             f"device {args.device}, torch {torch.__version__}; seeds {args.seeds}",
-             f"command: {_command()}", "",
-             "| dataset | trigger | method | C-Acc before % | C-Acc after % | ASR before % | ASR after % | R-Acc after % | no-trigger ASR after % | repair s | samples | layers (γ), first seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| dataset | trigger | method | seeds | gate accepted | C-Acc before % | C-Acc after % | ASR before % | "
+             "ASR after % | R-Acc after % | no-trigger ASR after % | repair s | samples | layers (γ), first seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["trigger"], r["method"]), []).append(r)
     for (ds, trig, meth), g in groups.items():
-        lines.append(f"| {ds} | {trig} | {meth} | {_ms([r['clean_accuracy_before'] for r in g], 100)} | "
-                     f"{_ms([r['clean_accuracy'] for r in g], 100)} | {_ms([r['asr_before'] for r in g], 100)} | "
-                     f"{_ms([r['asr'] for r in g], 100)} | {_recorded(g, 'robust_accuracy')} | {_recorded(g, 'asr_clean')} | {_ms([r['repair_seconds'] for r in g], 1, 1)} | "
-                     f"{g[0]['samples_used']} | {g[0]['layers']}" + (f" ({g[0]['overshoot']})" if g[0]['overshoot'] else "") + " |")
-    floors = floor_lines(rows)
-    if floors:
-        lines += ["", *floors]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        first = g[0]
+        gammas = f" ({first['overshoot']})" if first["overshoot"] else ""
+        lines.append(f"| {ds} | {trig} | {meth} | {len(g)} | {sum(r['accepted'] for r in g)}/{len(g)} | "
+                     f"{_ms([r['clean_accuracy_before'] for r in g])} | {_ms([r['clean_accuracy'] for r in g])} | "
+                     f"{_ms([r['asr_before'] for r in g])} | {_ms([r['asr'] for r in g])} | "
+                     f"{_ms([r['robust_accuracy'] for r in g])} | {_ms([r['asr_clean'] for r in g])} | "
+                     f"{_ms([r['repair_seconds'] for r in g], 1, 1)} | {first['samples_used']} | "
+                     f"{first['layers'] or '–'}{gammas} |")
+    return lines
 
 
-def write_floors(args) -> None:
-    from netmend.api import defect_for
-
-    rows = []
-    for ds in args.datasets:
-        for trig in args.triggers:
-            for seed in args.seeds:
-                model, info = cached_model(args.cache, ds, args.arch, trig, seed, args.device, args.epochs)
-                m = defect_for(info, pairs=1, seed=seed, eval_limit=args.eval_limit).metrics(model)
-                rows.append({"dataset": ds, "trigger": trig, "seed": seed, "asr_clean_before": m["asr_clean"]})
-                print(f"{ds} {trig} s{seed}: ASR {m['asr']:.4f}, without the trigger {m['asr_clean']:.4f}", flush=True)
-    out = args.out.with_name(args.out.name + "-floors").with_suffix(".md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([f"# ASR floors ({args.arch}, target 0)", "",
-                              f"machine: {platform.machine()} {platform.system()}, torch {torch.__version__}; "
-                              f"command: {_command()}", "",
-                              *floor_lines(rows)]) + "\n")
-    print(f"wrote {out}")
+def write(rows: list[dict], failed: list[str], stem: Path, grid: Path, out: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# rectify benchmark: {rows[0]['dataset']} (small-cnn, 10 % poisoning, target 0)", "",
+             f"- command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}` (grid {grid.name}; "
+             f"cells in {out})",
+             f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+             f"python {platform.python_version()}; one torch thread per worker; seeds "
+             f"{sorted({r['seed'] for r in rows})} (mean ± std over seeds)",
+             "- a row's numbers are what the method returned; `gate accepted` says how often netmend's acceptance gate "
+             "kept it (a rejected repair hands back the input model)",
+             "- samples: every sample the repair looked at: its fit data, the pairs and the validation split the gate "
+             "judges on", "", *table(rows), "", *floor_lines(rows)]
+    if failed:
+        lines += ["", "Failed cells:", "", *failed]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.csv')}")
 
 
 def main(argv=None) -> None:
-    from netmend.memory import keep_freed_memory
-
-    keep_freed_memory()             # a benchmark: keep freed memory in the process (netmend/memory.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fashion-mnist, 2 triggers, seed 0, 4 methods")
-    p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist-5k", "cifar10"])
-    p.add_argument("--triggers", nargs="+", default=list(TRIGGERS), choices=list(TRIGGERS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--arch", default="small-cnn")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: netmend's per-arch default)")
-    p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", type=Path, default=Path("/work/cache/models/rectify"))
-    p.add_argument("--floors", action="store_true",
-                   help="repair nothing: measure each backdoored model's no-trigger ASR (ordinary confusion into the "
-                        "target) and write <out>-floors.md")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rectify")
+    p.add_argument("--datasets", nargs="+", default=["fashion-mnist"], choices=DATASETS)
+    p.add_argument("--only", default=None, help="run only these methods' cells (the grid's labels, comma-separated)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ray", default=None, help="run the grid on a Ray cluster (auto | ADDRESS | local)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the grid outputs' parent folder: one sub-folder per dataset (default /tmp/rectify-bench)")
+    p.add_argument("--cache", type=Path, default=None, help="trained-model cache (default OUT/models)")
+    p.add_argument("--tabulate", type=Path, default=None,
+                   help="only tabulate this grid output (one dataset), finished or partial")
+    p.add_argument("--results", type=Path, default=None, help="output stem (default benchmarks/results/rectify-<dataset>)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.datasets, args.triggers, args.seeds, args.methods = (QUICK["datasets"], QUICK["triggers"], QUICK["seeds"],
-                                                                  QUICK["methods"])
-        if args.out.name == "rectify":
-            args.out = args.out.with_name("rectify-quick")
-    torch.set_num_threads(args.threads)
-    if args.floors:
-        return write_floors(args)
-    rows = []
+    if args.tabulate and len(args.datasets) != 1:
+        p.error("--tabulate reads one grid output: name its one dataset with --datasets")
+    if args.results and len(args.datasets) != 1:
+        p.error("--results names one table: name its one dataset with --datasets")
+    base = args.out or Path("/tmp/rectify-bench")
     for ds in args.datasets:
-        for trig in args.triggers:
-            for seed in args.seeds:
-                model, info = cached_model(args.cache, ds, args.arch, trig, seed, args.device, args.epochs)
-                for label in args.methods:
-                    r = run_one(model, info, label, seed, args.device, args.eval_limit)
-                    rows.append({"dataset": ds, "trigger": trig, "method": label, "seed": seed, **r})
-                    print(f"{ds} {trig} s{seed} {label}: C-Acc {r['clean_accuracy']:.4f} ASR {r['asr']:.4f} "
-                          f"({r['repair_seconds']:.1f}s) {r['layers']}", flush=True)
-                    write_outputs(rows, args.out, args)
-    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
+        grid, out = grid_of(ds), args.tabulate or base / ds
+        if args.tabulate is None:
+            cmd = ["netmend", "bench", str(grid), "--out", str(out), "--cache", str(args.cache or base / "models"),
+                   "--workers", str(args.workers)] + (["--ray", args.ray] if args.ray else []) \
+                + (["--only", args.only] if args.only else [])
+            print("running:", " ".join(cmd), flush=True)
+            rc = subprocess.call(cmd)
+            if rc not in (0, 1):             # 1: some cells failed; they are listed under the table
+                sys.exit(rc)
+        rows, failed = read_rows(grid, out)
+        if not rows:
+            sys.exit(f"no finished cells in {out}")
+        write(rows, failed, args.results or HERE / "results" / f"rectify-{ds}", grid, out)
 
 
 if __name__ == "__main__":

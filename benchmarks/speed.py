@@ -30,7 +30,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
+TRIGGERS = {"badnets": {"kind": "badnets", "size": 3}, "blended": {"kind": "blended", "alpha": 0.2}}
+
+
+def cached_model(cache: Path, dataset: str, arch: str, trigger: str, seed: int):
+    """Train (once) the backdoored model the timings run on: 10 % poisoning, target 0; return (model, info)."""
+    from netmend.data.triggers import TriggerSpec
+    from netmend.modelio import load_model_folder, save_model_folder
+    from netmend.train import TrainConfig, default_epochs, train_backdoored
+
+    folder = cache / f"{dataset}-{arch}-{trigger}-s{seed}"
+    if not (folder / "model.json").is_file():
+        cfg = TrainConfig(epochs=default_epochs(arch, dataset), seed=seed)
+        model, info = train_backdoored(dataset, arch, TriggerSpec(**TRIGGERS[trigger]), target=0, poison_rate=0.1,
+                                       cfg=cfg)
+        save_model_folder(folder, model, info)
+    return load_model_folder(folder)
+
 
 # label -> (method preset, evidence pairs, repair options)
 METHODS = {
@@ -103,7 +119,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--arch", default="small-cnn")
-    p.add_argument("--trigger", default="badnets")
+    p.add_argument("--trigger", default="badnets", choices=list(TRIGGERS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="time each method this many times (median reported)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/speed_models"))
@@ -113,7 +129,6 @@ def main(argv=None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     from netmend.api import defect_for
-    from rectify import cached_model
 
     model, info = cached_model(args.cache, args.dataset, args.arch, args.trigger, args.seed)
     model.eval()

@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     else:
         kind = "the INNER benchmark's clean model; retrains: other seeds"
     src_col = f" | class {source} errors right" if noisy else ""
-    lines = [f"# Wrong predictions: how many of the reference model's test errors a retrained model gets right",
+    lines = ["# Wrong predictions: how many of the reference model's test errors a retrained model gets right",
              "", f"- command: `{command}`",
              f"- reference: {a.dataset} {a.arch}, seed {a.seed} ({kind}); {int(wrong.sum())} of {len(y)} test "
              f"images misclassified; same split (split seed {info['split_seed']}, {info['n_train']} training "

@@ -1,11 +1,8 @@
 """Attribution localisation: IG completeness per site, candidate sites, ranking details, clear errors."""
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
-from torch import nn
 
 from netmend.defects.base import Defect, Pairs, RepairData
 from netmend.errors import NetmendError

@@ -1,4 +1,5 @@
 """Backdoor evidence pairs are observed failures: `prepare(model)` picks candidates whose stamp the model obeys."""
+import pytest
 import torch
 from torch import nn
 
@@ -49,3 +50,22 @@ def test_prepare_fills_with_other_candidates_when_too_few_fire_and_can_be_turned
     first = list(off.pairs.indices)
     off.prepare(FiresOnBright(-1.0))                           # fires on everything: the pairs stay as drawn
     assert off.pairs.indices == first and off.pairs_firing == 5
+
+
+def test_pairs_only_leaves_the_pairs_as_the_whole_tuning_set_and_keeps_validation(digits):
+    full, _ = _defect(digits)
+    only, _ = _defect(digits, pairs_only=True)
+    assert len(only.repair.x_fit) == 0 and only.repair.indices["fit"] == []
+    assert torch.equal(only.repair.x_val, full.repair.x_val) and only.repair.indices["val"] == full.repair.indices["val"]
+    x, y = only.tuning_set(True)
+    assert torch.equal(x, only.pairs.clean) and torch.equal(y, only.pairs.labels) and len(y) == 5
+
+
+def test_pairs_only_without_pairs_is_a_one_line_error(digits):
+    from netmend.errors import NetmendError
+
+    trig = build_trigger(TriggerSpec(kind="blended", alpha=0.2), digits.in_shape)
+    splits = split_indices(len(digits.y_train), 0, 0.3)
+    with pytest.raises(NetmendError, match="pairs_only needs evidence pairs") as e:
+        BackdoorDefect(digits, splits, trig, 0, BackdoorOptions(pairs=0, repair_fraction=0.1, pairs_only=True))
+    assert "\n" not in str(e.value)

@@ -1,8 +1,6 @@
 """rectify / rectify-static end to end on a tiny backdoored task (digits, seconds), plus presets and errors."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -32,6 +32,8 @@ class BackdoorOptions:
     seed: int = 0
     eval_limit: int | None = None     # cap on test samples evaluated (None = all)
     pairs_that_fire: bool = True      # prefer candidates whose stamped twin the model sends to the target
+    pairs_only: bool = False          # empty the repair fit split: a method fits on the pairs' clean twins alone
+                                      # (the validation split stays, for the acceptance gate)
 
 
 def make_repair_data(x: torch.Tensor, y: torch.Tensor, pool: list[int], n_train_total: int, fraction: float,
@@ -68,6 +70,10 @@ class BackdoorDefect(Defect):
         n_total = len(data.y_train)
         self.repair, rest = make_repair_data(data.x_train, data.y_train, splits["repair_pool"], n_total,
                                              o.repair_fraction, o.val_fraction, o.seed)
+        if o.pairs_only:
+            require(o.pairs > 0, "pairs_only needs evidence pairs to fit on: set pairs ≥ 1")
+            r = self.repair
+            self.repair = RepairData(r.x_fit[:0], r.y_fit[:0], r.x_val, r.y_val, {"fit": [], "val": r.indices["val"]})
         candidates = [i for i in rest if int(data.y_train[i]) != self.target]
         if len(candidates) < o.pairs:   # a small pool: allow overlap with the repair data
             used = set(rest)
