@@ -145,10 +145,21 @@ def row_of(case: str, res) -> dict[str, Any]:
            "locate_s": round(met["locate_seconds"], 2), "repair_s": round(met["repair_seconds"], 2),
            "probe_s": round(det.get("probe_seconds", float("nan")), 2),
            "routing_s": round(det.get("routing_seconds", float("nan")), 2),
-           "changed_weights": res.row["changed_weights"], "layers": " ".join(layers) if layers else "all"}
+           "changed_weights": res.row["changed_weights"], "layers": " ".join(layers) if layers else "all",
+           "gate": "accepted" if met["accepted"] else f"rejected: {(met.get('gate') or {}).get('reason', '')}"}
+    # a rejected repair hands back the input model; the row shows what the method made (its candidate), as the
+    # literature reports every method, and the gate column says netmend would not keep it
+    after = met["after"]
+    candidate = res.run / "candidate-edit.safetensors"
+    if not met["accepted"] and met.get("candidate_after"):
+        after = met["candidate_after"]
+        if candidate.is_file():
+            from netmend.edit import Edit
+
+            row["changed_weights"] = Edit.load(candidate).num_changed()
     for k in METRICS:
-        if k in met["after"]:
-            row[f"{k}_before"], row[f"{k}_after"] = round(met["before"][k], 4), round(met["after"][k], 4)
+        if k in after:
+            row[f"{k}_before"], row[f"{k}_after"] = round(met["before"][k], 4), round(after[k], 4)
     return row
 
 
@@ -248,32 +259,38 @@ def write(out: Path, rows: list[dict], a) -> None:
              f"Last command: `{' '.join(['python benchmarks/inner.py'] + sys.argv[1:])}`"
              + (" (rows not rerun kept from the earlier file)" if a.merge else "")
              + f"; `netmend bench` with {a.workers} worker(s) of one torch thread each, s: the whole cell.", "",
-             "| case | method | C-Acc | ASR | R-Acc | fairness gap | evidence fixed | held-out fixed | s | locate s (probe / routing) | repair s | changed weights |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "A row shows what the method made; `gate` says whether netmend's acceptance gate keeps it (a rejected "
+             "repair is handed back as the input model).", "",
+             "| case | method | C-Acc | ASR | R-Acc | fairness gap | evidence fixed | held-out fixed | s | locate s (probe / routing) | repair s | changed weights | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pair(r, k):
         return f"{100 * r[k + '_before']:.1f} → {100 * r[k + '_after']:.1f}" if k + "_before" in r else "–"
 
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['case']} | {r['method']} | not run: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['case']} | {r['method']} | not run: {r['error']} |" + " |" * 10)
             continue
         lines.append(f"| {r['case']} | {r['method']} | {pair(r, 'clean_accuracy')} | {pair(r, 'asr')} | "
                      f"{pair(r, 'robust_accuracy')} | {pair(r, 'class_fairness_gap')} | {pair(r, 'evidence_fixed')} | "
                      f"{pair(r, 'heldout_fixed')} | {r['seconds']} | {r['locate_s']} ({r['probe_s']} / {r['routing_s']}) | "
-                     f"{r['repair_s']} | {r['changed_weights']} |")
+                     f"{r['repair_s']} | {r['changed_weights']} | {r.get('gate', '–')} |")
     notes = notes_after_table(out.with_suffix(".md")) if a.merge else []
     out.with_suffix(".md").write_text("\n".join(lines + notes) + "\n")
     print(f"wrote {out.with_suffix('.md')}")
 
 
 def notes_after_table(md: Path) -> list[str]:
-    """The prose after an existing table (notes written by hand about the rows): a merge keeps it."""
+    """Everything after the results table of an existing file (notes and further tables written by hand about the
+    rows): a merge keeps it. The results table is the file's first run of table lines."""
     if not md.is_file():
         return []
     lines = md.read_text().splitlines()
-    rows = [i for i, l in enumerate(lines) if l.startswith("|")]
-    rest = lines[rows[-1] + 1:] if rows else []
+    start = next((i for i, l in enumerate(lines) if l.startswith("|")), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rest = lines[end:]
     return rest if any(l.strip() for l in rest) else []
 
 
