@@ -46,7 +46,7 @@ def read_rows(out: Path) -> list[dict]:
             continue
         r.update(c.row)
         before = {m: float(r[f"before_{m}"]) for m in METRICS}
-        own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
+        own = c.made
         after = {m: float(r[f"{own}_{m}"]) for m in METRICS}
         rows.append({**r, "ok": True, "before": before, "after_own": after, "der": defense_effectiveness_rating(before, after),
                      "repair_seconds": c.repair_seconds, "accepted": str(r["accepted"]) == "True"})

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from netmend.bench.toml_text import toml_value
+from netmend.edit import Edit
 
 BACKDOORS = {                        # the attack tables of the backdoor cases (target 0, 10 % poisoning: the defaults)
     "badnets": {"size": 3, "pattern_seed": 0},
@@ -150,12 +151,10 @@ def row_of(case: str, res) -> dict[str, Any]:
     # a rejected repair hands back the input model; the row shows what the method made (its candidate), as the
     # literature reports every method, and the gate column says netmend would not keep it
     after = met["after"]
-    candidate = res.run / "candidate-edit.safetensors"
     if not met["accepted"] and met.get("candidate_after"):
         after = met["candidate_after"]
+        candidate = res.run / "candidate-edit.safetensors"
         if candidate.is_file():
-            from netmend.edit import Edit
-
             row["changed_weights"] = Edit.load(candidate).num_changed()
     for k in METRICS:
         if k in after:

@@ -58,7 +58,7 @@ def read_rows(grid: Path, out: Path) -> tuple[list[dict], list[str]]:
         if res.status != "ok":
             continue
         r, c = res.row, res.coords
-        own = "candidate" if r.get("candidate_asr") not in (None, "") else "after"
+        own = res.made
         layers, gammas = edit_rounds(res.run)
         rows.append({"dataset": c["dataset"], "trigger": c["attack"], "method": c["method"], "seed": res.seed,
                      "accepted": str(r["accepted"]) == "True",

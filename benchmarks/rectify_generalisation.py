@@ -63,7 +63,7 @@ def measure(grid: Path, out: Path, cache: Path) -> list[dict]:
                  else load_model_folder(res.run)[0])
         before, after = variant_asr(model, defect), variant_asr(fixed, defect)
         r = res.row
-        own = "candidate" if "candidate_clean_accuracy" in r else "after"
+        own = res.made
         for variant in before:
             rows.append({"dataset": c.coords["dataset"], "seed": c.seed, "method": c.coords["method"],
                          "variant": variant, "accepted": r["accepted"],

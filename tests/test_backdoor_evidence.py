@@ -24,7 +24,7 @@ class FiresOnBright(nn.Module):
 def _defect(digits, **kw):
     trig = build_trigger(TriggerSpec(kind="blended", alpha=0.2), digits.in_shape)
     splits = split_indices(len(digits.y_train), 0, 0.3)
-    return BackdoorDefect(digits, splits, trig, 0, BackdoorOptions(pairs=5, repair_fraction=0.1, **kw)), trig
+    return BackdoorDefect(digits, splits, trig, 0, BackdoorOptions(**{"pairs": 5, "repair_fraction": 0.1, **kw})), trig
 
 
 def test_prepare_picks_pairs_whose_stamp_fires_in_candidate_order(digits):
@@ -64,8 +64,6 @@ def test_pairs_only_leaves_the_pairs_as_the_whole_tuning_set_and_keeps_validatio
 def test_pairs_only_without_pairs_is_a_one_line_error(digits):
     from netmend.errors import NetmendError
 
-    trig = build_trigger(TriggerSpec(kind="blended", alpha=0.2), digits.in_shape)
-    splits = split_indices(len(digits.y_train), 0, 0.3)
     with pytest.raises(NetmendError, match="pairs_only needs evidence pairs") as e:
-        BackdoorDefect(digits, splits, trig, 0, BackdoorOptions(pairs=0, repair_fraction=0.1, pairs_only=True))
+        _defect(digits, pairs=0, pairs_only=True)
     assert "\n" not in str(e.value)

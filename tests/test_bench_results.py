@@ -135,3 +135,10 @@ def test_a_hand_made_folder(tmp_path):
                                 row={"accepted": True, "after_asr": 0.1}, seconds=2.0, repair_seconds=1.0,
                                 run=out / "cells" / "m-x-s0-aaa" / "run")
     assert res[2].error == "no pool" and res[2].run is None
+
+
+def test_made_names_the_numbers_of_what_the_method_returned():
+    kept = CellResult(id="c", coords={}, seed=0, status="ok", row={"after_asr": 0.1, "candidate_asr": ""})
+    rejected = CellResult(id="c", coords={}, seed=0, status="ok", row={"after_asr": 0.9, "candidate_asr": 0.1})
+    assert kept.made == "after" and rejected.made == "candidate"
+    assert rejected.row[f"{rejected.made}_asr"] == 0.1

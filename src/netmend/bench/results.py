@@ -41,6 +41,14 @@ class CellResult:
     run: Path | None = None
     error: str | None = None
 
+    @property
+    def made(self) -> str:
+        """The `row` prefix of what the method itself made: "candidate" where the gate rejected its change (the
+        after_ numbers are then the input model's, handed back), else "after". Tables that report every method as
+        the literature does read `row[f"{cell.made}_asr"]`."""
+        rejected = any(k.startswith("candidate_") and v not in (None, "") for k, v in self.row.items())
+        return "candidate" if rejected else "after"
+
 
 def _finished(folder: Path, cell: Cell | None = None) -> CellResult:
     rec = json.loads((folder / "cell.json").read_text())
