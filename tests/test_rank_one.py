@@ -271,9 +271,9 @@ def test_prefetched_and_shared_moments_are_the_tensors_second_moment_computes():
 
 
 def test_few_keys_are_solved_through_their_gram_matrix_with_the_dense_answer():
-    """Fewer keys than half the width: C + εI is solved by Woodbury through the kept keys, with the answer of the
-    dense Cholesky solve, and the condition number of the dense matrix."""
-    from netmend.editing import cached_moment, condition, moment_keys, ridge
+    """Fewer keys than the width: C is held as its keys and C + εI is solved by Woodbury through them, with the
+    answer of the dense Cholesky solve, and the condition number of the dense matrix."""
+    from netmend.editing import cached_moment, condition, dense, moment_keys, ridge
 
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict([("flat", nn.Flatten()), ("fc", nn.Linear(120, 7))])).eval()
@@ -284,9 +284,35 @@ def test_few_keys_are_solved_through_their_gram_matrix_with_the_dense_answer():
     b = torch.randn(120, 3, dtype=torch.float64)
     got, info = solve(C, b, 1e-3)
     assert info["solver"] == "woodbury"
-    A = C + ridge(C, 1e-3) * torch.eye(120, dtype=torch.float64)
+    A = dense(C) + ridge(C, 1e-3) * torch.eye(120, dtype=torch.float64)
     assert torch.allclose(got, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10 * float(b.abs().max()))
     assert condition(C, info["ridge"]) == pytest.approx(float(torch.linalg.cond(A)), rel=1e-6)
-    many = torch.randn(200, 1, 10, 12)                   # more keys than half the width: the dense factor
+    many = torch.randn(200, 1, 10, 12)                   # more keys than the width: the dense factor
     C2 = cached_moment(model, "fc", many)
     assert moment_keys(C2) is None and solve(C2, b, 1e-3)[1]["solver"] == "cholesky"
+
+
+def test_a_moment_held_as_its_keys_is_the_dense_moment():
+    """Between half the width and the width (Fashion-MNIST's fc1: 2 401 keys of width 3 136) C is held as its keys:
+    its dense form equals second_moment's sums, a prefetched layer gets it too, and solves, directions and the
+    ridge agree with the dense matrix's to rounding."""
+    from netmend.editing import KeyMoment, cached_moment, dense, prefetch_moments, ridge, shared_direction
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([("flat", nn.Flatten()), ("fc", nn.Linear(120, 9)), ("relu", nn.ReLU()),
+                                       ("out", nn.Linear(9, 4))])).eval()
+    x = torch.randn(90, 1, 10, 12)
+    prefetch_moments(model, ["fc", "out"], x, batch_size=32)
+    C = cached_moment(model, "fc", x, batch_size=32)
+    assert isinstance(C, KeyMoment) and C.count == 90 and C.shape == (120, 120)
+    D, count = second_moment(model, "fc", x, 32)
+    assert isinstance(D, torch.Tensor) and count == 90
+    assert torch.allclose(dense(C), D, rtol=1e-12, atol=1e-14)
+    assert not isinstance(cached_moment(model, "out", x, batch_size=32), KeyMoment)    # 90 keys of width 9
+    assert ridge(C, 1e-3) == pytest.approx(ridge(D, 1e-3), rel=1e-12)
+    b = torch.randn(120, dtype=torch.float64)
+    assert torch.allclose(solve(C, b, 1e-3)[0], solve(D, b, 1e-3)[0], rtol=1e-7, atol=1e-9 * float(b.abs().max()))
+    keys, protect = torch.randn(3, 120), torch.randn(2, 120)
+    d1, _ = shared_direction(C, keys, rho=1e-3, protect=protect)
+    d2, _ = shared_direction(D, keys, rho=1e-3, protect=protect)
+    assert torch.allclose(d1, d2, atol=1e-7)

@@ -50,29 +50,34 @@ def _batches(x: torch.Tensor, batch_size: int):
 
 def second_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int = 256,
                   device: str = "cpu") -> tuple[torch.Tensor, int]:
-    """C = mean k kᵀ over every key the inputs produce at `layer` (float64, streamed: S += KᵀK)."""
+    """C = mean k kᵀ over every key the inputs produce at `layer` (float64, streamed: S += KᵀK), as a tensor."""
     C, count, _keys = _moment(model, layer, inputs, batch_size, device)
-    return C, count
+    return dense(C), count
 
 
 def _moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int, device: str
             ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     S, count, keys, _raw = _key_sums(model, {layer: check_editable(model, layer)}, inputs, batch_size, device)
     require(count[layer] > 0, "no statistics inputs to estimate the key second moment")
-    return S[layer] / count[layer], count[layer], keys[layer]
+    return _as_moment(S[layer], count[layer], keys.get(layer)), count[layer], keys.get(layer)
+
+
+def _as_moment(S: torch.Tensor | None, count: int, keys: torch.Tensor | None) -> Moment:
+    return KeyMoment(keys) if S is None else S / count
 
 
 def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor, batch_size: int,
               device: str, keep_inputs: int = 0
               ) -> tuple[dict[str, torch.Tensor | None], dict[str, int], dict[str, torch.Tensor | None],
                          dict[str, torch.Tensor]]:
-    """Σ k kᵀ (float64), the number of keys and, where they are few (`LOW_RANK`), the keys themselves (float64,
-    one per row; else None) at every layer of `mods`, from one forward pass per batch. With `keep_inputs` (bytes),
-    also each layer's inputs as the model computed them, for as many layers as fit in that budget (the deepest
-    first): a later pass over the same samples reads them instead of running the model up to the layer."""
+    """Per layer of `mods`, from one forward pass per batch: Σ k kᵀ (float64) and the number of keys — or, where the
+    statistics set gives fewer keys than the key width (`keys_suffice`), the keys themselves (float64, one per row)
+    and no sum: C is then held as its keys (`KeyMoment`). With `keep_inputs` (bytes), also each layer's inputs as
+    the model computed them, for as many layers as fit in that budget (the deepest first): a later pass over the
+    same samples reads them instead of running the model up to the layer."""
     S: dict[str, torch.Tensor | None] = dict.fromkeys(mods)
     count = dict.fromkeys(mods, 0)
-    kept: dict[str, list[torch.Tensor] | None] = {layer: [] for layer in mods}
+    kept: dict[str, list[torch.Tensor]] = {}
     raw: dict[str, list[torch.Tensor]] = {}
     model.eval()
     with torch.no_grad(), capture(model, list(mods)) as cap, fast_layout(model, inputs[:2], len(inputs)):
@@ -85,20 +90,78 @@ def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor
                 raw[layer].append(cap.inputs[layer].detach().clone())
             for layer, mod in mods.items():
                 K = flat_keys(mod, cap.inputs[layer]).double()
-                if S[layer] is None:
-                    S[layer] = torch.zeros(K.shape[1], K.shape[1], dtype=K.dtype, device=K.device)
-                _add_gram(S[layer], K)
-                count[layer] += len(K)
-                if kept[layer] is not None:
-                    if count[layer] <= LOW_RANK * K.shape[1]:
-                        kept[layer].append(K)
+                if S[layer] is None and layer not in kept:            # first batch: sums or the keys themselves
+                    if keys_suffice(len(K) * len(inputs) / len(xb), K.shape[1]):
+                        kept[layer] = []
                     else:
-                        kept[layer] = None                    # too many to keep: the dense factor is cheaper
+                        S[layer] = torch.zeros(K.shape[1], K.shape[1], dtype=K.dtype, device=K.device)
+                if layer in kept:
+                    kept[layer].append(K if K.dtype != cap.inputs[layer].dtype else K.clone())
+                else:
+                    _add_gram(S[layer], K)
+                count[layer] += len(K)
     keys = {layer: torch.cat(k) if k else None for layer, k in kept.items()}
     for layer, m in S.items():
         if m is not None and m.shape[0] >= GRAM_BLOCKED:            # the strips filled the upper triangle
             S[layer] = torch.triu(m) + torch.triu(m, 1).T
     return S, count, keys, {layer: torch.cat(v) for layer, v in raw.items() if v}
+
+
+def keys_suffice(count: float, width: int) -> bool:
+    """Hold C as its keys when there are fewer of them than the key width: C is then singular (rank ≤ count), and
+    both its forming (count·width² against count²·width) and the factor of C + εI (width³ against count³, through
+    `_woodbury_factor`) cost less from the count × count Gram matrix of the keys."""
+    return count < width
+
+
+class KeyMoment:
+    """C = XᵀX / N held as its N keys X (one per row, float64), N below the width: the width × width matrix is only
+    formed when a caller asks for it (`dense`); solves go through the N × N Gram matrix of X (`_woodbury_factor`).
+    On a fully connected layer after a large feature map (Fashion-MNIST's fc1: 2 401 keys of width 3 136) that skips
+    the costliest products of a rank-one edit."""
+
+    def __init__(self, keys: torch.Tensor):
+        self.X = keys
+        self.count = len(keys)
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.X.shape[1], self.X.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.X.device
+
+    def double(self) -> "KeyMoment":
+        return self
+
+    def trace(self) -> float:
+        return float((self.X * self.X).sum()) / self.count
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.X).all())
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            S = torch.zeros(self.shape, dtype=self.X.dtype, device=self.X.device)
+            _add_gram(S, self.X)
+            if S.shape[0] >= GRAM_BLOCKED:
+                S = torch.triu(S) + torch.triu(S, 1).T
+            self._dense = S / self.count
+        return self._dense
+
+
+Moment = torch.Tensor | KeyMoment
+
+
+def dense(C: Moment) -> torch.Tensor:
+    """C as a width × width tensor (a `KeyMoment` forms it once)."""
+    return C.dense() if isinstance(C, KeyMoment) else C
 
 
 def _within_budget(first: dict[str, torch.Tensor], layers: list[str], batches: float, budget: int) -> list[str]:
@@ -147,8 +210,9 @@ def _upstream(model: nn.Module, layer: str, inputs: torch.Tensor) -> list[str]:
 
 
 def cached_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int = 256,
-                  device: str = "cpu") -> torch.Tensor:
-    """`second_moment`, cached per (model, layer, inputs); recomputed lazily when an upstream weight changed.
+                  device: str = "cpu") -> Moment:
+    """`second_moment`, cached per (model, layer, inputs); recomputed lazily when an upstream weight changed (held
+    as its keys where they are fewer than the width: `KeyMoment`).
     Inputs are keyed by content: callers build them afresh each time, and a freed tensor's id can come back."""
     key = (id(model), layer, content_digest(inputs))
     upstream = _upstream(model, layer, inputs)
@@ -183,21 +247,19 @@ def _prune(cache: dict) -> None:
 
 
 _COUNTS: dict[int, tuple] = {}
-LOW_RANK = 0.5           # a layer whose statistics set gives at most this many keys per key dimension keeps its keys:
-                         # C + εI is then solved through the keys' small Gram matrix (`_factor`, Woodbury)
 
 
-def moment_count(C: torch.Tensor) -> int | None:
+def moment_count(C: Moment) -> int | None:
     """How many keys the cached moment C was estimated from (None when C did not come from the cache)."""
+    if isinstance(C, KeyMoment):
+        return C.count
     hit = _COUNTS.get(id(C))
     return hit[1] if hit is not None and hit[0]() is C else None
 
 
-def moment_keys(C: torch.Tensor) -> torch.Tensor | None:
-    """The keys (one per row, float64) the cached moment C = mean k kᵀ was estimated from, where they were few
-    enough to keep (at most `LOW_RANK` per dimension); else None."""
-    hit = _COUNTS.get(id(C))
-    return hit[2] if hit is not None and hit[0]() is C else None
+def moment_keys(C: Moment) -> torch.Tensor | None:
+    """The keys (one per row, float64) a moment held as its keys (`KeyMoment`) was estimated from; else None."""
+    return C.X if isinstance(C, KeyMoment) else None
 
 
 INPUTS_BUDGET = 256 * 2**20   # bytes of layer inputs `prefetch_moments` keeps for later passes over the same samples
@@ -243,7 +305,8 @@ def prefetch_moments(model: nn.Module, layers: list[str], inputs: torch.Tensor, 
                                     keep_inputs=INPUTS_BUDGET)
     for layer, (_mod, key, fp, upstream) in missing.items():
         if count[layer] > 0:
-            _store_moment(key, model, fp, S[layer] / count[layer], count[layer], upstream, keys[layer], raw.get(layer))
+            _store_moment(key, model, fp, _as_moment(S[layer], count[layer], keys.get(layer)), count[layer], upstream,
+                          keys.get(layer), raw.get(layer))
 
 
 def share_moments(src: nn.Module, dst: nn.Module) -> int:
@@ -267,36 +330,64 @@ def share_moments(src: nn.Module, dst: nn.Module) -> int:
 
 
 def content_digest(x: torch.Tensor) -> tuple:
-    """Shape, dtype and a BLAKE2 digest of the bytes (about 10 ms for a few thousand images)."""
+    """Shape, dtype and a BLAKE2 digest of the bytes (about 10 ms for a few thousand images); kept per tensor
+    object while its version counter (bumped by every in-place change) stays the same."""
+    hit = _DIGESTS.get(id(x))
+    if hit is not None and hit[0]() is x and hit[1] == x._version:
+        return hit[2]
     data = x.detach().cpu().contiguous()
-    return tuple(data.shape), str(data.dtype), hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy(),   # no byte copy
-                                                                digest_size=16).hexdigest()
+    out = tuple(data.shape), str(data.dtype), hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy(),  # no byte copy
+                                                               digest_size=16).hexdigest()
+    _prune(_DIGESTS)
+    _DIGESTS[id(x)] = (weakref.ref(x), x._version, out)
+    return out
+
+
+_DIGESTS: dict[int, tuple] = {}
+_STATISTICS: dict[tuple, tuple] = {}
 
 
 def statistics_inputs(defect: Defect, include_val: bool = False, include_corrupted: bool = True) -> torch.Tensor:
-    """The statistics set for C: the repair fit data plus the corrupted samples (Yang et al.'s Prop. 4.1)."""
+    """The statistics set for C: the repair fit data plus the corrupted samples (Yang et al.'s Prop. 4.1). The same
+    tensor object while its parts are (the moment cache digests it on every lookup: once, then)."""
     parts = [defect.repair.x_fit]
     if include_val:
         parts.append(defect.repair.x_val)
     if include_corrupted and defect.pairs is not None and len(defect.pairs):
         parts.append(defect.pairs.corrupted)
-    return torch.cat(parts)
+    for k in [k for k, v in _STATISTICS.items() if any(r() is None for r, _v in v[0])]:
+        del _STATISTICS[k]                       # a part is gone: so is the defect it came from
+    key = tuple(id(p) for p in parts)
+    hit = _STATISTICS.get(key)
+    if hit is not None and all(r() is p and v == p._version for (r, v), p in zip(hit[0], parts)) \
+            and hit[2] == hit[1]._version:
+        return hit[1]
+    out = torch.cat(parts)
+    if len(_STATISTICS) >= 4:
+        _STATISTICS.clear()
+    _STATISTICS[key] = ([(weakref.ref(p), p._version) for p in parts], out, out._version)
+    return out
 
 
 # ----------------------------------------------------------------------------- directions
 
-def ridge(C: torch.Tensor, rho: float) -> float:
+def ridge(C: Moment, rho: float) -> float:
     """ε = ρ·tr(C)/n; a zero C means the layer never sees a nonzero key: nothing to edit."""
-    tr = float(torch.trace(C))
-    require(tr > 0 and torch.isfinite(C).all(), "key second moment is zero or not finite at this layer "
+    tr = _trace(C)
+    finite = C.finite() if isinstance(C, KeyMoment) else bool(torch.isfinite(C).all())
+    require(tr > 0 and finite, "key second moment is zero or not finite at this layer "
                                                 "(its inputs are all zero on the repair data); choose another layer")
     return rho * tr / C.shape[0]
+
+
+def _trace(C: Moment) -> float:
+    return C.trace() if isinstance(C, KeyMoment) else float(torch.trace(C))
 
 
 _FACTORS: dict[tuple, tuple] = {}
 
 
-def _factor(C: torch.Tensor, rho: float) -> tuple[float, str, tuple]:
+def _factor(C: Moment, rho: float) -> tuple[float, str, tuple]:
     """(ε, solver, factor) of C + εI, kept per C object and ρ: Cholesky L, or the ridge-clipped eigenpairs (w, V)
     where rounding made it indefinite. Every direction solved at a layer (the localiser's d and each edit tried
     there) uses the same factor, so it is computed once."""
@@ -307,7 +398,7 @@ def _factor(C: torch.Tensor, rho: float) -> tuple[float, str, tuple]:
     eps = ridge(C, rho)
     out = _woodbury_factor(C, eps)
     if out is None:
-        A = C.clone()
+        A = dense(C).clone()
         A.diagonal().add_(eps)                           # C + εI (the same sums as C + ε·eye, without the eye)
         L, err = torch.linalg.cholesky_ex(A)
         if int(err) == 0:
@@ -322,23 +413,35 @@ def _factor(C: torch.Tensor, rho: float) -> tuple[float, str, tuple]:
     return out
 
 
-def _woodbury_factor(C: torch.Tensor, eps: float) -> tuple[float, str, tuple] | None:
-    """Where C = XᵀX/N came from N keys X kept because N is small against the width n (a fully connected layer
-    after a large feature map, fitted from a few hundred images), C + εI is solved through the N×N matrix
-    M = XXᵀ + NεI (Woodbury): (C + εI)⁻¹b = (b − Xᵀ M⁻¹ X b) / ε. Factoring M costs N³/3 against n³/3 for C + εI
-    (on BlockMNIST's fc1: 202 keys of width 6 272, milliseconds against seconds); the solution is the same up to
-    rounding. None where C has no kept keys, or M is not positive definite."""
+def _woodbury_factor(C: Moment, eps: float) -> tuple[float, str, tuple] | None:
+    """Where C = XᵀX/N is held as its N keys X (`KeyMoment`: fewer keys than the width n, e.g. a fully connected
+    layer after a large feature map, fitted from a few thousand images), C + εI is solved through the N×N matrix
+    M = XXᵀ + NεI (Woodbury): (C + εI)⁻¹b = (b − Xᵀ M⁻¹ X b) / ε. Forming and factoring M costs N²n/2 + N³/3
+    against n²N/2 + n³/3 for C + εI; the solution is the same up to rounding. None where C has no keys, or M is
+    not positive definite."""
     X = moment_keys(C)
     if X is None or X.shape[1] != C.shape[0] or not len(X):
         return None
-    X = X.to(C.device)
-    M = X @ X.T
+    M = _gram_rows(X)
     M.diagonal().add_(len(X) * eps)
     L, err = torch.linalg.cholesky_ex(M)
     return (eps, "woodbury", (L, X)) if int(err) == 0 else None
 
 
-def solve(C: torch.Tensor, rhs: torch.Tensor, rho: float = 1e-4) -> tuple[torch.Tensor, dict[str, Any]]:
+def _gram_rows(X: torch.Tensor, strips: int = 8) -> torch.Tensor:
+    """XXᵀ; from `GRAM_BLOCKED` rows on, the lower triangle strip by strip, then mirrored (2 401 keys of width
+    3 136: about half the time of the full product on one thread)."""
+    n = len(X)
+    if n < GRAM_BLOCKED:
+        return X @ X.T
+    M = torch.empty(n, n, dtype=X.dtype, device=X.device)
+    edges = [round(i * n / strips) for i in range(strips + 1)]
+    for a, b in zip(edges, edges[1:]):
+        M[a:, a:b] = X[a:] @ X[a:b].T
+    return torch.tril(M) + torch.tril(M, -1).T
+
+
+def solve(C: Moment, rhs: torch.Tensor, rho: float = 1e-4) -> tuple[torch.Tensor, dict[str, Any]]:
     """(C + εI)⁻¹ rhs in float64 by Cholesky, of C + εI or, where C came from few kept keys, of their Gram matrix
     (`_woodbury_factor`); fall back to an eigendecomposition (never an explicit inverse)."""
     C = C.double()
@@ -365,7 +468,7 @@ EXACT_CONDITION_DIM = 1024   # above this width the condition number is estimate
                              # takes seconds on one thread; the estimate agrees with it to the digits it resolves)
 
 
-def condition(C: torch.Tensor, eps: float) -> float:
+def condition(C: Moment, eps: float) -> float:
     """Condition number of C + εI. The spectrum is kept per C object: every edit tried at a layer reports it,
     and the moment cache hands them the same C. Up to `EXACT_CONDITION_DIM` keys wide it is exact (eigvalsh);
     wider, λ_max is found by power iteration and λ_min is 0 when C comes from fewer keys than its width (it is
@@ -380,12 +483,12 @@ def condition(C: torch.Tensor, eps: float) -> float:
     return float((w[-1] + eps) / (w[0].clamp_min(0) + eps))
 
 
-def _extreme_eigenvalues(C: torch.Tensor, eps: float, iters: int = 500, tol: float = 1e-12) -> torch.Tensor:
+def _extreme_eigenvalues(C: Moment, eps: float, iters: int = 500, tol: float = 1e-12) -> torch.Tensor:
     """(λ_min, λ_max) of C (the whole ascending spectrum when it is small enough to compute exactly)."""
     C = C.double()
     n = C.shape[0]
     if n <= EXACT_CONDITION_DIM:
-        return torch.linalg.eigvalsh(C)
+        return torch.linalg.eigvalsh(dense(C))
 
     def power(apply) -> float:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -411,7 +514,7 @@ def _extreme_eigenvalues(C: torch.Tensor, eps: float, iters: int = 500, tol: flo
         low = 0.0                                         # rank ≤ count < n: singular
     else:
         hit = next((h[1] for k, h in list(_FACTORS.items()) if k[0] == id(C) and h[0]() is C and h[1][0] == eps), None)
-        e, solver, f = hit if hit is not None else _factor(C, float(eps) * n / max(float(torch.trace(C)), 1e-300))
+        e, solver, f = hit if hit is not None else _factor(C, float(eps) * n / max(_trace(C), 1e-300))
         if solver == "cholesky":
             inv = power(lambda v: torch.cholesky_solve(v[:, None], f[0])[:, 0])
             low = max(1.0 / inv - e, 0.0) if inv > 0 else 0.0
@@ -420,7 +523,7 @@ def _extreme_eigenvalues(C: torch.Tensor, eps: float, iters: int = 500, tol: flo
     return torch.tensor([low, top], dtype=torch.float64)
 
 
-def shared_direction(C: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None = None,
+def shared_direction(C: Moment, keys: torch.Tensor, weights: torch.Tensor | None = None,
                      rho: float = 1e-4, protect: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """One edit direction for many keys: d = C^{-1/2}u, u the top left singular vector of the whitened
     keys. Computed without C^{-1/2} when keys are few: d = C⁻¹K a with a the top eigenvector of KᵀC⁻¹K.
@@ -452,7 +555,7 @@ def shared_direction(C: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor 
         d = D @ (coef @ V[:, -1])
     else:                                                  # many keys of few dims: whiten explicitly
         eps = ridge(C, rho)
-        w, V = torch.linalg.eigh(C.double() + eps * torch.eye(C.shape[0], dtype=torch.float64, device=C.device))
+        w, V = torch.linalg.eigh(dense(C).double() + eps * torch.eye(C.shape[0], dtype=torch.float64, device=C.device))
         w = w.clamp_min(eps)
         Wm = V @ torch.diag(w.rsqrt()) @ V.T               # C^{-1/2}
         U, _, _ = torch.linalg.svd(Wm @ K, full_matrices=False)
