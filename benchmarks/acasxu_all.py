@@ -211,15 +211,15 @@ def main() -> None:
         write_report(read_rows(path), args, wanted)
         return
     from netmend.bench import load_grid, read_cells, run_bench
+    from netmend.bench.grid import defect_label
 
     bench = Path(args.bench or RESULTS.parent / "runs" / f"acasxu_all{args.suffix}-bench")
     bench.mkdir(parents=True, exist_ok=True)
     grid = bench / "acasxu.toml"
     grid.write_text(grid_text(todo, args))
     run_bench(grid, bench / "out", workers=args.workers, log=lambda *a: print(*a, flush=True))
-    cells = {(Path(r.coords["model"]).name, r.coords["defect"].split("=", 1)[1]): r
-             for r in read_cells(bench / "out", load_grid(grid))}
-    new = [row_of(i, cells[nnet_of(i).name, i["property"]], args.seed) for i in todo]
+    cells = {(Path(r.coords["model"]).name, r.coords["defect"]): r for r in read_cells(bench / "out", load_grid(grid))}
+    new = [row_of(i, cells[nnet_of(i).name, defect_label({"property": i["property"]})], args.seed) for i in todo]
     keep = {(str(r["index"]), str(r["seed"])) for r in new}
     rows = [r for r in read_rows(path) if (r["index"], r["seed"]) not in keep] + [{k: str(v) for k, v in r.items()}
                                                                                 for r in new]

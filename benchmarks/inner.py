@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from netmend.bench.table import read_csv
 from netmend.bench.toml_text import toml_value
 from netmend.edit import Edit
 
@@ -224,24 +225,13 @@ def merged(out: Path, rows: list[dict]) -> list[dict]:
     path = out.with_suffix(".csv")
     if not path.is_file():
         return rows
-    with open(path, newline="") as f:
-        old = [{k: _number(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    old = [{k: v for k, v in r.items() if v != ""} for r in read_csv(path)]
     fresh = {(r["case"], r["method"]): r for r in rows}
     result = [fresh.pop((r["case"], r["method"]), r) for r in old]
     for r in fresh.values():
         last = max((i for i, o in enumerate(result) if o["case"] == r["case"]), default=len(result) - 1)
         result.insert(last + 1, r)
     return result
-
-
-def _number(v: str):
-    try:
-        return int(v)
-    except ValueError:
-        try:
-            return float(v)
-        except ValueError:
-            return v
 
 
 def write(out: Path, rows: list[dict], a) -> None:

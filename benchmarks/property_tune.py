@@ -24,18 +24,10 @@ from pathlib import Path
 import torch
 
 from care import DATA, nnet_path
+from netmend.bench.table import read_csv
 
 CASES = {"n29-phi8": ("2_9", "8"), "n33-phi2s": ("3_3", "phi2-strengthened")}     # name -> (network, property)
 METRICS = ["violation_rate", "counterexamples_found", "heldout_violation_rate", "fidelity"]
-
-
-def _number(v: str):
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
 
 
 def write_markdown(rows: list[dict], args) -> None:
@@ -147,16 +139,17 @@ def main(argv=None) -> None:
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")
     from netmend.bench import load_grid, read_cells, run_bench
+    from netmend.bench.grid import defect_label
 
     bench = Path(__file__).parent / "runs" / f"{args.out.name}-bench"      # runs/: not in git
     bench.mkdir(parents=True, exist_ok=True)
     grid = bench / "property.toml"
     grid.write_text(grid_text(args))
     run_bench(grid, bench / "out", workers=args.workers, log=lambda *a: print(*a, flush=True))
-    names = {(nnet_path(CASES[c][0]).name, CASES[c][1]): c for c in args.cases}
+    names = {(nnet_path(CASES[c][0]).name, defect_label({"property": CASES[c][1]})): c for c in args.cases}
     rows = []
     for res in read_cells(bench / "out", load_grid(grid)):
-        name = names[Path(res.coords["model"]).name, res.coords["defect"].split("=", 1)[1]]
+        name = names[Path(res.coords["model"]).name, res.coords["defect"]]
         row = row_of(name, res, args)
         if row is not None:
             rows.append(row)
@@ -166,8 +159,7 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and args.out.with_suffix(".csv").is_file():
         done = {(r["case"], r["seed"]) for r in rows}
-        with open(args.out.with_suffix(".csv"), newline="") as f:
-            old = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        old = read_csv(args.out.with_suffix(".csv"))
         rows = sorted([r for r in old if (r["case"], r["seed"]) not in done] + rows,
                       key=lambda r: (list(CASES).index(r["case"]), r["seed"]))
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:

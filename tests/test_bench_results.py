@@ -142,3 +142,18 @@ def test_made_names_the_numbers_of_what_the_method_returned():
     rejected = CellResult(id="c", coords={}, seed=0, status="ok", row={"after_asr": 0.9, "candidate_asr": 0.1})
     assert kept.made == "after" and rejected.made == "candidate"
     assert rejected.row[f"{rejected.made}_asr"] == 0.1
+
+
+def test_a_table_csv_reads_back_with_its_numbers(tmp_path):
+    """`read_csv` (the benchmark scripts' --merge / --keep paths) gives back what the table writer wrote: ints and
+    floats as numbers, text as text, an empty field as ""."""
+    from netmend.bench.table import _csv, read_csv
+
+    rows = [{"case": "n29-phi8", "seed": 0, "fidelity": 0.9894, "note": ""},
+            {"case": "1e-3", "seed": 2, "fidelity": float("nan"), "note": "rejected: 1.2 points"}]
+    path = tmp_path / "t.csv"
+    path.write_text(_csv(rows))
+    back = read_csv(path)
+    assert back[0] == {"case": "n29-phi8", "seed": 0, "fidelity": 0.9894, "note": ""}
+    assert isinstance(back[0]["seed"], int) and back[1]["case"] == 1e-3 and back[1]["note"] == "rejected: 1.2 points"
+    assert back[1]["fidelity"] != back[1]["fidelity"]                 # NaN stays NaN

@@ -29,6 +29,23 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a table CSV as written here or by a benchmark script, numbers read back as int or float (an
+    empty field stays "")."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def number(text: str) -> int | float | str:
+    """`text` as an int, else a float, else unchanged."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
 def _fmt(key: str, values: list[float]) -> str:
     from ..report.html import metric_info
 
