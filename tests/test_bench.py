@@ -151,6 +151,7 @@ BAD = {
     "unknown trigger": (GRID.replace("[attacks.blended]", "[attacks.glitter]"), "unknown trigger 'glitter'"),
     "bad device": (GRID.replace("seeds = [0, 1]", 'seeds = [0, 1]\ndevice = "gpu9"'), "not a torch device name"),
     "zero epochs": (GRID.replace("epochs = 4", "epochs = 0"), "option epochs=0: must be > 0"),
+    "unknown augmentation": (GRID.replace("epochs = 4", 'epochs = 4\naugment = "mixup"'), "train.augment"),
     "models and datasets": (GRID.replace("seeds = [0, 1]", 'seeds = [0]\nmodels = ["m"]'), "not both"),
     "missing model folder": ('seeds = [0]\nmodels = ["nowhere"]\nmethods = ["finetune"]\n', "model folder not found"),
     "certify on a backdoor": (GRID.replace("repair = { epochs = 1 }", "repair = { epochs = 1 }\ncertify = true"),

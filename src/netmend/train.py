@@ -1,6 +1,7 @@
 """Reproducible training of (backdoored) models: `netmend train`."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,12 +20,43 @@ from .zoo.models import create_model
 
 @dataclass
 class TrainConfig:
+    """netmend's fast recipe by default (Adam, constant step, no augmentation: small models on a CPU in minutes).
+    The field's recipe for CIFAR-10 ResNets (BackdoorBench's: SGD with momentum and weight decay, a cosine schedule,
+    random crop + horizontal flip) is `optimizer="sgd", weight_decay=5e-4, schedule="cosine", augment="crop-flip"`,
+    with `amp=True` for bfloat16 autocast on a GPU."""
     epochs: int = 8
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adam"
     seed: int = 0
+    schedule: str = "constant"        # constant | cosine (annealed to 0 over all steps, per step)
+    augment: str = "none"             # none | crop-flip (zero padding of an eighth of the side, random crop, flip p = ½)
+    amp: bool = False                 # bfloat16 autocast of the forward pass on a CUDA device (ignored on the CPU)
+
+
+SCHEDULES = ("constant", "cosine")
+AUGMENTS = ("none", "crop-flip")
+# The recipe keys added after the first shipped grids: a bench recipe names them only when they differ from these
+# defaults, so the models every earlier grid trained keep their cache keys.
+RECIPE_DEFAULTS = {"schedule": "constant", "augment": "none", "amp": False}
+
+
+def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int | None = None) -> torch.Tensor:
+    """The field's CIFAR augmentation on a batch of images (N, C, H, W), each its own draw from `g`: zero-pad by
+    `pad` (default an eighth of the height: CIFAR's 4 pixels of 32), crop back to H × W at a random offset, flip
+    left-right with probability ½."""
+    n, _c, h, w = x.shape
+    pad = max(1, h // 8) if pad is None else pad
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    rows = (dy[:, None] + torch.arange(h)).to(x.device)                     # (n, h)
+    cols = dx[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)     # (n, w): a flip reads the columns reversed
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]   # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def masked_step(opt: torch.optim.Optimizer, loss: torch.Tensor, grad_mask: dict | None = None,
@@ -53,20 +85,33 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, de
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam"
            else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
+    require(cfg.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    require(cfg.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    require(cfg.augment == "none" or x.dim() == 4, "augment='crop-flip' needs images (N, C, H, W)")
     g = torch.Generator().manual_seed(cfg.seed)
+    ga = torch.Generator().manual_seed(cfg.seed + 1)            # the augmentation's own stream: the order stays the same
     grad_mask = {p: m.to(p.device, p.dtype) for p, m in grad_mask.items()} if grad_mask else None
     frozen = {p: p.detach().clone() for p in grad_mask} if grad_mask else {}
     steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
+    autocast = cfg.amp and str(device).startswith("cuda")
+    step = 0
     with progress(desc, total=steps) as bar:
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), cfg.batch_size):
+                if cfg.schedule == "cosine":
+                    for group in opt.param_groups:
+                        group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / steps))
                 b = perm[i: i + cfg.batch_size]
                 xb, yb = x[b].to(device), y[b].to(device)
-                out = model(xb)
-                loss = F.cross_entropy(output(out) if output is not None else out, yb)
+                if cfg.augment == "crop-flip":
+                    xb = crop_flip(xb, ga)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = model(xb)
+                    loss = F.cross_entropy((output(out) if output is not None else out).float(), yb)
                 masked_step(opt, loss, grad_mask, frozen)
                 bar.advance()
+                step += 1
     return model.eval()
 
 

@@ -94,6 +94,9 @@ class Train(_Strict):
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: Literal["adam", "sgd"] = "adam"
+    schedule: Literal["constant", "cosine"] = "constant"
+    augment: Literal["none", "crop-flip"] = "none"
+    amp: bool = False                   # bfloat16 autocast on a GPU (the field's recipe: see TrainConfig)
     pool_fraction: float = 0.1          # training images held out as the clean pool repairs draw from
 
     @field_validator("pool_fraction")
@@ -466,11 +469,12 @@ def _train_recipe(ds: str, arch: str, name: str, a: Attack, train: dict[str, Any
                   device: str) -> dict[str, Any]:
     """The training recipe a model's cache key is the hash of: nothing about where it runs."""
     from ..data.triggers import TriggerSpec
-    from ..train import default_epochs
+    from ..train import RECIPE_DEFAULTS, default_epochs
 
     spec = TriggerSpec(kind=a.kind or name, size=a.size, position=a.position, margin=a.margin, pattern=a.pattern,
                        alpha=a.alpha, seed=seed if a.pattern_seed is None else a.pattern_seed, params=dict(a.params))
-    cfg = {k: v for k, v in train.items() if k != "pool_fraction"}
+    cfg = {k: v for k, v in train.items()
+           if k != "pool_fraction" and not (k in RECIPE_DEFAULTS and v == RECIPE_DEFAULTS[k])}
     cfg["epochs"] = cfg["epochs"] or default_epochs(arch, ds)
     common = {"train": {**cfg, "seed": seed}, "pool_fraction": train["pool_fraction"], "device": device}
     if a.defect == "spurious":
