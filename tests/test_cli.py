@@ -195,6 +195,21 @@ def test_train_a_spurious_model_and_repair_it(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
+def test_train_with_the_field_recipe_records_it(tmp_path):
+    """--recipe field trains with SGD, the cosine schedule and crop + flip, and model.json says so; an unknown
+    recipe, or one for a tabular dataset, is a one-line error that writes nothing."""
+    out = tmp_path / "field"
+    run("train", "--dataset", "digits", "--arch", "small-cnn", "--trigger-size", "2", "--recipe", "field",
+        "--epochs", "2", "--out", out, "--json")
+    training = json.loads((out / "model.json").read_text())["training"]
+    assert (training["optimizer"], training["schedule"], training["augment"]) == ("sgd", "cosine", "crop-flip")
+    assert_user_error(run("train", "--dataset", "digits", "--arch", "small-cnn", "--recipe", "fast",
+                          "--out", tmp_path / "x", check=False), "--recipe must be one of netmend, field")
+    assert_user_error(run("train", "--dataset", "census", "--arch", "mlp", "--recipe", "field",
+                          "--out", tmp_path / "y", check=False), "--recipe applies to image datasets")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_train_a_mislabelled_model_and_repair_its_wrong_predictions(tmp_path):
     """--mislabel-class labels part of one class as another in training; the model records a wrong-predictions
     defect, and `inner` repairs it from the misclassified repair samples: most held-out test errors of the evidence

@@ -35,6 +35,14 @@ class TrainConfig:
     amp: bool = False                 # bfloat16 autocast of the forward pass on a CUDA device (ignored on the CPU)
 
 
+# Named recipes (`netmend train --recipe`): options over TrainConfig's defaults. "field" is the recipe the backdoor
+# literature trains CIFAR ResNets with (BackdoorBench's optimiser, weight decay, schedule and augmentation; the step
+# and batch of a 40-epoch run).
+RECIPES: dict[str, dict[str, Any]] = {
+    "netmend": {},
+    "field": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "batch_size": 256, "schedule": "cosine",
+              "augment": "crop-flip", "amp": True},
+}
 SCHEDULES = ("constant", "cosine")
 AUGMENTS = ("none", "crop-flip")
 # The recipe keys added after the first shipped grids: a bench recipe names them only when they differ from these
