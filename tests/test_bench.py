@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from netmend.bench import load_grid, run_bench
 from netmend.errors import NetmendError
@@ -338,3 +339,14 @@ verify_timeout = 30
         assert r["status"] == "ok" and r["verified"] == "1" and float(r["after_fidelity"]) == 1.0
     with pytest.raises(NetmendError, match="models .* defect"):
         load_grid(_write(tmp_path, text.replace('property = "prop_8"', 'property = "prop_8", nope = 1'), "bad.toml"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a cuda:7")
+def test_a_grid_on_a_device_this_machine_lacks_is_one_line_and_writes_nothing(tmp_path):
+    """Local workers run where the command runs: a grid naming a GPU this machine lacks stops before any training
+    (a Ray cluster's workers have their own devices: not checked here)."""
+    grid = _write(tmp_path, GRID.replace("seeds = [0, 1]", 'seeds = [0, 1]\ndevice = "cuda:7"'))
+    with pytest.raises(NetmendError) as err:
+        run_bench(grid, tmp_path / "out", workers=1, log=_quiet)
+    assert "the grid's device cuda:7 is not available here; this machine has: cpu" in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/devic
 python3 -c "import torch, netmend; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/device.txt"
 args=(benchmarks/grids/backdoorbench-cifar10-preact.toml --out "$OUT/bb" --cache /tmp/models --workers 1)
 [ -n "$ONLY" ] && args+=(--only "$ONLY")
-timeout "${BUDGET:-520}" python3 -c "from netmend.cli import app; app()" bench "${args[@]}" 2>&1 | tee "$OUT/log"
+timeout "${BUDGET:-520}" python3 -m netmend.cli bench "${args[@]}" 2>&1 | tee "$OUT/log"
 rc=$?
 rm -f "$OUT"/bb/cells/*/run/*.safetensors "$OUT"/bb/cells/*/run/report.html    # the rows come back, not the models
 echo "bench exit $rc (124: stopped at the budget; the finished cells are in $OUT/bb)"

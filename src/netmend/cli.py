@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import jsonsafe
+from .devices import check_device
 from .errors import NetmendError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -56,35 +57,6 @@ def _kv(pairs: list[str] | None, flag: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             result[k.strip().replace("-", "_")] = v
     return result
-
-
-def available_devices() -> list[str]:
-    """The torch devices this machine has: cpu, each CUDA device, mps."""
-    import torch
-
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out.append("mps")
-    return out
-
-
-def check_device(device: str) -> str:
-    """--device names a device this machine has (checked before any work): else one line naming those it has."""
-    import torch
-
-    have = available_devices()
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise NetmendError(f"--device {device!r} is not a device name; this machine has: {', '.join(have)}") from None
-    ok = (d.type == "cpu" or (d.type == "cuda" and "cuda" in have and (d.index or 0) < torch.cuda.device_count())
-          or (d.type == "mps" and "mps" in have))
-    if not ok:
-        raise NetmendError(f"--device {device} is not available here; this machine has: {', '.join(have)}")
-    return device
 
 
 def _finite(**options: Any) -> None:

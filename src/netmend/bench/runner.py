@@ -16,6 +16,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..devices import check_device
 from ..errors import NetmendError, first_line
 from ..modelio import check_fresh_out, fresh_folder, write_json
 from .cells import Files, cell_task, one_thread, pack, train_task, unpack
@@ -165,6 +166,8 @@ def run_bench(grid: str | Path, out: str | Path, workers: int | None = None, ray
     if unknown:
         raise NetmendError(f"--only {', '.join(unknown)}: not a method of {plan.path.name} "
                            f"({', '.join(plan.grid.methods)})")
+    if not ray:                          # local workers run on this machine's devices (a Ray cluster has its own)
+        check_device(plan.grid.device, "the grid's device")
     out = Path(out)
     cache = Path(cache) if cache is not None else out / "models"
     if cache.exists() and not cache.is_dir():
