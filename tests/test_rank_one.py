@@ -316,3 +316,14 @@ def test_a_moment_held_as_its_keys_is_the_dense_moment():
     d1, _ = shared_direction(C, keys, rho=1e-3, protect=protect)
     d2, _ = shared_direction(D, keys, rho=1e-3, protect=protect)
     assert torch.allclose(d1, d2, atol=1e-7)
+
+
+def test_the_keys_gram_matrix_in_strips_is_the_full_product():
+    """From GRAM_BLOCKED keys on, XXᵀ is filled below the diagonal strip by strip and mirrored: symmetric, and the
+    full product up to rounding."""
+    from netmend.editing import GRAM_BLOCKED, _gram_rows
+
+    X = torch.randn(GRAM_BLOCKED + 77, 40, dtype=torch.float64)
+    M = _gram_rows(X)
+    assert torch.equal(M, M.T)
+    assert torch.allclose(M, X @ X.T, rtol=1e-12, atol=1e-12)
