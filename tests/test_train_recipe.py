@@ -62,7 +62,7 @@ def test_an_unknown_schedule_or_augmentation_is_one_line(digits, field, value, f
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_grid_naming_the_field_recipe_gets_its_own_model_key(tmp_path):
+def test_a_grid_naming_the_field_recipe_gets_its_own_model_key_and_hash(tmp_path):
     from netmend.bench import load_grid
 
     base = ('title = "t"\nseeds = [0]\ndatasets = ["digits"]\narchs = ["small-cnn"]\n[attacks.badnets]\nsize = 2\n'
@@ -72,7 +72,9 @@ def test_a_grid_naming_the_field_recipe_gets_its_own_model_key(tmp_path):
                         ("field", 'optimizer = "sgd"\nschedule = "cosine"\naugment = "crop-flip"\n')):
         (tmp_path / f"{len(keys)}.toml").write_text(base.format(extra=extra))
         plan = load_grid(tmp_path / f"{len(keys)}.toml")
-        keys[name] = (plan.cells[0].model_key, plan.models[plan.cells[0].model_key]["train"]["train"])
-    assert keys["plain"][0] == keys["defaults named"][0]    # naming the defaults changes nothing
+        keys[name] = (plan.cells[0].model_key, plan.models[plan.cells[0].model_key]["train"]["train"], plan.hash)
+    assert keys["plain"][0] == keys["defaults named"][0]    # naming the defaults changes nothing:
+    assert keys["plain"][2] == keys["defaults named"][2]    # neither the model key nor the grid's hash
+    assert keys["field"][2] != keys["plain"][2]
     assert "augment" not in keys["plain"][1] and "schedule" not in keys["plain"][1]
     assert keys["field"][0] != keys["plain"][0] and keys["field"][1]["augment"] == "crop-flip"

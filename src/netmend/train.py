@@ -93,26 +93,28 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, de
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adam"
            else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
-    require(cfg.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
-    require(cfg.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
-    require(cfg.augment == "none" or x.dim() == 4, "augment='crop-flip' needs images (N, C, H, W)")
+    # other configs (the tabular trainer's) name only the fields they use: the rest keep netmend's fast recipe
+    schedule, augment, amp = (getattr(cfg, k, RECIPE_DEFAULTS[k]) for k in ("schedule", "augment", "amp"))
+    require(schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    require(augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    require(augment == "none" or x.dim() == 4, "augment='crop-flip' needs images (N, C, H, W)")
     g = torch.Generator().manual_seed(cfg.seed)
     ga = torch.Generator().manual_seed(cfg.seed + 1)            # the augmentation's own stream: the order stays the same
     grad_mask = {p: m.to(p.device, p.dtype) for p, m in grad_mask.items()} if grad_mask else None
     frozen = {p: p.detach().clone() for p in grad_mask} if grad_mask else {}
     steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
-    autocast = cfg.amp and str(device).startswith("cuda")
+    autocast = amp and str(device).startswith("cuda")
     step = 0
     with progress(desc, total=steps) as bar:
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), cfg.batch_size):
-                if cfg.schedule == "cosine":
+                if schedule == "cosine":
                     for group in opt.param_groups:
                         group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / steps))
                 b = perm[i: i + cfg.batch_size]
                 xb, yb = x[b].to(device), y[b].to(device)
-                if cfg.augment == "crop-flip":
+                if augment == "crop-flip":
                     xb = crop_flip(xb, ga)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = model(xb)

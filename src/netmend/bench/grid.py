@@ -461,6 +461,11 @@ def _plan(grid: Grid, path: Path) -> Plan:
         if not mdump["certify"]:                  # existed (an earlier grid's output folder still resumes)
             for k in ("certify", "certify_rounds", "verify_timeout"):
                 mdump.pop(k)
+    from ..train import RECIPE_DEFAULTS
+
+    for k, v in RECIPE_DEFAULTS.items():              # the field recipe's options at their defaults: out of the hash,
+        if dump["train"].get(k) == v:                 # as before they existed
+            dump["train"].pop(k)
     dump["data_dir"] = None                           # where the data lies is not what the grid computes
     return Plan(grid, path, sha256(dump), models, cells)
 
