@@ -51,15 +51,15 @@ def _batches(x: torch.Tensor, batch_size: int):
 def second_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int = 256,
                   device: str = "cpu") -> tuple[torch.Tensor, int]:
     """C = mean k kᵀ over every key the inputs produce at `layer` (float64, streamed: S += KᵀK), as a tensor."""
-    C, count, _keys = _moment(model, layer, inputs, batch_size, device)
+    C, count = _moment(model, layer, inputs, batch_size, device)
     return dense(C), count
 
 
 def _moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size: int, device: str
-            ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+            ) -> tuple[Moment, int]:
     S, count, keys, _raw = _key_sums(model, {layer: check_editable(model, layer)}, inputs, batch_size, device)
     require(count[layer] > 0, "no statistics inputs to estimate the key second moment")
-    return _as_moment(S[layer], count[layer], keys.get(layer)), count[layer], keys.get(layer)
+    return _as_moment(S[layer], count[layer], keys.get(layer)), count[layer]
 
 
 def _as_moment(S: torch.Tensor | None, count: int, keys: torch.Tensor | None) -> Moment:
@@ -101,9 +101,7 @@ def _key_sums(model: nn.Module, mods: dict[str, nn.Module], inputs: torch.Tensor
                     _add_gram(S[layer], K)
                 count[layer] += len(K)
     keys = {layer: torch.cat(k) if k else None for layer, k in kept.items()}
-    for layer, m in S.items():
-        if m is not None and m.shape[0] >= GRAM_BLOCKED:            # the strips filled the upper triangle
-            S[layer] = torch.triu(m) + torch.triu(m, 1).T
+    S = {layer: None if m is None else _mirrored(m) for layer, m in S.items()}
     return S, count, keys, {layer: torch.cat(v) for layer, v in raw.items() if v}
 
 
@@ -150,9 +148,7 @@ class KeyMoment:
         if self._dense is None:
             S = torch.zeros(self.shape, dtype=self.X.dtype, device=self.X.device)
             _add_gram(S, self.X)
-            if S.shape[0] >= GRAM_BLOCKED:
-                S = torch.triu(S) + torch.triu(S, 1).T
-            self._dense = S / self.count
+            self._dense = _mirrored(S) / self.count
         return self._dense
 
 
@@ -178,9 +174,15 @@ def _within_budget(first: dict[str, torch.Tensor], layers: list[str], batches: f
 GRAM_BLOCKED = 512       # from this width on, Σ KᵀK is accumulated in row strips over the upper triangle only
 
 
+def _mirrored(S: torch.Tensor) -> torch.Tensor:
+    """The symmetric Σ kkᵀ from what `_add_gram` filled: from `GRAM_BLOCKED` keys wide, its upper triangle only."""
+    return torch.triu(S) + torch.triu(S, 1).T if S.shape[0] >= GRAM_BLOCKED else S
+
+
 def _add_gram(S: torch.Tensor, K: torch.Tensor, strips: int = 4) -> None:
     """S += KᵀK; from `GRAM_BLOCKED` keys wide, only the upper triangle, strip by strip (a 3 136-wide Gram of 256
-    keys: 0.69 s against 1.10 s for the full product, 10 batches on one thread), mirrored once in `_key_sums`."""
+    keys: 0.69 s against 1.10 s for the full product, 10 batches on one thread), mirrored once at the end
+    (`_mirrored`)."""
     d = K.shape[1]
     if d < GRAM_BLOCKED:
         S.addmm_(K.T, K)
@@ -220,24 +222,24 @@ def cached_moment(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size
     hit = _cached(key, model, fp)
     if hit is not None:
         return hit
-    C, count, keys = _moment(model, layer, inputs, batch_size, device)
-    _store_moment(key, model, fp, C, count, upstream, keys)
+    C, count = _moment(model, layer, inputs, batch_size, device)
+    _store_moment(key, model, fp, C, count, upstream)
     return C
 
 
-def _cached(key: tuple, model: nn.Module, fp: tuple) -> torch.Tensor | None:
+def _cached(key: tuple, model: nn.Module, fp: tuple) -> Moment | None:
     """The cached C for key, if it was computed on this very model with these upstream weights."""
     hit = _MOMENTS.get(key)
     return hit[2] if hit is not None and hit[0]() is model and hit[1] == fp else None
 
 
-def _store_moment(key: tuple, model: nn.Module, fp: tuple, C: torch.Tensor, count: int, upstream: list[str],
-                  keys: torch.Tensor | None = None, layer_inputs: torch.Tensor | None = None) -> None:
+def _store_moment(key: tuple, model: nn.Module, fp: tuple, C: Moment, count: int, upstream: list[str],
+                  layer_inputs: torch.Tensor | None = None) -> None:
     if len(_MOMENTS) > 32:
         _MOMENTS.clear()
     _MOMENTS[key] = (weakref.ref(model), fp, C, upstream)
     _prune(_COUNTS)
-    _COUNTS[id(C)] = (weakref.ref(C), count, keys, layer_inputs)
+    _COUNTS[id(C)] = (weakref.ref(C), count, layer_inputs)
 
 
 def _prune(cache: dict) -> None:
@@ -278,8 +280,8 @@ def cached_layer_inputs(model: nn.Module, layers: list[str], inputs: torch.Tenso
             continue
         C = _cached((id(model), layer, dig), model, fp)
         hit = _COUNTS.get(id(C)) if C is not None else None
-        if hit is not None and hit[0]() is C and hit[3] is not None:
-            out[layer] = hit[3]
+        if hit is not None and hit[0]() is C and hit[2] is not None:
+            out[layer] = hit[2]
     return out
 
 
@@ -306,7 +308,7 @@ def prefetch_moments(model: nn.Module, layers: list[str], inputs: torch.Tensor, 
     for layer, (_mod, key, fp, upstream) in missing.items():
         if count[layer] > 0:
             _store_moment(key, model, fp, _as_moment(S[layer], count[layer], keys.get(layer)), count[layer], upstream,
-                          keys.get(layer), raw.get(layer))
+                          raw.get(layer))
 
 
 def share_moments(src: nn.Module, dst: nn.Module) -> int:
