@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -45,9 +45,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 SCHEDULES = ("constant", "cosine")
 AUGMENTS = ("none", "crop-flip")
-# The recipe keys added after the first shipped grids: a bench recipe names them only when they differ from these
-# defaults, so the models every earlier grid trained keep their cache keys.
-RECIPE_DEFAULTS = {"schedule": "constant", "augment": "none", "amp": False}
+# The recipe keys added after the first shipped grids, with TrainConfig's defaults: a bench recipe names them only when
+# they differ, so the models every earlier grid trained keep their cache keys.
+RECIPE_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name in ("schedule", "augment", "amp")}
+
+
+def without_recipe_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` less the `RECIPE_DEFAULTS` keys at their defaults (what a grid's hash and model keys are taken of)."""
+    return {k: v for k, v in options.items() if not (k in RECIPE_DEFAULTS and v == RECIPE_DEFAULTS[k])}
 
 
 def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int | None = None) -> torch.Tensor:

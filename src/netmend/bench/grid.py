@@ -461,11 +461,10 @@ def _plan(grid: Grid, path: Path) -> Plan:
         if not mdump["certify"]:                  # existed (an earlier grid's output folder still resumes)
             for k in ("certify", "certify_rounds", "verify_timeout"):
                 mdump.pop(k)
-    from ..train import RECIPE_DEFAULTS
+    from ..train import without_recipe_defaults
 
-    for k, v in RECIPE_DEFAULTS.items():              # the field recipe's options at their defaults: out of the hash,
-        if dump["train"].get(k) == v:                 # as before they existed
-            dump["train"].pop(k)
+    dump["train"] = without_recipe_defaults(dump["train"])     # the field recipe's options at their defaults: out of
+                                                               # the hash, as before they existed
     dump["data_dir"] = None                           # where the data lies is not what the grid computes
     return Plan(grid, path, sha256(dump), models, cells)
 
@@ -474,12 +473,11 @@ def _train_recipe(ds: str, arch: str, name: str, a: Attack, train: dict[str, Any
                   device: str) -> dict[str, Any]:
     """The training recipe a model's cache key is the hash of: nothing about where it runs."""
     from ..data.triggers import TriggerSpec
-    from ..train import RECIPE_DEFAULTS, default_epochs
+    from ..train import default_epochs, without_recipe_defaults
 
     spec = TriggerSpec(kind=a.kind or name, size=a.size, position=a.position, margin=a.margin, pattern=a.pattern,
                        alpha=a.alpha, seed=seed if a.pattern_seed is None else a.pattern_seed, params=dict(a.params))
-    cfg = {k: v for k, v in train.items()
-           if k != "pool_fraction" and not (k in RECIPE_DEFAULTS and v == RECIPE_DEFAULTS[k])}
+    cfg = {k: v for k, v in without_recipe_defaults(train).items() if k != "pool_fraction"}
     cfg["epochs"] = cfg["epochs"] or default_epochs(arch, ds)
     common = {"train": {**cfg, "seed": seed}, "pool_fraction": train["pool_fraction"], "device": device}
     if a.defect == "spurious":
