@@ -78,3 +78,10 @@ def test_a_grid_naming_the_field_recipe_gets_its_own_model_key_and_hash(tmp_path
     assert keys["field"][2] != keys["plain"][2]
     assert "augment" not in keys["plain"][1] and "schedule" not in keys["plain"][1]
     assert keys["field"][0] != keys["plain"][0] and keys["field"][1]["augment"] == "crop-flip"
+
+
+def test_crop_flip_on_data_that_are_not_images_is_one_line():
+    model = torch.nn.Linear(6, 2)
+    with pytest.raises(NetmendError) as err:
+        fit(model, torch.randn(8, 6), torch.randint(0, 2, (8,)), TrainConfig(epochs=1, augment="crop-flip"))
+    assert "augment='crop-flip' needs images (N, C, H, W)" in str(err.value) and "\n" not in str(err.value)
